@@ -1,0 +1,5 @@
+"""Public home of the encoder callbacks (see `mmcore.builtin.callbacks` for the contract)."""
+
+from mmcore.builtin.callbacks import Callback, DropPrefixTokens, SelectFeatureLayer
+
+__all__ = ["Callback", "DropPrefixTokens", "SelectFeatureLayer"]

@@ -1,0 +1,43 @@
+"""Typed errors a user can meet. Each says what was expected and what came.
+
+The CLI turns any `MMCoreError` into one line on stderr and exit status 2; anything else is a bug
+and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class MMCoreError(Exception):
+    """Base class of every error mmcore raises on bad input."""
+
+
+class ConfigError(MMCoreError, ValueError):
+    """A configuration value is missing, malformed or inconsistent."""
+
+
+class WidthMismatchError(ConfigError):
+    """A projector's input or output width does not match its encoder or the language model."""
+
+
+class EncoderInputError(MMCoreError, ValueError):
+    """Inputs for the encoders cannot be routed unambiguously, or an encoder rejected them."""
+
+
+class PlaceholderMismatchError(MMCoreError, ValueError):
+    """The number of placeholder tokens differs from the number of features an encoder produced."""
+
+
+class TokenIdError(ConfigError):
+    """Modality token ids are missing or invalid."""
+
+
+class SerializationError(MMCoreError):
+    """A model part cannot be recorded in, or rebuilt from, a saved model directory."""
+
+
+class UnrecordableCallbackError(SerializationError):
+    """A callback (a lambda, a local function, ...) cannot be written to config.json."""
+
+
+class TrainableSpecError(ConfigError):
+    """A part name given to `set_trainable` does not exist."""

@@ -1,0 +1,199 @@
+"""`ModalEncoderModule`: one modality's encoder, its projector and the callbacks around them.
+
+Per forward: ``preprocess(inputs) -> inputs``, ``module(**inputs)``,
+``postprocess_module(inputs, output) -> output``, ``projector(output[0])``,
+``postprocess_projector(inputs, output) -> output``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from mmcore.errors import ConfigError
+
+# Names that belong to the language model's call; never routed to an encoder by signature (pass them
+# through `encoder_inputs={...}` when an encoder really needs one, e.g. Whisper's attention_mask).
+RESERVED_INPUT_NAMES = frozenset(
+    {
+        "input_ids", "attention_mask", "position_ids", "past_key_values", "inputs_embeds", "labels",
+        "use_cache", "cache_position", "logits_to_keep", "output_attentions", "output_hidden_states",
+        "return_dict", "return_loss", "head_mask", "interpolate_pos_encoding", "kwargs", "self",
+        "encoder_inputs", "num_items_in_batch",
+    }
+)  # fmt: skip
+
+Callback = Callable[..., Any]
+
+
+def first_output(output: Any) -> Any:
+    """``output[0]`` for a ModelOutput or tuple; the tensor itself for an encoder that returns one."""
+    if isinstance(output, torch.Tensor):
+        return output
+    return output[0]
+
+
+def signature_input_names(module: nn.Module) -> tuple[str, ...]:
+    """The data inputs an encoder takes, read off its forward signature."""
+    params = inspect.signature(module.forward).parameters.values()
+    return tuple(
+        p.name
+        for p in params
+        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in RESERVED_INPUT_NAMES
+    )
+
+
+class ModalEncoderModule(nn.Module):
+    """An encoder for one modality plus its projector and optional callbacks.
+
+    Args:
+        module: the encoder: an HF ``PreTrainedModel`` (CLIP/SigLIP vision tower, Whisper encoder, ...)
+            or any ``nn.Module`` (a timm model).
+        projector: maps the encoder's features to the LLM's width. ``None``: `MultimodalModel` builds
+            one from its ``init_projector_type``.
+        preprocess_callback: ``(inputs) -> inputs`` before the encoder.
+        postprocess_module_callback: ``(inputs, output) -> output`` after the encoder.
+        postprocess_projector_callback: ``(inputs, output) -> output`` after the projector.
+        input_names: which call arguments reach the encoder. Default: the encoder's forward signature
+            (``pixel_values`` reaches a vision tower, ``input_features`` Whisper). A mapping renames,
+            e.g. ``{"pixel_values": "x"}`` for a timm model whose forward takes ``x``.
+        output_width: width of the features the projector receives, when it cannot be read off the
+            encoder's config (``hidden_size``, ``d_model``, ``num_features`` or ``embed_dim``).
+        source: how to rebuild the encoder at load time (set by plugins; HF encoders need none).
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        projector: nn.Module | None = None,
+        preprocess_callback: Callback | None = None,
+        postprocess_module_callback: Callback | None = None,
+        postprocess_projector_callback: Callback | None = None,
+        *,
+        input_names: Sequence[str] | Mapping[str, str] | None = None,
+        output_width: int | None = None,
+        source: dict[str, Any] | None = None,
+    ):
+        super().__init__()
+        if not isinstance(module, nn.Module):
+            raise ConfigError(f"ModalEncoderModule: module must be an nn.Module, got {type(module).__name__}")
+        self.module = module
+        self.projector = projector
+        self.preprocess_callback = preprocess_callback
+        self.postprocess_module_callback = postprocess_module_callback
+        self.postprocess_projector_callback = postprocess_projector_callback
+        if input_names is None:
+            input_names = signature_input_names(module)
+        # call argument name -> encoder argument name
+        self.input_map: dict[str, str] = (
+            dict(input_names) if isinstance(input_names, Mapping) else {n: n for n in input_names}
+        )
+        if not self.input_map:
+            raise ConfigError(
+                f"ModalEncoderModule: cannot tell which inputs {type(module).__name__} takes from its forward "
+                "signature; pass input_names=[...] or a mapping such as {'pixel_values': 'x'}"
+            )
+        self._output_width = output_width
+        self.source = source
+        self._checkpointed = False
+
+    # -- introspection ---------------------------------------------------------------------------
+    @property
+    def output_width(self) -> int | None:
+        """Width of the features the projector receives (None if unknown)."""
+        if self._output_width is not None:
+            return self._output_width
+        config = getattr(self.module, "config", None)
+        for attr in ("hidden_size", "d_model"):
+            value = getattr(config, attr, None)
+            if isinstance(value, int):
+                return self._callback_width(value)
+        for attr in ("num_features", "embed_dim"):
+            value = getattr(self.module, attr, None)
+            if isinstance(value, int):
+                return self._callback_width(value)
+        return None
+
+    def _callback_width(self, width: int) -> int:
+        layer = getattr(self.postprocess_module_callback, "layer", None)
+        return width * len(layer) if isinstance(layer, list) else width
+
+    def callbacks(self) -> dict[str, Callback | None]:
+        return {
+            "preprocess": self.preprocess_callback,
+            "postprocess_module": self.postprocess_module_callback,
+            "postprocess_projector": self.postprocess_projector_callback,
+        }
+
+    def select_inputs(self, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+        """The subset of ``kwargs`` this encoder takes, renamed to its forward arguments."""
+        return {arg: kwargs[name] for name, arg in self.input_map.items() if kwargs.get(name) is not None}
+
+    # -- forward -----------------------------------------------------------------------------------
+    def encode(self, inputs: dict[str, Any]) -> Any:
+        """Callbacks + encoder, without the projector."""
+        if self.preprocess_callback is not None:
+            inputs = self.preprocess_callback(inputs)
+        call_kwargs = dict(inputs)
+        for callback in (self.postprocess_module_callback, self.postprocess_projector_callback):
+            call_kwargs.update(getattr(callback, "module_kwargs", {}))
+        # A frozen encoder keeps no activations for backward.
+        grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.module.parameters())
+        with torch.set_grad_enabled(grad):
+            if self._checkpointed and grad and self.training:
+                output = torch.utils.checkpoint.checkpoint(
+                    lambda kw: self.module(**kw), call_kwargs, use_reentrant=False
+                )
+            else:
+                output = self.module(**call_kwargs)
+        if self.postprocess_module_callback is not None:
+            output = self.postprocess_module_callback(inputs, output)
+        return inputs, output
+
+    def forward(self, **inputs: Any) -> Any:
+        """Features for the merge: ``(items, tokens, llm_width)`` or a list of ``(tokens_i, llm_width)``."""
+        inputs, output = self.encode(inputs)
+        features = first_output(output)
+        if self.projector is not None:
+            features = self.projector(features)
+        if self.postprocess_projector_callback is not None:
+            features = self.postprocess_projector_callback(inputs, features)
+            if not isinstance(features, (torch.Tensor, list)):
+                features = first_output(features)
+        return features
+
+    # -- gradient checkpointing ----------------------------------------------------------------------
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        """HF modules through their own support, timm through ``set_grad_checkpointing``, other modules
+        by checkpointing their whole forward."""
+        kwargs = gradient_checkpointing_kwargs or {"use_reentrant": False}
+        for part in (self.module, self.projector):
+            if part is None:
+                continue
+            if getattr(part, "supports_gradient_checkpointing", False) and hasattr(
+                part, "gradient_checkpointing_enable"
+            ):
+                part.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+            elif hasattr(part, "set_grad_checkpointing"):
+                part.set_grad_checkpointing(True)
+            elif part is self.module:
+                self._checkpointed = True
+            else:
+                raise ConfigError(
+                    f"projector {type(part).__name__} supports no gradient checkpointing; wrap it in "
+                    "MultimodalProjector"
+                )
+
+    def gradient_checkpointing_disable(self) -> None:
+        for part in (self.module, self.projector):
+            if part is None:
+                continue
+            if hasattr(part, "gradient_checkpointing_disable") and getattr(part, "supports_gradient_checkpointing", False):
+                part.gradient_checkpointing_disable()
+            elif hasattr(part, "set_grad_checkpointing"):
+                part.set_grad_checkpointing(False)
+        self._checkpointed = False

@@ -1,0 +1,156 @@
+"""Replace placeholder tokens in the LLM's input embeddings with modality features.
+
+The merge is vectorized and free of host syncs: each placeholder position gets the index of its
+feature row from a cumulative sum of the placeholder mask, one gather fetches all rows for all
+modalities, and one ``torch.where`` writes them. Its backward is a gather's backward (an index-add)
+and a ``where``'s; neither calls ``nonzero`` the way ``masked_scatter``'s backward does.
+
+`expand_placeholders` is the text-side companion: it turns one placeholder per item into the run of
+placeholders the item's features fill, optionally wrapped in start/end tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from mmcore.errors import PlaceholderMismatchError, TokenIdError
+
+MERGE_CHECKS = ("auto", "eager", "async", "off")
+
+
+def flatten_features(features: torch.Tensor | Sequence[torch.Tensor], modality: str) -> torch.Tensor:
+    """``(items, tokens, width)`` or a list of ``(tokens_i, width)`` -> ``(total_tokens, width)``."""
+    if isinstance(features, torch.Tensor):
+        if features.dim() == 3:
+            return features.reshape(-1, features.shape[-1])
+        if features.dim() == 2:
+            return features
+        raise PlaceholderMismatchError(
+            f"{modality}: expected features of shape (items, tokens, width) or (tokens, width), "
+            f"got {tuple(features.shape)}"
+        )
+    return torch.cat([flatten_features(f, modality) for f in features], dim=0)
+
+
+def placeholder_masks(input_ids: torch.Tensor, token_ids: Mapping[str, int]) -> dict[str, torch.Tensor]:
+    return {modality: input_ids == token_id for modality, token_id in token_ids.items()}
+
+
+def merge_modality_features(
+    inputs_embeds: torch.Tensor,
+    masks: Mapping[str, torch.Tensor],
+    features: Mapping[str, torch.Tensor],
+    check: str = "auto",
+) -> torch.Tensor:
+    """Write ``features[m]`` rows, in order, at the positions where ``masks[m]`` is set.
+
+    Args:
+        inputs_embeds: ``(batch, seq, width)`` text embeddings.
+        masks: modality -> ``(batch, seq)`` bool placeholder mask.
+        features: modality -> ``(total_tokens, width)`` (see `flatten_features`); modalities absent
+            here are left untouched.
+        check: how to verify placeholder and feature counts agree. ``eager`` raises
+            `PlaceholderMismatchError` with both numbers (reads the counts on the host); ``async``
+            asserts on the device without waiting (no host sync; on CUDA a failure is a device-side
+            assert); ``off`` trusts the caller; ``auto`` is ``eager`` on CPU, ``async`` elsewhere.
+    """
+    if not features:
+        return inputs_embeds
+    batch, seq, width = inputs_embeds.shape
+    index = torch.zeros(batch * seq, dtype=torch.long, device=inputs_embeds.device)
+    any_mask = torch.zeros(batch * seq, dtype=torch.bool, device=inputs_embeds.device)
+    rows, offset = [], 0
+    counts: list[tuple[str, torch.Tensor, int]] = []
+    for modality, feats in features.items():
+        if feats.shape[-1] != width:
+            raise PlaceholderMismatchError(
+                f"{modality}: features have width {feats.shape[-1]} but the language model's embeddings "
+                f"have width {width}"
+            )
+        mask = masks[modality].reshape(-1)
+        # row of each placeholder in this modality's features, shifted into the concatenated table
+        position = torch.cumsum(mask, dim=0) - 1 + offset
+        index = torch.where(mask, position, index)
+        any_mask |= mask
+        counts.append((modality, mask.sum(), feats.shape[0]))
+        rows.append(feats.to(inputs_embeds.dtype))
+        offset += feats.shape[0]
+    _check_counts(counts, check, inputs_embeds.device)
+    table = torch.cat(rows, dim=0) if len(rows) > 1 else rows[0]
+    if table.shape[0] == 0:
+        return inputs_embeds
+    # Placeholders past the end of the table (only possible with check="off") are clamped, not read OOB.
+    gathered = table.index_select(0, index.clamp_(max=table.shape[0] - 1))
+    merged = torch.where(any_mask.unsqueeze(-1), gathered, inputs_embeds.reshape(batch * seq, width))
+    return merged.view(batch, seq, width)
+
+
+def _check_counts(counts: list[tuple[str, torch.Tensor, int]], check: str, device: torch.device) -> None:
+    if check not in MERGE_CHECKS:
+        raise ValueError(f"merge check must be one of {MERGE_CHECKS}, got {check!r}")
+    if check == "auto":
+        check = "eager" if device.type == "cpu" else "async"
+    if check == "off":
+        return
+    if check == "async":
+        for modality, n_tokens, n_features in counts:
+            torch._assert_async(
+                n_tokens == n_features, f"{modality}: placeholder tokens and features differ in number"
+            )
+        return
+    found = torch.stack([n for _, n, _ in counts]).tolist()
+    for (modality, _, n_features), n_tokens in zip(counts, found):
+        if n_tokens != n_features:
+            raise PlaceholderMismatchError(
+                f"{modality}: {n_tokens} placeholder tokens but {n_features} features; each item must expand "
+                "to as many placeholders as its encoder+projector yields tokens"
+            )
+
+
+def expand_placeholders(
+    input_ids: Sequence[int],
+    token_ids: Mapping[str, int],
+    num_tokens: Mapping[str, Sequence[int]],
+    wrap: Mapping[str, tuple[int, int]] | None = None,
+) -> list[int]:
+    """Expand each single placeholder in a token list into its run of placeholders.
+
+    Args:
+        input_ids: one sample's token ids, one placeholder per item.
+        token_ids: modality -> placeholder id.
+        num_tokens: modality -> number of tokens of each of that modality's items, in order.
+        wrap: modality -> ``(start_id, end_id)`` to put around each run (``<im_start>``/``<im_end>``).
+
+    >>> expand_placeholders([5, 9, 6], {"vision": 9}, {"vision": [3]}, wrap={"vision": (1, 2)})
+    [5, 1, 9, 9, 9, 2, 6]
+    """
+    by_id = {token_id: modality for modality, token_id in token_ids.items()}
+    if len(by_id) != len(token_ids):
+        raise TokenIdError(f"two modalities share a placeholder id: {dict(token_ids)}")
+    wrap = wrap or {}
+    seen = {modality: 0 for modality in token_ids}
+    out: list[int] = []
+    for token in input_ids:
+        modality = by_id.get(int(token))
+        if modality is None:
+            out.append(int(token))
+            continue
+        counts = num_tokens.get(modality, ())
+        if seen[modality] >= len(counts):
+            raise PlaceholderMismatchError(
+                f"{modality}: more placeholders in the text than items given ({len(counts)})"
+            )
+        run = [token_ids[modality]] * int(counts[seen[modality]])
+        if modality in wrap:
+            start, end = wrap[modality]
+            run = [start, *run, end]
+        out.extend(run)
+        seen[modality] += 1
+    for modality, counts in num_tokens.items():
+        if seen.get(modality, 0) != len(counts):
+            raise PlaceholderMismatchError(
+                f"{modality}: {len(counts)} items given but {seen.get(modality, 0)} placeholders in the text"
+            )
+    return out

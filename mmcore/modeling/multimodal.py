@@ -1,0 +1,612 @@
+"""`MultimodalModel`: modality encoders + projectors feeding any HuggingFace causal LM.
+
+Data path of one forward: route the call's inputs to the encoders (by their forward signatures, or
+``encoder_inputs``), run each present encoder (callbacks, encoder, projector), embed the text with
+placeholder ids masked out, merge the features into the placeholder positions, mask those positions
+out of the labels, and call the language model with ``inputs_embeds``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers.utils import logging
+
+import transformers
+from mmcore.builtin.callbacks import SLOTS, build_callback, record_callback
+from mmcore.errors import (
+    ConfigError,
+    EncoderInputError,
+    SerializationError,
+    TokenIdError,
+    TrainableSpecError,
+    UnrecordableCallbackError,
+    WidthMismatchError,
+)
+from mmcore.modeling.configuration import MultimodalConfig
+from mmcore.modeling.encoder import ModalEncoderModule
+from mmcore.modeling.merge import flatten_features, merge_modality_features, placeholder_masks
+from mmcore.modeling.projector import (
+    CUSTOM,
+    MultimodalProjector,
+    MultimodalProjectorConfig,
+    parse_projector_type,
+    projector_widths,
+)
+
+logger = logging.get_logger(__name__)
+
+UNRECORDED = "unrecorded"
+
+
+def _is_peft_model(module: nn.Module) -> bool:
+    return type(module).__module__.startswith("peft.") and hasattr(module, "get_base_model")
+
+
+def _mark_initialized(module: nn.Module) -> None:
+    """Modules handed in by the user arrive initialised (often pretrained); HF's init must skip them."""
+    for sub in module.modules():
+        sub._is_hf_initialized = True
+    for param in module.parameters():
+        param._is_hf_initialized = True
+
+
+class MultimodalModel(PreTrainedModel, GenerationMixin):
+    """A multimodal causal LM assembled from parts.
+
+    Example:
+        >>> mllm = MultimodalModel(
+        ...     encoders={"vision": ModalEncoderModule(clip_vision_tower)},
+        ...     language_model=llm,               # any transformers causal LM, PEFT-wrapped or not
+        ...     init_projector_type="mlp2x_gelu",  # for encoders given without a projector
+        ... )                                      # doctest: +SKIP
+        >>> mllm.set_modality_token_ids({"vision": image_token_id})  # doctest: +SKIP
+
+    Args:
+        encoders: modality name -> `ModalEncoderModule`.
+        language_model: a transformers causal LM (``AutoModelForCausalLM``-style), optionally wrapped
+            by ``peft.get_peft_model``.
+        init_projector_type: projector built for encoders that come without one: ``linear``, ``mlp``,
+            ``mlp<N>x_<act>`` or ``resampler``.
+        init_activation: activation of ``mlp`` projectors (a key of ``ACT2CLS``).
+        encoder_modules / callbacks: used by ``from_pretrained`` for parts that config.json cannot
+            rebuild: ``encoder_modules={"vision": module_or_ModalEncoderModule}``,
+            ``callbacks={"vision": {"preprocess": fn}}``.
+    """
+
+    config: MultimodalConfig
+    config_class = MultimodalConfig
+    base_model_prefix = ""
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _skip_keys_device_placement = ["past_key_values"]
+
+    def __init__(
+        self,
+        encoders: Mapping[str, ModalEncoderModule] | MultimodalConfig | None = None,
+        language_model: nn.Module | None = None,
+        init_projector_type: str = "mlp",
+        init_activation: str = "gelu",
+        *,
+        config: MultimodalConfig | None = None,
+        encoder_modules: Mapping[str, nn.Module] | None = None,
+        callbacks: Mapping[str, Mapping[str, Any]] | None = None,
+    ):
+        if isinstance(encoders, MultimodalConfig):  # the HF from_pretrained / from_config path
+            config, encoders = encoders, None
+        if config is not None:
+            if language_model is not None or encoders is not None:
+                raise ConfigError("pass either a config or encoders + language_model, not both")
+            super().__init__(config)
+            language_model = self._build_language_model(config)
+            encoders = self._build_encoders(config, encoder_modules or {}, callbacks or {})
+        else:
+            if language_model is None:
+                raise ConfigError("MultimodalModel needs a language_model (a transformers causal LM)")
+            encoders = dict(encoders or {})
+            llm_config = getattr(language_model, "config", None)
+            if llm_config is None:
+                raise ConfigError(
+                    f"language_model must be a transformers causal LM with a .config, got {type(language_model).__name__}"
+                )
+            _mark_initialized(language_model)
+            for encoder in encoders.values():
+                _mark_initialized(encoder)
+            peft_config = None
+            if _is_peft_model(language_model):
+                peft_config = {
+                    name: cfg.to_dict() for name, cfg in language_model.peft_config.items()
+                }
+                llm_config = language_model.get_base_model().config
+            config = MultimodalConfig(text_config=llm_config, peft_config=peft_config)
+            super().__init__(config)
+        self.language_model = language_model
+        for name, encoder in encoders.items():
+            if not isinstance(encoder, ModalEncoderModule):
+                raise ConfigError(
+                    f"encoders[{name!r}] must be a ModalEncoderModule, got {type(encoder).__name__}; "
+                    "wrap it: ModalEncoderModule(module)"
+                )
+            self._attach_projector(name, encoder, init_projector_type, init_activation)
+        self.encoders = nn.ModuleDict(encoders)
+        if getattr(language_model, "generation_config", None) is not None:
+            self.generation_config = language_model.generation_config
+        self.config.encoders = self._record_encoders(strict=False)
+        self.post_init()
+        self._collect_wrapped_tied_weights()
+
+    # -- construction -----------------------------------------------------------------------------
+    @property
+    def text_width(self) -> int:
+        return self.get_input_embeddings().embedding_dim
+
+    def _attach_projector(self, name: str, encoder: ModalEncoderModule, projector_type: str, activation: str) -> None:
+        in_width, out_width = encoder.output_width, self.text_width
+        if encoder.projector is None:
+            parse_projector_type(projector_type, activation)
+            if in_width is None:
+                raise WidthMismatchError(
+                    f"encoder {name!r}: cannot read its output width from {type(encoder.module).__name__}; "
+                    "pass ModalEncoderModule(..., output_width=N) or a projector"
+                )
+            projector_config = MultimodalProjectorConfig(
+                projector_type=projector_type, activation=activation, in_features=in_width, out_features=out_width
+            )
+            encoder.projector = MultimodalProjector(projector_config)
+            return
+        if not isinstance(encoder.projector, MultimodalProjector):
+            got_in, got_out = projector_widths(encoder.projector)
+            encoder.projector = MultimodalProjector(
+                MultimodalProjectorConfig(projector_type=CUSTOM, in_features=got_in, out_features=got_out),
+                projection=encoder.projector,
+            )
+        got_in, got_out = encoder.projector.config.in_features, encoder.projector.config.out_features
+        if in_width is not None and got_in is not None and got_in != in_width:
+            raise WidthMismatchError(
+                f"encoder {name!r}: projector takes width {got_in} but the encoder outputs width {in_width}"
+            )
+        if got_out is not None and got_out != out_width:
+            raise WidthMismatchError(
+                f"encoder {name!r}: projector outputs width {got_out} but the language model's embeddings "
+                f"have width {out_width}"
+            )
+
+    @staticmethod
+    def _build_language_model(config: MultimodalConfig) -> nn.Module:
+        llm = AutoModelForCausalLM.from_config(config.text_config)
+        if config.peft_config:
+            import peft
+
+            adapters = list(config.peft_config.items())
+            name, first = adapters[0]
+            llm = peft.get_peft_model(llm, peft.PeftConfig.from_peft_type(**first), adapter_name=name)
+            for name, other in adapters[1:]:
+                llm.add_adapter(name, peft.PeftConfig.from_peft_type(**other))
+        return llm
+
+    def _build_encoders(
+        self,
+        config: MultimodalConfig,
+        encoder_modules: Mapping[str, nn.Module],
+        callbacks: Mapping[str, Mapping[str, Any]],
+    ) -> dict[str, ModalEncoderModule]:
+        unknown = set(encoder_modules) - set(config.encoders)
+        if unknown:
+            raise ConfigError(f"encoder_modules names {sorted(unknown)} not in the saved model ({sorted(config.encoders)})")
+        built = {}
+        for name, record in config.encoders.items():
+            given = encoder_modules.get(name)
+            if isinstance(given, ModalEncoderModule):
+                built[name] = given
+                continue
+            module = given if given is not None else _build_source(name, record.get("source") or {})
+            slots = {}
+            for slot in SLOTS:
+                override = callbacks.get(name, {}).get(slot)
+                rec = (record.get("callbacks") or {}).get(slot)
+                if override is not None:
+                    slots[slot] = override
+                elif rec == UNRECORDED:
+                    raise SerializationError(
+                        f"encoder {name!r}: its {slot} callback was not recorded at save time; pass it again: "
+                        f"from_pretrained(..., callbacks={{{name!r}: {{{slot!r}: fn}}}})"
+                    )
+                elif rec is not None:
+                    slots[slot] = build_callback(rec, f"encoder {name!r} {slot} callback")
+            projector_record = record.get("projector")
+            projector = None
+            if projector_record is not None:
+                projector_config = MultimodalProjectorConfig(**projector_record)
+                if projector_config.projector_type == CUSTOM:
+                    raise SerializationError(
+                        f"encoder {name!r}: its projector is a custom module config.json cannot rebuild; pass the "
+                        f"whole encoder again: from_pretrained(..., encoder_modules={{{name!r}: ModalEncoderModule(module, projector=...)}})"
+                    )
+                projector = MultimodalProjector(projector_config)
+            built[name] = ModalEncoderModule(
+                module,
+                projector,
+                slots.get("preprocess"),
+                slots.get("postprocess_module"),
+                slots.get("postprocess_projector"),
+                input_names=record.get("input_names"),
+                output_width=record.get("output_width"),
+                source=record.get("source") if (record.get("source") or {}).get("kind") == "plugin" else None,
+            )
+        return built
+
+    def _record_encoders(self, strict: bool) -> dict[str, Any]:
+        records = {}
+        for name, encoder in self.encoders.items():
+            callbacks = {}
+            for slot, callback in encoder.callbacks().items():
+                if callback is None:
+                    continue
+                try:
+                    callbacks[slot] = record_callback(callback, f"encoder {name!r} {slot} callback")
+                except UnrecordableCallbackError:
+                    if strict:
+                        raise
+                    callbacks[slot] = UNRECORDED
+            records[name] = {
+                "source": _record_source(encoder),
+                "input_names": dict(encoder.input_map),
+                "output_width": encoder._output_width,
+                "projector": encoder.projector.config.to_diff_dict() | {
+                    "projector_type": encoder.projector.config.projector_type,
+                    "in_features": encoder.projector.config.in_features,
+                    "out_features": encoder.projector.config.out_features,
+                },
+                "callbacks": callbacks,
+            }
+        return records
+
+    def _collect_wrapped_tied_weights(self) -> None:
+        """PEFT wrappers hide the LLM's tied-weight declaration from HF's child scan; add it back."""
+        if not _is_peft_model(self.language_model):
+            return
+        for path, module in self.language_model.named_modules():
+            if isinstance(module, PreTrainedModel) and getattr(module, "all_tied_weights_keys", None):
+                prefix = f"language_model.{path}."
+                self.all_tied_weights_keys.update(
+                    {prefix + k: prefix + v for k, v in module.all_tied_weights_keys.items()}
+                )
+                break
+
+    # -- token ids ---------------------------------------------------------------------------------
+    def set_modality_token_ids(
+        self, token_ids: Mapping[str, int], wrap_token_ids: Mapping[str, tuple[int, int]] | None = None
+    ) -> None:
+        """Set the placeholder id of each modality (ids may lie outside the vocabulary), and optionally
+        the ``(start, end)`` ids wrapped around each item's run."""
+        unknown = set(token_ids) - set(self.encoders)
+        if unknown:
+            raise TokenIdError(f"token ids given for {sorted(unknown)}, but the encoders are {sorted(self.encoders)}")
+        ids = {str(k): int(v) for k, v in token_ids.items()}
+        if len(set(ids.values())) != len(ids):
+            raise TokenIdError(f"each modality needs its own placeholder id, got {ids}")
+        if any(v < 0 for v in ids.values()):
+            raise TokenIdError(f"placeholder ids must be >= 0, got {ids}")
+        self.config.modality_token_ids = {**self.config.modality_token_ids, **ids}
+        if wrap_token_ids:
+            self.config.modality_wrap_token_ids = {
+                **self.config.modality_wrap_token_ids,
+                **{str(k): [int(v[0]), int(v[1])] for k, v in wrap_token_ids.items()},
+            }
+
+    @property
+    def modality_token_ids(self) -> dict[str, int]:
+        return dict(self.config.modality_token_ids)
+
+    # -- embeddings (delegated to the LLM) ---------------------------------------------------------
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module | None:
+        return self.language_model.get_output_embeddings()
+
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_output_embeddings(value)
+
+    def get_base_language_model(self) -> PreTrainedModel:
+        """The transformers model inside a possible PEFT wrapper."""
+        llm = self.language_model
+        return llm.get_base_model() if _is_peft_model(llm) else llm
+
+    # -- what trains ---------------------------------------------------------------------------------
+    def parts(self) -> dict[str, nn.Module]:
+        """Named parts: ``<encoder>.module``, ``<encoder>.projector`` and ``language_model``."""
+        named: dict[str, nn.Module] = {}
+        for name, encoder in self.encoders.items():
+            named[f"{name}.module"] = encoder.module
+            named[f"{name}.projector"] = encoder.projector
+        named["language_model"] = self.language_model
+        return named
+
+    def set_trainable(self, parts: Mapping[str, bool] | None = None, /, **kwargs: bool) -> dict[str, tuple[int, int]]:
+        """Choose what trains, by part: ``set_trainable({"vision.module": False, "vision.projector": True,
+        "language_model": False})``. An encoder name alone covers its module and projector; ``"*"`` covers
+        everything. Only ``requires_grad`` changes; ``train()``/``eval()`` keep their meaning. Returns
+        `trainable_parameters()`."""
+        spec = {**(parts or {}), **kwargs}
+        named = self.parts()
+        for key, flag in spec.items():
+            if key == "*":
+                targets = list(named.values())
+            elif key in named:
+                targets = [named[key]]
+            elif key in self.encoders:
+                targets = [named[f"{key}.module"], named[f"{key}.projector"]]
+            else:
+                raise TrainableSpecError(
+                    f"unknown part {key!r}; expected '*', an encoder name or one of {sorted(named)}"
+                )
+            for module in targets:
+                module.requires_grad_(bool(flag))
+        return self.trainable_parameters()
+
+    def trainable_parameters(self) -> dict[str, tuple[int, int]]:
+        """Part -> (trainable parameters, total parameters)."""
+        report = {}
+        for key, module in self.parts().items():
+            params = list(module.parameters())
+            report[key] = (sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params))
+        return report
+
+    # -- gradient checkpointing ------------------------------------------------------------------------
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        kwargs = gradient_checkpointing_kwargs or {"use_reentrant": False}
+        for encoder in self.encoders.values():
+            encoder.gradient_checkpointing_enable(kwargs)
+        llm = self.get_base_language_model()
+        llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        # With frozen input embeddings (LoRA, align stage) checkpointed layers still need a grad path.
+        if hasattr(llm, "enable_input_require_grads"):
+            llm.enable_input_require_grads()
+
+    def gradient_checkpointing_disable(self) -> None:
+        for encoder in self.encoders.values():
+            encoder.gradient_checkpointing_disable()
+        self.get_base_language_model().gradient_checkpointing_disable()
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return self.get_base_language_model().is_gradient_checkpointing
+
+    # -- forward -----------------------------------------------------------------------------------------
+    def route_inputs(
+        self, kwargs: dict[str, Any], encoder_inputs: Mapping[str, Mapping[str, Any]] | None = None
+    ) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+        """Split call kwargs into per-encoder inputs and the rest (for the LLM)."""
+        encoder_inputs = dict(encoder_inputs or {})
+        unknown = set(encoder_inputs) - set(self.encoders)
+        if unknown:
+            raise EncoderInputError(f"encoder_inputs for {sorted(unknown)}, but the encoders are {sorted(self.encoders)}")
+        takers: dict[str, list[str]] = {}
+        for name, encoder in self.encoders.items():
+            for arg in encoder.input_map:
+                takers.setdefault(arg, []).append(name)
+        routed: dict[str, dict[str, Any]] = {}
+        rest: dict[str, Any] = {}
+        for key, value in kwargs.items():
+            names = [n for n in takers.get(key, ()) if n not in encoder_inputs]
+            if not takers.get(key):
+                rest[key] = value
+                continue
+            if value is None:
+                continue
+            if len(names) > 1:
+                raise EncoderInputError(
+                    f"{key!r} is taken by encoders {names}; say which gets what: "
+                    f"encoder_inputs={{{names[0]!r}: {{{key!r}: ...}}, ...}}"
+                )
+            if names:
+                routed.setdefault(names[0], {})[key] = value
+        for name, explicit in encoder_inputs.items():
+            routed[name] = {k: v for k, v in explicit.items() if v is not None}
+        selected = {}
+        for name, inputs in routed.items():
+            encoder = self.encoders[name]
+            chosen = {encoder.input_map.get(k, k): v for k, v in inputs.items()}
+            if chosen:
+                selected[name] = chosen
+        return selected, rest
+
+    def encode(self, encoder_inputs: Mapping[str, Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        """Run the encoders that have inputs; modality -> ``(total_tokens, llm_width)`` features."""
+        return {
+            name: flatten_features(self.encoders[name](**inputs), name) for name, inputs in encoder_inputs.items()
+        }
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Any = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        encoder_inputs: Mapping[str, Mapping[str, Any]] | None = None,
+        **kwargs: Any,
+    ):
+        """Encode every modality present in the call, merge, and run the language model.
+
+        Modality inputs (``pixel_values=``, ``input_features=``, ...) reach the encoder whose forward
+        takes them; ``encoder_inputs={"vision": {...}}`` says it explicitly. Returns the language
+        model's output (``loss`` when ``labels`` are given; placeholder positions never count).
+        """
+        routed, llm_kwargs = self.route_inputs(kwargs, encoder_inputs)
+        features = self.encode(routed)
+        token_ids = self.config.modality_token_ids
+        missing = set(features) - set(token_ids)
+        if missing:
+            raise TokenIdError(
+                f"no placeholder token id for {sorted(missing)}; call set_modality_token_ids(...) first"
+            )
+        if inputs_embeds is None:
+            if input_ids is None:
+                raise ConfigError("pass input_ids or inputs_embeds")
+            masks = placeholder_masks(input_ids, {m: token_ids[m] for m in self.encoders if m in token_ids})
+            any_mask = None
+            for mask in masks.values():
+                any_mask = mask if any_mask is None else any_mask | mask
+            text_ids = input_ids.masked_fill(any_mask, 0) if any_mask is not None else input_ids
+            inputs_embeds = self.get_input_embeddings()(text_ids)
+            inputs_embeds = merge_modality_features(inputs_embeds, masks, features, self.config.merge_check)
+            if labels is not None and any_mask is not None:
+                labels = labels.masked_fill(any_mask, -100)
+        elif features:
+            raise ConfigError("modality inputs need input_ids (to find the placeholders), not inputs_embeds")
+        if self.training and torch.is_grad_enabled():
+            inputs_embeds = inputs_embeds + self._untouched_encoders_zero(set(features))
+        return self.language_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            labels=labels,
+            use_cache=use_cache,
+            logits_to_keep=logits_to_keep,
+            **llm_kwargs,
+        )
+
+    def _untouched_encoders_zero(self, used: set[str]) -> torch.Tensor | float:
+        """A zero that depends on every trainable parameter of encoders absent from this batch, so
+        data-parallel gradient reduction never waits on parameters that got no gradient."""
+        zero: torch.Tensor | float = 0.0
+        for name, encoder in self.encoders.items():
+            if name in used:
+                continue
+            for param in encoder.parameters():
+                if param.requires_grad:
+                    zero = zero + param.sum() * 0.0
+        return zero
+
+    # -- generation ---------------------------------------------------------------------------------------
+    def prepare_inputs_for_generation(self, input_ids, *args, is_first_iteration: bool | None = False, **kwargs):
+        model_inputs = super().prepare_inputs_for_generation(
+            input_ids, *args, is_first_iteration=is_first_iteration, **kwargs
+        )
+        # Encoders run once, at prefill; decode steps only see the new token and the KV cache.
+        if not is_first_iteration and kwargs.get("use_cache", True):
+            model_inputs.pop("encoder_inputs", None)
+            for encoder in self.encoders.values():
+                for name in encoder.input_map:
+                    model_inputs.pop(name, None)
+        return model_inputs
+
+    def _validate_model_kwargs(self, model_kwargs: dict[str, Any]) -> None:
+        # Encoder inputs arrive by name through **kwargs; let HF check only the rest for typos.
+        encoder_names = {name for encoder in self.encoders.values() for name in encoder.input_map}
+        super()._validate_model_kwargs({k: v for k, v in model_kwargs.items() if k not in encoder_names})
+
+    # -- save / load ---------------------------------------------------------------------------------------
+    def save_pretrained(
+        self, save_directory: str | os.PathLike, *, allow_unrecorded_callbacks: bool = False, **kwargs: Any
+    ) -> None:
+        """Write one HF model directory (config.json with every part's recipe, safetensors weights).
+
+        Atomic: written into a temporary directory beside the target and renamed into place, so a
+        failure leaves no half-written directory. A callback config.json cannot record raises
+        `UnrecordableCallbackError` naming it, unless ``allow_unrecorded_callbacks=True`` (then it must
+        be passed again to ``from_pretrained(callbacks=...)``).
+        """
+        self.config.encoders = self._record_encoders(strict=not allow_unrecorded_callbacks)
+        if not kwargs.get("is_main_process", True):
+            return
+        target = Path(save_directory).absolute()
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+        try:
+            super().save_pretrained(staging, **kwargs)
+            _replace_dir(staging, target)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, torch_dtype=None, **kwargs):
+        """Rebuild the whole model from its directory (no modules to pass unless config.json says so).
+
+        Accepts the usual HF arguments (``dtype``/``torch_dtype``, ``device_map``, ...). Remote code is
+        never trusted implicitly.
+        """
+        if torch_dtype is not None:
+            kwargs.setdefault("dtype", torch_dtype)
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+
+
+def _replace_dir(staging: Path, target: Path) -> None:
+    if not target.exists():
+        os.replace(staging, target)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+    os.replace(target, old / target.name)
+    try:
+        os.replace(staging, target)
+    except BaseException:
+        os.replace(old / target.name, target)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _record_source(encoder: ModalEncoderModule) -> dict[str, Any]:
+    if encoder.source is not None:
+        return dict(encoder.source)
+    module = encoder.module
+    cls = type(module)
+    if isinstance(module, PreTrainedModel) and cls.__module__.split(".")[0] == "transformers":
+        path = cls.__name__ if getattr(transformers, cls.__name__, None) is cls else f"{cls.__module__}.{cls.__name__}"
+        return {"kind": "transformers", "class": path, "config": module.config.to_dict()}
+    return {"kind": "external", "class": f"{cls.__module__}.{cls.__qualname__}"}
+
+
+def _transformers_class(path: str) -> Any:
+    """A class from the transformers package only: config.json never names code to import elsewhere."""
+    if "." not in path:
+        return getattr(transformers, path, None)
+    module_name, _, name = path.rpartition(".")
+    if module_name.split(".")[0] != "transformers":
+        return None
+    try:
+        return getattr(importlib.import_module(module_name), name, None)
+    except ImportError:
+        return None
+
+
+def _build_source(name: str, source: Mapping[str, Any]) -> nn.Module:
+    kind = source.get("kind")
+    if kind == "transformers":
+        cls = _transformers_class(source.get("class", ""))
+        if not (isinstance(cls, type) and issubclass(cls, PreTrainedModel)):
+            raise SerializationError(f"encoder {name!r}: {source.get('class')!r} is not a transformers model class")
+        config = cls.config_class.from_dict(dict(source["config"]))
+        return cls._from_config(config)
+    if kind == "external":
+        raise SerializationError(
+            f"encoder {name!r}: its module ({source.get('class')}) is not a transformers model and was saved "
+            f"without a recipe; pass it again: from_pretrained(..., encoder_modules={{{name!r}: module}})"
+        )
+    raise SerializationError(f"encoder {name!r}: unknown source kind {kind!r} in config.json")
+
+
+AutoConfig.register(MultimodalConfig.model_type, MultimodalConfig, exist_ok=True)
+AutoModelForCausalLM.register(MultimodalConfig, MultimodalModel, exist_ok=True)
