@@ -166,34 +166,14 @@ class ModalEncoderModule(nn.Module):
                 features = first_output(features)
         return features
 
-    # -- gradient checkpointing ----------------------------------------------------------------------
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
-        """HF modules through their own support, timm through ``set_grad_checkpointing``, other modules
-        by checkpointing their whole forward."""
-        kwargs = gradient_checkpointing_kwargs or {"use_reentrant": False}
-        for part in (self.module, self.projector):
-            if part is None:
-                continue
-            if getattr(part, "supports_gradient_checkpointing", False) and hasattr(
-                part, "gradient_checkpointing_enable"
-            ):
-                part.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-            elif hasattr(part, "set_grad_checkpointing"):
-                part.set_grad_checkpointing(True)
-            elif part is self.module:
-                self._checkpointed = True
-            else:
-                raise ConfigError(
-                    f"projector {type(part).__name__} supports no gradient checkpointing; wrap it in "
-                    "MultimodalProjector"
-                )
-
-    def gradient_checkpointing_disable(self) -> None:
-        for part in (self.module, self.projector):
-            if part is None:
-                continue
-            if hasattr(part, "gradient_checkpointing_disable") and getattr(part, "supports_gradient_checkpointing", False):
-                part.gradient_checkpointing_disable()
-            elif hasattr(part, "set_grad_checkpointing"):
-                part.set_grad_checkpointing(False)
-        self._checkpointed = False
+    # -- activation checkpointing ------------------------------------------------------------------
+    def set_checkpointing(self, enable: bool) -> None:
+        """Checkpointing for encoders HF's mechanism does not reach (`MultimodalModel` switches HF
+        modules itself): timm models through ``set_grad_checkpointing``, any other module by
+        checkpointing its whole forward."""
+        if any(hasattr(m, "gradient_checkpointing") for m in self.module.modules()):
+            return
+        if hasattr(self.module, "set_grad_checkpointing"):
+            self.module.set_grad_checkpointing(enable)
+        else:
+            self._checkpointed = enable

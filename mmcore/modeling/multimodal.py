@@ -369,25 +369,15 @@ class MultimodalModel(PreTrainedModel, GenerationMixin):
             report[key] = (sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params))
         return report
 
-    # -- gradient checkpointing ------------------------------------------------------------------------
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
-        kwargs = gradient_checkpointing_kwargs or {"use_reentrant": False}
+    # -- activation (gradient) checkpointing ---------------------------------------------------------
+    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None, every_n_layers: int = 1):
+        """Reached from ``activation_checkpointing_enable()`` / ``gradient_checkpointing_enable()``: HF parts
+        (encoders, projectors, the LLM, also inside a PEFT wrapper) switch through HF's own mechanism; timm
+        encoders through ``set_grad_checkpointing``; any other encoder by checkpointing its whole forward."""
+        kwargs = {} if gradient_checkpointing_func is None else {"gradient_checkpointing_func": gradient_checkpointing_func}
+        super()._set_gradient_checkpointing(enable=enable, every_n_layers=every_n_layers, **kwargs)
         for encoder in self.encoders.values():
-            encoder.gradient_checkpointing_enable(kwargs)
-        llm = self.get_base_language_model()
-        llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-        # With frozen input embeddings (LoRA, align stage) checkpointed layers still need a grad path.
-        if hasattr(llm, "enable_input_require_grads"):
-            llm.enable_input_require_grads()
-
-    def gradient_checkpointing_disable(self) -> None:
-        for encoder in self.encoders.values():
-            encoder.gradient_checkpointing_disable()
-        self.get_base_language_model().gradient_checkpointing_disable()
-
-    @property
-    def is_gradient_checkpointing(self) -> bool:
-        return self.get_base_language_model().is_gradient_checkpointing
+            encoder.set_checkpointing(enable)
 
     # -- forward -----------------------------------------------------------------------------------------
     def route_inputs(
@@ -468,7 +458,15 @@ class MultimodalModel(PreTrainedModel, GenerationMixin):
             any_mask = None
             for mask in masks.values():
                 any_mask = mask if any_mask is None else any_mask | mask
-            text_ids = input_ids.masked_fill(any_mask, 0) if any_mask is not None else input_ids
+            # Only placeholders about to be replaced by features (or ids outside the vocabulary) are
+            # masked for the lookup; any other placeholder, e.g. one the model generated during decode,
+            # is embedded as the token it is, as HF's LLaVA does.
+            vocab = getattr(self.get_input_embeddings(), "num_embeddings", None)
+            embed_mask = None
+            for modality, mask in masks.items():
+                if modality in features or vocab is None or token_ids[modality] >= vocab:
+                    embed_mask = mask if embed_mask is None else embed_mask | mask
+            text_ids = input_ids.masked_fill(embed_mask, 0) if embed_mask is not None else input_ids
             inputs_embeds = self.get_input_embeddings()(text_ids)
             inputs_embeds = merge_modality_features(inputs_embeds, masks, features, self.config.merge_check)
             if labels is not None and any_mask is not None:
