@@ -121,7 +121,7 @@ def record_callback(callback: Any, where: str) -> dict[str, Any]:
         except (ImportError, AttributeError):
             pass
     raise UnrecordableCallbackError(
-        f"{where}: callback {callback!r} cannot be recorded in config.json (lambdas, local functions and "
+        f"{where}: {getattr(callback, '__qualname__', None) or repr(callback)} cannot be recorded in config.json (lambdas, local functions and "
         "objects without an import path cannot); use an mmcore.callbacks.Callback subclass or a module-level "
         "function, or save with allow_unrecorded_callbacks=True and pass it again to from_pretrained(callbacks=...)"
     )

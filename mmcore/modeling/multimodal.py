@@ -52,6 +52,19 @@ def _is_peft_model(module: nn.Module) -> bool:
     return type(module).__module__.startswith("peft.") and hasattr(module, "get_base_model")
 
 
+def _jsonable(value: Any) -> Any:
+    """PEFT configs hold sets and enums; config.json wants lists and strings."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (set, frozenset)):
+        return sorted(_jsonable(v) for v in value)
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if hasattr(value, "value") and type(value).__module__.startswith("peft"):
+        return value.value
+    return value
+
+
 def _mark_initialized(module: nn.Module) -> None:
     """Modules handed in by the user arrive initialised (often pretrained); HF's init must skip them."""
     for sub in module.modules():
@@ -127,9 +140,7 @@ class MultimodalModel(PreTrainedModel, GenerationMixin):
                 _mark_initialized(encoder)
             peft_config = None
             if _is_peft_model(language_model):
-                peft_config = {
-                    name: cfg.to_dict() for name, cfg in language_model.peft_config.items()
-                }
+                peft_config = {name: _jsonable(cfg.to_dict()) for name, cfg in language_model.peft_config.items()}
                 llm_config = language_model.get_base_model().config
             config = MultimodalConfig(text_config=llm_config, peft_config=peft_config)
             super().__init__(config)
