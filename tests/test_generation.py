@@ -80,11 +80,14 @@ def test_text_only_generation_equals_language_model(family_model):
         _prompt(mllm, tokenizer, "hello world"),
     ]
     input_ids, attention_mask = _left_pad(samples, tokenizer.pad_token_id)
-    kwargs = dict(max_new_tokens=8, do_sample=False)
+    kwargs = dict(max_new_tokens=8, do_sample=False, return_dict_in_generate=True, output_logits=True)
     got = mllm.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
     expected = mllm.language_model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-    assert got.shape[1] > input_ids.shape[1]
-    assert got.tolist() == expected.tolist()
+    assert got.sequences.shape[1] > input_ids.shape[1]
+    assert got.sequences.tolist() == expected.sequences.tolist()
+    assert len(got.logits) == len(expected.logits)
+    for step, (a, b) in enumerate(zip(got.logits, expected.logits)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5, msg=f"step {step}")
 
 
 @pytest.mark.parametrize("via", ["kwargs", "encoder_inputs"])

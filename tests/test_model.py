@@ -368,3 +368,23 @@ def test_projector_given_as_multimodal_projector_is_kept():
     assert model.encoders["vision"].projector is proj
     out = model(input_ids=torch.tensor([[1, 9, 9, 9, 2]]), pixel_values=torch.randn(IMG))
     assert out.logits.shape[:2] == (1, 5)
+
+
+def test_start_end_wrapped_runs_are_real_tokens_and_placeholders_are_masked():
+    from mmcore import expand_placeholders
+    from mmcore.testing import tiny_multimodal_model
+
+    model, tok = tiny_multimodal_model(wrap=True)
+    token_ids = model.config.modality_token_ids
+    wrap = {m: tuple(v) for m, v in model.config.modality_wrap_token_ids.items()}
+    ids = expand_placeholders(tok("look <vision> and <vision>").input_ids, token_ids, {"vision": [4, 4]}, wrap=wrap)
+    start, end = wrap["vision"]
+    assert ids.count(start) == ids.count(end) == 2 and ids.count(token_ids["vision"]) == 8
+    ids = torch.tensor([ids])
+    out = model(input_ids=ids, pixel_values=torch.randn(2, 3, 28, 28), labels=ids)
+    assert torch.isfinite(out.loss)
+    # the wrap tokens keep their own (trainable) embeddings, so they receive gradient; placeholders do not
+    out.loss.backward()
+    grad = model.get_input_embeddings().weight.grad
+    assert grad[start].abs().sum() > 0 and grad[end].abs().sum() > 0
+    assert grad[token_ids["vision"]].abs().sum() == 0
