@@ -388,3 +388,14 @@ def test_start_end_wrapped_runs_are_real_tokens_and_placeholders_are_masked():
     grad = model.get_input_embeddings().weight.grad
     assert grad[start].abs().sum() > 0 and grad[end].abs().sum() > 0
     assert grad[token_ids["vision"]].abs().sum() == 0
+
+
+def test_bad_constructor_arguments_are_typed_errors():
+    from mmcore.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="encoders\\['vision'\\] must be a ModalEncoderModule, got CLIPVisionModel"):
+        MultimodalModel(encoders={"vision": tiny_clip_vision()}, language_model=tiny_llm())
+    with pytest.raises(ConfigError, match="needs a language_model"):
+        MultimodalModel(encoders={"vision": ModalEncoderModule(tiny_clip_vision())})
+    with pytest.raises(ConfigError, match="unknown projector type 'conv'"):
+        MultimodalModel(encoders={"vision": ModalEncoderModule(tiny_clip_vision())}, language_model=tiny_llm(), init_projector_type="conv")

@@ -23,7 +23,7 @@ from typing import Any
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
-from mmcore.errors import TokenIdError
+from mmcore.errors import ConfigError
 from mmcore.modeling.merge import MERGE_CHECKS
 
 
@@ -63,6 +63,6 @@ class MultimodalConfig(PreTrainedConfig):
             str(k): [int(x) for x in v] for k, v in (self.modality_wrap_token_ids or {}).items()
         }
         if self.merge_check not in MERGE_CHECKS:
-            raise TokenIdError(f"merge_check must be one of {MERGE_CHECKS}, got {self.merge_check!r}")
+            raise ConfigError(f"merge_check must be one of {MERGE_CHECKS}, got {self.merge_check!r}")
         if getattr(self.text_config, "tie_word_embeddings", False):
             self.tie_word_embeddings = True

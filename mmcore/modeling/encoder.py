@@ -27,7 +27,7 @@ RESERVED_INPUT_NAMES = frozenset(
     }
 )  # fmt: skip
 
-Callback = Callable[..., Any]
+CallbackFn = Callable[..., Any]
 
 
 def first_output(output: Any) -> Any:
@@ -70,9 +70,9 @@ class ModalEncoderModule(nn.Module):
         self,
         module: nn.Module,
         projector: nn.Module | None = None,
-        preprocess_callback: Callback | None = None,
-        postprocess_module_callback: Callback | None = None,
-        postprocess_projector_callback: Callback | None = None,
+        preprocess_callback: CallbackFn | None = None,
+        postprocess_module_callback: CallbackFn | None = None,
+        postprocess_projector_callback: CallbackFn | None = None,
         *,
         input_names: Sequence[str] | Mapping[str, str] | None = None,
         output_width: int | None = None,
@@ -122,7 +122,7 @@ class ModalEncoderModule(nn.Module):
         layer = getattr(self.postprocess_module_callback, "layer", None)
         return width * len(layer) if isinstance(layer, list) else width
 
-    def callbacks(self) -> dict[str, Callback | None]:
+    def callbacks(self) -> dict[str, CallbackFn | None]:
         return {
             "preprocess": self.preprocess_callback,
             "postprocess_module": self.postprocess_module_callback,

@@ -130,6 +130,12 @@ class MultimodalModel(PreTrainedModel, GenerationMixin):
             if language_model is None:
                 raise ConfigError("MultimodalModel needs a language_model (a transformers causal LM)")
             encoders = dict(encoders or {})
+            for name, encoder in encoders.items():
+                if not isinstance(encoder, ModalEncoderModule):
+                    raise ConfigError(
+                        f"encoders[{name!r}] must be a ModalEncoderModule, got {type(encoder).__name__}; "
+                        "wrap it: ModalEncoderModule(module)"
+                    )
             llm_config = getattr(language_model, "config", None)
             if llm_config is None:
                 raise ConfigError(
@@ -146,11 +152,6 @@ class MultimodalModel(PreTrainedModel, GenerationMixin):
             super().__init__(config)
         self.language_model = language_model
         for name, encoder in encoders.items():
-            if not isinstance(encoder, ModalEncoderModule):
-                raise ConfigError(
-                    f"encoders[{name!r}] must be a ModalEncoderModule, got {type(encoder).__name__}; "
-                    "wrap it: ModalEncoderModule(module)"
-                )
             self._attach_projector(name, encoder, init_projector_type, init_activation)
         self.encoders = nn.ModuleDict(encoders)
         if getattr(language_model, "generation_config", None) is not None:
