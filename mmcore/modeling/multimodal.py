@@ -52,6 +52,11 @@ def _is_peft_model(module: nn.Module) -> bool:
     return type(module).__module__.startswith("peft.") and hasattr(module, "get_base_model")
 
 
+def _keeps_some(logits_to_keep: int | torch.Tensor) -> bool:
+    """Pass ``logits_to_keep`` on only when it asks for something, so LLMs without it still work."""
+    return isinstance(logits_to_keep, torch.Tensor) or logits_to_keep != 0
+
+
 def _jsonable(value: Any) -> Any:
     """PEFT configs hold sets and enums; config.json wants lists and strings."""
     if isinstance(value, dict):
@@ -494,7 +499,7 @@ class MultimodalModel(PreTrainedModel, GenerationMixin):
             past_key_values=past_key_values,
             labels=labels,
             use_cache=use_cache,
-            logits_to_keep=logits_to_keep,
+            **({"logits_to_keep": logits_to_keep} if _keeps_some(logits_to_keep) else {}),
             **llm_kwargs,
         )
 
