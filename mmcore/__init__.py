@@ -23,6 +23,8 @@ _LAZY = {
     "expand_placeholders": "mmcore.modeling.merge",
     "callbacks": "mmcore.callbacks",
     "errors": "mmcore.errors",
+    "hookimpl": "mmcore.hookspecs",
+    "PLUGIN_API_VERSION": "mmcore.hookspecs",
 }
 
 __all__ = sorted([*_LAZY, "__version__"])
@@ -45,6 +47,7 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # pragma: no cover
     from mmcore import errors
     from mmcore import callbacks
+    from mmcore.hookspecs import PLUGIN_API_VERSION, hookimpl
     from mmcore.modeling.configuration import MultimodalConfig
     from mmcore.modeling.encoder import ModalEncoderModule
     from mmcore.modeling.merge import expand_placeholders, merge_modality_features

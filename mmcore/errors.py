@@ -41,3 +41,27 @@ class UnrecordableCallbackError(SerializationError):
 
 class TrainableSpecError(ConfigError):
     """A part name given to `set_trainable` does not exist."""
+
+
+class InvalidSpecError(ConfigError):
+    """A plugin registered an item whose metadata is malformed (bad name, factory path, slot, ...)."""
+
+
+class UnknownNameError(MMCoreError, LookupError):
+    """No registered encoder, projector or callback has this name (the message suggests close ones)."""
+
+
+class AmbiguousNameError(MMCoreError, LookupError):
+    """A bare name is registered by more than one plugin; ``plugin:name`` picks one."""
+
+
+class FactoryImportError(MMCoreError, ImportError):
+    """A registered item's lazy ``module:attr`` factory cannot be imported."""
+
+
+class PluginError(MMCoreError):
+    """A plugin cannot be loaded. Raised only with ``MMCORE_STRICT_PLUGINS=1``; otherwise a warning."""
+
+
+class PluginWarning(UserWarning):
+    """A plugin was set aside (failed, incompatible) or two plugins registered the same name."""

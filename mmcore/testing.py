@@ -6,6 +6,8 @@ memory on a small built-in corpus. Heavy imports happen inside the functions.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 _CORPUS = """
@@ -135,3 +137,34 @@ def tiny_multimodal_model(family: str = "llama", projector: str = "mlp2x_gelu", 
     )
     add_modality_tokens(tokenizer, model, wrap=wrap)
     return model, tokenizer
+
+
+@contextmanager
+def registered_plugin(obj: Any, name: str = "test") -> Iterator[Any]:
+    """Register a plugin object (a module, class or instance with ``@hookimpl`` functions) for the
+    duration of a ``with`` block, as if it were installed; yield the fresh `Registry`.
+
+    It goes through the same loading and isolation as an installed plugin (see its
+    `mmcore.plugins.plugin_statuses`). Plugin caches are reset on entry and on exit.
+
+    >>> from mmcore import hookimpl
+    >>> from mmcore.registry import EncoderSpec
+    >>> class MyPlugin:
+    ...     @hookimpl
+    ...     def register_encoders(self, register):
+    ...         register(EncoderSpec(name="toy", modality="vision", summary="toy", factory="my.mod:build"))
+    >>> with registered_plugin(MyPlugin()) as registry:
+    ...     registry.get_encoder("test:toy").plugin
+    'test'
+    """
+    from mmcore import plugins
+
+    if name in plugins._extra_plugins:
+        raise ValueError(f"a plugin named {name!r} is already registered by registered_plugin")
+    plugins._extra_plugins[name] = obj
+    plugins.reset()
+    try:
+        yield plugins.get_registry()
+    finally:
+        del plugins._extra_plugins[name]
+        plugins.reset()

@@ -1,0 +1,59 @@
+"""The built-in projectors and callbacks, registered as an ordinary plugin named ``builtin``.
+
+This makes the registry the one place that lists what exists. Like every plugin, it registers
+metadata only: the factories (in `mmcore.modeling.projector` and `mmcore.builtin.callbacks`) are
+imported when something is built.
+
+Projector factories are `MultimodalProjector`, built from a
+``MultimodalProjectorConfig(projector_type=<the requested name>, ...)``.
+"""
+
+from __future__ import annotations
+
+from mmcore.hookspecs import PLUGIN_API_VERSION, hookimpl
+from mmcore.registry import CallbackSpec, ProjectorSpec
+
+MMCORE_PLUGIN_API = PLUGIN_API_VERSION
+
+_PROJECTOR = "mmcore.modeling.projector:MultimodalProjector"
+
+
+@hookimpl
+def register_projectors(register):
+    register(ProjectorSpec(name="linear", summary="one Linear layer", factory=_PROJECTOR))
+    register(ProjectorSpec(name="mlp", summary="Linear, activation, Linear", factory=_PROJECTOR))
+    register(
+        ProjectorSpec(
+            name="mlpNx_act",
+            summary="LLaVA grammar mlp<N>x_<act>: N Linear layers with activation <act>, e.g. mlp2x_gelu",
+            factory=_PROJECTOR,
+            pattern=r"mlp(\d+)x_(\w+)",
+        )
+    )
+    register(
+        ProjectorSpec(
+            name="resampler",
+            summary="learnable queries cross-attend over the encoder tokens; fixed output length",
+            factory=_PROJECTOR,
+        )
+    )
+
+
+@hookimpl
+def register_callbacks(register):
+    register(
+        CallbackSpec(
+            name="select_feature_layer",
+            slots=("postprocess_module",),
+            summary="use a chosen hidden layer of the encoder (LLaVA: -2), optionally dropping prefix tokens",
+            factory="mmcore.builtin.callbacks:SelectFeatureLayer",
+        )
+    )
+    register(
+        CallbackSpec(
+            name="drop_prefix_tokens",
+            slots=("postprocess_module",),
+            summary="drop the first N tokens of the encoder output (CLS or register tokens)",
+            factory="mmcore.builtin.callbacks:DropPrefixTokens",
+        )
+    )
