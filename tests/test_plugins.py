@@ -227,14 +227,15 @@ def test_projector_pattern_matches_a_family_and_an_exact_name_wins():
 
 
 def test_builtin_projectors_and_callbacks_are_an_ordinary_plugin(site):
-    from mmcore.builtin.callbacks import BUILTIN_CALLBACKS
+    from mmcore.builtin.callbacks import DropPrefixTokens, SelectFeatureLayer
     from mmcore.modeling.projector import MultimodalProjector, MultimodalProjectorConfig
 
     reg = plugins.get_registry()
     assert status("builtin").state == "loaded"
     assert [s.name for s in reg.list_projectors()] == ["linear", "mlp", "mlpNx_act", "resampler"]
-    assert {s.name for s in reg.list_callbacks()} == set(BUILTIN_CALLBACKS)
-    for name, cls in BUILTIN_CALLBACKS.items():
+    builtin_callbacks = {cls.name: cls for cls in (SelectFeatureLayer, DropPrefixTokens)}
+    assert {s.name for s in reg.list_callbacks()} == set(builtin_callbacks)
+    for name, cls in builtin_callbacks.items():
         assert load_factory(reg.get_callback(f"builtin:{name}")) is cls
         assert reg.get_callback(name).slots == (cls.slot,)
     spec = reg.get_projector("mlp2x_gelu")

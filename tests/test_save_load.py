@@ -214,3 +214,48 @@ def test_peft_wrapped_llm_round_trips_with_adapters(tmp_path):
     loaded = MultimodalModel.from_pretrained(tmp_path / "m")
     assert type(loaded.language_model).__name__ == type(llm).__name__
     assert_same(wrapped, loaded)
+
+
+def test_callback_from_a_plugin_rebuilds_by_name(tmp_path):
+    from mmcore import hookimpl
+    from mmcore.callbacks import Callback
+    from mmcore.registry import CallbackSpec
+    from mmcore.testing import registered_plugin
+
+    class Plugin:
+        @hookimpl
+        def register_callbacks(self, register):
+            register(CallbackSpec(name="keep_first", slots=("postprocess_module",), summary="keep the first N tokens",
+                                  factory=f"{__name__}:KeepFirst"))
+
+    model = MultimodalModel(
+        encoders={"vision": ModalEncoderModule(tiny_clip_vision(), postprocess_module_callback=KeepFirst(2))},
+        language_model=tiny_llm(),
+    )
+    model.save_pretrained(tmp_path / "m")
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["encoders"]["vision"]["callbacks"] == {
+        "postprocess_module": {"name": "keep_first", "params": {"n": 2}}
+    }
+    with pytest.raises(Exception, match="keep_first"):
+        MultimodalModel.from_pretrained(tmp_path / "m")  # no plugin provides it
+    with registered_plugin(Plugin(), name="extra"):
+        loaded = MultimodalModel.from_pretrained(tmp_path / "m")
+    assert loaded.encoders["vision"].postprocess_module_callback == KeepFirst(2)
+    assert isinstance(KeepFirst(1), Callback)
+
+
+from mmcore.callbacks import Callback as _Callback  # noqa: E402
+
+
+class KeepFirst(_Callback):
+    name = "keep_first"
+    slot = "postprocess_module"
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def params(self):
+        return {"n": self.n}
+
+    def __call__(self, inputs, output):
+        return (output[0][:, : self.n],)

@@ -22,7 +22,8 @@ SLOTS = ("preprocess", "postprocess_module", "postprocess_projector")
 
 
 class Callback:
-    """Base of named, parameterised callbacks. Subclasses set `name` and `slot` and implement `__call__`.
+    """Base of named, parameterised callbacks. Subclasses set `name` and `slot` and implement `__call__`;
+    a plugin registers them (``CallbackSpec``) so that a saved model finds them again by name.
 
     ``module_kwargs`` are extra keyword arguments the encoder must receive for this callback to work
     (e.g. ``output_hidden_states=True`` for a feature-layer selection); `ModalEncoderModule` adds them.
@@ -103,11 +104,6 @@ class DropPrefixTokens(Callback):
         return (_first(output)[:, self.num_tokens :],)
 
 
-BUILTIN_CALLBACKS: dict[str, type[Callback]] = {
-    cls.name: cls for cls in (SelectFeatureLayer, DropPrefixTokens)
-}
-
-
 def record_callback(callback: Any, where: str) -> dict[str, Any]:
     """JSON-able record of a callback; `UnrecordableCallbackError` naming ``where`` if impossible."""
     if isinstance(callback, Callback):
@@ -130,12 +126,17 @@ def record_callback(callback: Any, where: str) -> dict[str, Any]:
 def build_callback(record: dict[str, Any], where: str) -> Any:
     """Rebuild a callback from `record_callback`'s output."""
     if "name" in record:
-        cls = BUILTIN_CALLBACKS.get(record["name"])
-        if cls is None:
-            raise ConfigError(
-                f"{where}: unknown callback {record['name']!r}; known: {', '.join(sorted(BUILTIN_CALLBACKS))}"
-            )
-        return cls(**record.get("params", {}))
+        # Named callbacks resolve through the plugin registry (built-in ones come from the
+        # `builtin` plugin), so a plugin's callback rebuilds like a built-in one.
+        from mmcore.errors import MMCoreError
+        from mmcore.plugins import get_registry
+        from mmcore.registry import load_factory
+
+        try:
+            factory = load_factory(get_registry().get_callback(record["name"]))
+        except MMCoreError as exc:
+            raise ConfigError(f"{where}: {exc}") from exc
+        return factory(**record.get("params", {}))
     if "import" in record:
         try:
             return _import_path(record["import"])
