@@ -1,9 +1,10 @@
 """Replace placeholder tokens in the LLM's input embeddings with modality features.
 
-The merge is vectorized and free of host syncs: each placeholder position gets the index of its
-feature row from a cumulative sum of the placeholder mask, one gather fetches all rows for all
-modalities, and one ``torch.where`` writes them. Its backward is a gather's backward (an index-add)
-and a ``where``'s; neither calls ``nonzero`` the way ``masked_scatter``'s backward does.
+The merge is vectorized and free of host syncs: each modality's placeholder positions come from
+``nonzero_static`` (its size, the number of feature rows, is known on the host), and one
+``index_copy`` writes all rows of all modalities. Its backward is an ``index_select`` for the
+features and an ``index_fill`` for the text embeddings; neither calls ``nonzero`` the way
+``masked_scatter``'s backward does.
 
 `expand_placeholders` is the text-side companion: it turns one placeholder per item into the run of
 placeholders the item's features fill, optionally wrapped in start/end tokens.
@@ -59,9 +60,7 @@ def merge_modality_features(
     if not features:
         return inputs_embeds
     batch, seq, width = inputs_embeds.shape
-    index = torch.zeros(batch * seq, dtype=torch.long, device=inputs_embeds.device)
-    any_mask = torch.zeros(batch * seq, dtype=torch.bool, device=inputs_embeds.device)
-    rows, offset = [], 0
+    rows, positions = [], []
     counts: list[tuple[str, torch.Tensor, int]] = []
     for modality, feats in features.items():
         if feats.shape[-1] != width:
@@ -70,20 +69,17 @@ def merge_modality_features(
                 f"have width {width}"
             )
         mask = masks[modality].reshape(-1)
-        # row of each placeholder in this modality's features, shifted into the concatenated table
-        position = torch.cumsum(mask, dim=0) - 1 + offset
-        index = torch.where(mask, position, index)
-        any_mask |= mask
         counts.append((modality, mask.sum(), feats.shape[0]))
+        # The number of rows is known on the host (the features' shape), so the positions come from
+        # nonzero_static: no device->host sync, unlike nonzero/masked_scatter.
+        positions.append(torch.nonzero_static(mask, size=feats.shape[0], fill_value=-1).squeeze(1))
         rows.append(feats.to(inputs_embeds.dtype))
-        offset += feats.shape[0]
     _check_counts(counts, check, inputs_embeds.device)
     table = torch.cat(rows, dim=0) if len(rows) > 1 else rows[0]
+    index = torch.cat(positions) if len(positions) > 1 else positions[0]
     if table.shape[0] == 0:
         return inputs_embeds
-    # Placeholders past the end of the table (only possible with check="off") are clamped, not read OOB.
-    gathered = table.index_select(0, index.clamp_(max=table.shape[0] - 1))
-    merged = torch.where(any_mask.unsqueeze(-1), gathered, inputs_embeds.reshape(batch * seq, width))
+    merged = inputs_embeds.reshape(batch * seq, width).index_copy(0, index, table)
     return merged.view(batch, seq, width)
 
 
