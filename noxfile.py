@@ -21,3 +21,10 @@ def tests(session: nox.Session) -> None:
 def demo(session: nox.Session) -> None:
     _install(session)
     session.run("python", "-m", "mmcore.demo")
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Merge benchmark (docs/performance.md): ratios against references in one process, not a test."""
+    _install(session)
+    session.run("python", "benchmarks/bench_merge.py", *session.posargs)
