@@ -15,6 +15,3 @@ def tiny():
     model, tokenizer = tiny_multimodal_model()
     return model, tokenizer
 
-
-def placeholder_run(model, modality, n):
-    return [model.config.modality_token_ids[modality]] * n

@@ -46,10 +46,6 @@ class Callback:
     __hash__ = None  # type: ignore[assignment]
 
 
-def _first(output: Any) -> Any:
-    return output if not isinstance(output, (tuple, list)) and not hasattr(output, "to_tuple") else output[0]
-
-
 class SelectFeatureLayer(Callback):
     """Use hidden state ``layer`` of the encoder (LLaVA: -2, the penultimate) instead of its last output.
 
@@ -101,7 +97,9 @@ class DropPrefixTokens(Callback):
         return {"num_tokens": self.num_tokens}
 
     def __call__(self, inputs: dict, output: Any) -> tuple:
-        return (_first(output)[:, self.num_tokens :],)
+        from mmcore.modeling.encoder import first_output
+
+        return (first_output(output)[:, self.num_tokens :],)
 
 
 def record_callback(callback: Any, where: str) -> dict[str, Any]:
