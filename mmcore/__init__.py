@@ -24,6 +24,9 @@ _LAZY = {
     "callbacks": "mmcore.callbacks",
     "errors": "mmcore.errors",
     "hookimpl": "mmcore.hookspecs",
+    "EncoderFactory": "mmcore.factory",
+    "build_encoder": "mmcore.factory",
+    "get_factory": "mmcore.factory",
     "PLUGIN_API_VERSION": "mmcore.hookspecs",
 }
 
@@ -47,6 +50,7 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # pragma: no cover
     from mmcore import errors
     from mmcore import callbacks
+    from mmcore.factory import EncoderFactory, build_encoder, get_factory
     from mmcore.hookspecs import PLUGIN_API_VERSION, hookimpl
     from mmcore.modeling.configuration import MultimodalConfig
     from mmcore.modeling.encoder import ModalEncoderModule

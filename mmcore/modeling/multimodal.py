@@ -157,7 +157,9 @@ class MultimodalModel(PreTrainedModel, GenerationMixin):
             super().__init__(config)
         self.language_model = language_model
         for name, encoder in encoders.items():
-            self._attach_projector(name, encoder, init_projector_type, init_activation)
+            # A plugin's encoder may ask for its own default projector (e.g. EVA02: a resampler).
+            requested = getattr(encoder, "requested_projector", None)
+            self._attach_projector(name, encoder, requested or init_projector_type, init_activation)
         self.encoders = nn.ModuleDict(encoders)
         if getattr(language_model, "generation_config", None) is not None:
             self.generation_config = language_model.generation_config
@@ -615,6 +617,10 @@ def _build_source(name: str, source: Mapping[str, Any]) -> nn.Module:
             raise SerializationError(f"encoder {name!r}: {source.get('class')!r} is not a transformers model class")
         config = cls.config_class.from_dict(dict(source["config"]))
         return cls._from_config(config)
+    if kind == "plugin":
+        from mmcore.factory import factory_for_source
+
+        return factory_for_source(name, source).build_module(source.get("recipe") or {}, None)
     if kind == "external":
         raise SerializationError(
             f"encoder {name!r}: its module ({source.get('class')}) is not a transformers model and was saved "

@@ -73,10 +73,13 @@ def parse_projector_type(projector_type: str, activation: str = "gelu") -> tuple
         kind, depth = "mlp", 2
     elif projector_type in ("linear", "resampler"):
         kind, depth = projector_type, 1
+    elif registered_projector(projector_type) is not None:
+        return "plugin", 1, activation
     else:
         raise ConfigError(
             f"unknown projector type {projector_type!r}; expected one of {', '.join(BUILTIN_TYPES)}, "
-            f"'mlp<N>x_<act>' (e.g. 'mlp2x_gelu') or a module passed as `projection=`"
+            f"'mlp<N>x_<act>' (e.g. 'mlp2x_gelu'), a projector a plugin registers (`mmcore list-projectors`) "
+            f"or a module passed as `projection=`"
         )
     if kind == "mlp" and activation not in ACT2CLS:
         raise ConfigError(
@@ -207,11 +210,32 @@ class MultimodalProjector(PreTrainedModel):
         """How many tokens one item of ``num_input_tokens`` features becomes after projection."""
         if self.config.projector_type == "resampler":
             return self.config.num_queries
+        custom = getattr(self.projection, "num_output_tokens", None)
+        if callable(custom):
+            return int(custom(num_input_tokens))
         return num_input_tokens
+
+
+def registered_projector(projector_type: str):
+    """The `ProjectorSpec` a plugin (other than the built-in one) registered under ``projector_type``
+    (``name`` or ``plugin:name``), or None."""
+    from mmcore.errors import MMCoreError
+    from mmcore.plugins import get_registry
+
+    try:
+        spec = get_registry().get_projector(projector_type)
+    except MMCoreError:
+        return None
+    return None if spec.plugin == "builtin" else spec
 
 
 def build_projection(config: MultimodalProjectorConfig) -> nn.Module:
     kind, depth, activation = parse_projector_type(config.projector_type, config.activation)
+    if kind == "plugin":
+        # A plugin's projector: its factory takes this config and returns the module.
+        from mmcore.registry import load_factory
+
+        return load_factory(registered_projector(config.projector_type))(config)
     if kind == "linear":
         return nn.Linear(config.in_features, config.out_features, bias=config.bias)
     if kind == "mlp":

@@ -1,0 +1,226 @@
+"""The encoder-factory contract: what an ``EncoderSpec.factory`` points to, and `build_encoder`.
+
+A plugin registers an `~mmcore.registry.EncoderSpec` whose ``factory`` is ``"module.path:Class"``,
+a subclass of `EncoderFactory`. Everything about one kind of encoder goes through a **recipe**: a
+JSON-able dict that says which architecture to build (its config) and with which options. A recipe
+is made once (from a hub id, a local directory or file, or a named preset) and stored in the saved
+model's ``config.json``; from it the factory rebuilds the module (random weights, which the model
+directory's safetensors then fill), the processor, the token count and dummy inputs, offline.
+
+>>> import mmcore
+>>> enc = mmcore.build_encoder("clip", preset="tiny")          # doctest: +SKIP
+>>> enc = mmcore.build_encoder("clip:clip", "openai/clip-vit-large-patch14", feature_layer=-1)  # doctest: +SKIP
+
+This module imports no torch at import time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from mmcore.errors import ConfigError, MMCoreError, SerializationError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+    from torch import nn
+
+    from mmcore.modeling.encoder import ModalEncoderModule
+    from mmcore.registry import EncoderSpec
+
+#: ``ModalEncoderModule.source["kind"]`` of an encoder a plugin built.
+PLUGIN_SOURCE = "plugin"
+
+
+class EncoderFactory:
+    """Base class of encoder factories. Subclass it and implement the methods marked *required*.
+
+    Class attributes:
+        presets: preset name -> one-line description. Presets build with random weights and no
+            download (``tiny`` for tests; the real architectures, for meta-device dry runs).
+        options: option name -> default value, accepted by `make_recipe` (e.g. ``feature_layer``).
+    """
+
+    presets: ClassVar[Mapping[str, str]] = {}
+    options: ClassVar[Mapping[str, Any]] = {}
+
+    def __init__(self, spec: EncoderSpec | None = None):
+        self.spec = spec
+
+    @property
+    def name(self) -> str:
+        return self.spec.qualified_name if self.spec is not None else type(self).__name__
+
+    # -- required ----------------------------------------------------------------------------------
+    def make_recipe(self, checkpoint: str | None = None, preset: str | None = None, **options: Any) -> dict[str, Any]:
+        """*Required.* A JSON-able recipe for ``checkpoint`` (hub id, local dir or file; its config is
+        read, its weights are not) or ``preset``, with ``options`` applied. Exactly one of
+        ``checkpoint``/``preset`` is given. Unknown presets or options raise `ConfigError`."""
+        raise NotImplementedError
+
+    def build_module(self, recipe: Mapping[str, Any], checkpoint: str | None = None) -> nn.Module:
+        """*Required.* The encoder module: weights from ``checkpoint`` when given, random otherwise.
+        Must honour an enclosing ``torch.device("meta")`` context (dry runs build full-size models)."""
+        raise NotImplementedError
+
+    def output_width(self, recipe: Mapping[str, Any]) -> int:
+        """*Required.* Width of the features the projector receives (after the default callbacks)."""
+        raise NotImplementedError
+
+    def processor(self, recipe: Mapping[str, Any]) -> Any:
+        """*Required.* A callable ``processor(items) -> dict[str, Tensor]`` turning raw items (PIL images,
+        waveforms, ...) into the encoder's batched inputs (first dimension: one row per item)."""
+        raise NotImplementedError
+
+    def num_tokens(self, recipe: Mapping[str, Any], inputs: Mapping[str, Any]) -> list[int]:
+        """*Required.* How many placeholder tokens each item of processed ``inputs`` becomes (after the
+        default callbacks and the default projector); must equal the real feature count."""
+        raise NotImplementedError
+
+    def dummy_inputs(self, recipe: Mapping[str, Any], batch_size: int = 1) -> dict[str, Any]:
+        """*Required.* Processed inputs for ``batch_size`` items (random tensors), for test runs."""
+        raise NotImplementedError
+
+    # -- optional ----------------------------------------------------------------------------------
+    def dummy_items(self, recipe: Mapping[str, Any], n: int = 1) -> list[Any]:
+        """Raw items the processor accepts, for tests (default: none)."""
+        return []
+
+    def default_callbacks(self, recipe: Mapping[str, Any]) -> dict[str, Any]:
+        """Callbacks per slot (``preprocess``, ``postprocess_module``, ``postprocess_projector``)."""
+        return {}
+
+    def input_names(self, recipe: Mapping[str, Any]) -> Sequence[str] | Mapping[str, str] | None:
+        """`ModalEncoderModule` ``input_names`` (None: read the module's forward signature)."""
+        return None
+
+    def default_projector(self, recipe: Mapping[str, Any]) -> str | None:
+        """Projector type used when the user names none (None: the model's ``init_projector_type``)."""
+        return None
+
+    # -- helpers for subclasses --------------------------------------------------------------------
+    def check_options(self, options: Mapping[str, Any]) -> dict[str, Any]:
+        """``self.options`` updated by ``options``; `ConfigError` naming unknown ones."""
+        unknown = sorted(set(options) - set(self.options))
+        if unknown:
+            known = ", ".join(sorted(self.options)) or "none"
+            raise ConfigError(f"encoder {self.name!r}: unknown option(s) {', '.join(unknown)} (accepted: {known})")
+        return {**self.options, **options}
+
+    def check_preset(self, preset: str) -> str:
+        if preset not in self.presets:
+            import difflib
+
+            close = difflib.get_close_matches(preset, list(self.presets), n=3, cutoff=0.5)
+            hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
+            raise ConfigError(
+                f"encoder {self.name!r}: unknown preset {preset!r}{hint} (presets: {', '.join(self.presets) or 'none'})"
+            )
+        return preset
+
+
+def get_factory(name: str) -> EncoderFactory:
+    """The factory of registered encoder ``name`` (``clip`` or ``plugin:clip``)."""
+    from mmcore.plugins import get_registry
+    from mmcore.registry import load_factory
+
+    spec = get_registry().get_encoder(name)
+    cls = load_factory(spec)
+    if not (isinstance(cls, type) and issubclass(cls, EncoderFactory)):
+        raise ConfigError(
+            f"encoder {spec.qualified_name!r}: factory {spec.factory!r} must be an mmcore.factory.EncoderFactory "
+            f"subclass, got {cls!r}"
+        )
+    return cls(spec)
+
+
+def build_encoder(
+    name: str,
+    checkpoint: str | None = None,
+    *,
+    preset: str | None = None,
+    projector: Any = None,
+    callbacks: Mapping[str, Any] | None = None,
+    device: str | torch.device | None = None,
+    **options: Any,
+) -> ModalEncoderModule:
+    """A `ModalEncoderModule` for registered encoder ``name``, from ``checkpoint`` (hub id, local
+    directory or file; default: the spec's ``default_checkpoint``) or from ``preset`` (random weights).
+
+    ``options`` go to the factory (see its ``options``); ``callbacks`` override the factory's default
+    callbacks per slot (``None`` removes one). ``device="meta"`` builds without allocating memory.
+    """
+    factory = get_factory(name)
+    if checkpoint is not None and preset is not None:
+        raise ConfigError(f"encoder {factory.name!r}: pass a checkpoint or a preset, not both")
+    if preset is not None:
+        factory.check_preset(preset)
+    elif checkpoint is None:
+        checkpoint = factory.spec.default_checkpoint if factory.spec is not None else None
+        if checkpoint is None:
+            raise ConfigError(f"encoder {factory.name!r} has no default checkpoint; pass a checkpoint or a preset")
+    recipe = factory.make_recipe(checkpoint=checkpoint, preset=preset, **options)
+    return encoder_from_recipe(factory, recipe, checkpoint=checkpoint, projector=projector, callbacks=callbacks, device=device)
+
+
+def encoder_from_recipe(
+    factory: EncoderFactory,
+    recipe: Mapping[str, Any],
+    *,
+    checkpoint: str | None = None,
+    projector: Any = None,
+    callbacks: Mapping[str, Any] | None = None,
+    device: str | torch.device | None = None,
+) -> ModalEncoderModule:
+    """Assemble the `ModalEncoderModule` for a recipe (used by `build_encoder` and at load time)."""
+    from mmcore.modeling.encoder import ModalEncoderModule
+
+    slots = dict(factory.default_callbacks(recipe))
+    for slot, callback in (callbacks or {}).items():
+        if slot not in ("preprocess", "postprocess_module", "postprocess_projector"):
+            raise ConfigError(f"encoder {factory.name!r}: unknown callback slot {slot!r}")
+        slots[slot] = callback
+    with _device(device):
+        module = factory.build_module(recipe, checkpoint)
+    source = {"kind": PLUGIN_SOURCE, "encoder": factory.name, "recipe": dict(recipe)}
+    default_projector = factory.default_projector(recipe)
+    if projector is None and default_projector is not None:
+        projector = default_projector
+    encoder = ModalEncoderModule(
+        module,
+        None if isinstance(projector, str) else projector,
+        slots.get("preprocess"),
+        slots.get("postprocess_module"),
+        slots.get("postprocess_projector"),
+        input_names=factory.input_names(recipe),
+        output_width=factory.output_width(recipe),
+        source=source,
+    )
+    if isinstance(projector, str):
+        encoder.requested_projector = projector
+    return encoder
+
+
+def factory_for_source(name: str, source: Mapping[str, Any]) -> EncoderFactory:
+    """The factory that built a saved encoder; `SerializationError` saying what to install if absent."""
+    encoder_name = source.get("encoder", "")
+    try:
+        return get_factory(encoder_name)
+    except MMCoreError as exc:
+        plugin = encoder_name.partition(":")[0]
+        raise SerializationError(
+            f"encoder {name!r} was built by plugin encoder {encoder_name!r}, which is not available "
+            f"(install mmcore-plugin-{plugin}?): {exc}"
+        ) from exc
+
+
+@contextlib.contextmanager
+def _device(device: Any):
+    if device is None:
+        yield
+        return
+    import torch
+
+    with torch.device(device):
+        yield
