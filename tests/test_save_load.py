@@ -9,7 +9,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from mmcore import ModalEncoderModule, MultimodalModel
-from mmcore.callbacks import DropPrefixTokens
+from mmcore.callbacks import DropPrefixTokens, SelectFeatureLayer
 from mmcore.errors import SerializationError, UnrecordableCallbackError
 from mmcore.testing import tiny_clip_vision, tiny_llm, tiny_multimodal_model
 
@@ -259,3 +259,49 @@ class KeepFirst(_Callback):
 
     def __call__(self, inputs, output):
         return (output[0][:, : self.n],)
+
+
+class PairPool(torch.nn.Module):
+    """A plugin projector that halves the token count: mean of each pair of tokens, then a Linear."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.linear = torch.nn.Linear(config.in_features, config.out_features)
+
+    def forward(self, features):
+        b, n, d = features.shape
+        return self.linear(features[:, : n - n % 2].reshape(b, n // 2, 2, d).mean(2))
+
+    def num_output_tokens(self, n):
+        return n // 2
+
+
+def test_projector_from_a_plugin_builds_by_name_and_rebuilds_at_load(tmp_path):
+    from mmcore import hookimpl
+    from mmcore.errors import ConfigError
+    from mmcore.registry import ProjectorSpec
+    from mmcore.testing import registered_plugin
+
+    class Plugin:
+        @hookimpl
+        def register_projectors(self, register):
+            register(ProjectorSpec(name="pairpool", summary="pairs", factory=f"{__name__}:PairPool"))
+
+    llm = tiny_llm()
+    with registered_plugin(Plugin(), "pools"):
+        model = MultimodalModel(
+            {"vision": ModalEncoderModule(tiny_clip_vision(), postprocess_module_callback=SelectFeatureLayer(-2, 1))},
+            llm,
+            init_projector_type="pools:pairpool",
+        )
+        model.set_modality_token_ids({"vision": 300})
+        projector = model.encoders["vision"].projector
+        assert isinstance(projector.projection, PairPool) and projector.num_output_tokens(4) == 2
+        ids = torch.tensor([[1, 300, 300, 5]])  # 4 CLIP tokens become 2
+        pixels = torch.randn(1, 3, 28, 28)
+        logits = model(input_ids=ids, pixel_values=pixels).logits
+        model.save_pretrained(tmp_path / "m")
+        loaded = MultimodalModel.from_pretrained(tmp_path / "m")
+        torch.testing.assert_close(loaded(input_ids=ids, pixel_values=pixels).logits, logits, rtol=0, atol=0)
+    with pytest.raises(ConfigError, match="unknown projector type 'pools:pairpool'.*mmcore list-projectors"):
+        MultimodalModel.from_pretrained(tmp_path / "m")
