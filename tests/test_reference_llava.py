@@ -13,15 +13,11 @@ import torch
 from transformers import (
     CLIPVisionConfig,
     LlamaConfig,
-    LlamaForCausalLM,
     LlavaConfig,
     LlavaForConditionalGeneration,
 )
 
-from mmcore.callbacks import SelectFeatureLayer
-from mmcore.modeling.encoder import ModalEncoderModule
-from mmcore.modeling.multimodal import MultimodalModel
-from mmcore.modeling.projector import MultimodalProjector, MultimodalProjectorConfig
+from mmcore.testing import mmcore_twin_of_llava
 
 VOCAB = 128
 IMAGE_TOKEN = VOCAB - 1  # inside the vocabulary: LLaVA embeds input_ids as they are
@@ -54,20 +50,7 @@ def models():
     llava = LlavaForConditionalGeneration(config).to(torch.float32).eval()
     reference_state = {k: v.detach().clone() for k, v in llava.state_dict().items()}
 
-    language_model = LlamaForCausalLM(llava.config.text_config)
-    language_model.model = llava.model.language_model
-    language_model.lm_head = llava.lm_head
-    projector = MultimodalProjector(
-        MultimodalProjectorConfig(projector_type="custom", in_features=VISION_WIDTH, out_features=TEXT_WIDTH),
-        projection=llava.model.multi_modal_projector,
-    )
-    encoder = ModalEncoderModule(
-        llava.model.vision_tower,
-        projector=projector,
-        postprocess_module_callback=SelectFeatureLayer(layer=-2, drop_prefix_tokens=1),
-    )
-    mllm = MultimodalModel(encoders={"vision": encoder}, language_model=language_model).eval()
-    mllm.set_modality_token_ids({"vision": IMAGE_TOKEN})
+    mllm = mmcore_twin_of_llava(llava).eval()
     return llava, mllm, reference_state
 
 
