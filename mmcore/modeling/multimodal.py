@@ -232,6 +232,8 @@ class MultimodalModel(PreTrainedModel, GenerationMixin):
                 built[name] = given
                 continue
             module = given if given is not None else _build_source(name, record.get("source") or {})
+            if record.get("peft_config") and getattr(module, "peft_config", None) is None:
+                _inject_adapters(module, record["peft_config"])
             slots = {}
             for slot in SLOTS:
                 override = callbacks.get(name, {}).get(slot)
@@ -291,12 +293,19 @@ class MultimodalModel(PreTrainedModel, GenerationMixin):
                 },
                 "callbacks": callbacks,
             }
+            adapters = getattr(encoder.module, "peft_config", None)  # LoRA injected in place (mmcore.training)
+            if adapters:
+                records[name]["peft_config"] = {k: _jsonable(c.to_dict()) for k, c in adapters.items()}
         return records
 
     def _collect_wrapped_tied_weights(self) -> None:
-        """PEFT wrappers hide the LLM's tied-weight declaration from HF's child scan; add it back."""
+        """PEFT wrappers hide the LLM's tied-weight declaration from HF's child scan (which, through the
+        wrapper's attribute forwarding, records it under unwrapped names); record it under the real ones."""
         if not _is_peft_model(self.language_model):
             return
+        self.all_tied_weights_keys = {
+            k: v for k, v in self.all_tied_weights_keys.items() if not k.startswith("language_model.")
+        }
         for path, module in self.language_model.named_modules():
             if isinstance(module, PreTrainedModel) and getattr(module, "all_tied_weights_keys", None):
                 prefix = f"language_model.{path}."
@@ -607,6 +616,14 @@ def _transformers_class(path: str) -> Any:
         return getattr(importlib.import_module(module_name), name, None)
     except ImportError:
         return None
+
+
+def _inject_adapters(module: nn.Module, adapters: Mapping[str, Any]) -> None:
+    """Re-inject the PEFT adapters an encoder was saved with, so its saved weights find their places."""
+    import peft
+
+    for adapter_name, record in adapters.items():
+        peft.inject_adapter_in_model(peft.PeftConfig.from_peft_type(**record), module, adapter_name=adapter_name)
 
 
 def _build_source(name: str, source: Mapping[str, Any]) -> nn.Module:

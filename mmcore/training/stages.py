@@ -1,0 +1,163 @@
+"""Training stages (Prismatic/LLaVA style) and optimizer parameter groups.
+
+A stage is a function applied to a `MultimodalModel` that chooses what trains:
+
+========== ====================================================================================
+``align``    the projectors only (encoders and the LLM frozen) -- LLaVA's pre-training stage
+``finetune`` the projectors and the whole LLM (encoders frozen) -- LLaVA's instruction tuning
+``full``     everything, encoders included
+``lora``     LoRA adapters on the LLM (and, with ``lora_on_encoders=True``, on the encoders),
+             plus the projectors trained in full; every base weight frozen
+========== ====================================================================================
+
+>>> report = apply_stage(model, "align")          # doctest: +SKIP
+>>> console.print(report)                          # a rich table: part, trainable, total, %
+>>> optimizer = torch.optim.AdamW(param_groups(model, lr=2e-5, projector_lr=1e-3))  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from mmcore.errors import ConfigError
+
+STAGES = ("align", "finetune", "full", "lora")
+
+
+@dataclass(frozen=True)
+class StageReport:
+    """What trains after a stage: one row per part, ``(part, trainable, total)`` parameter counts.
+
+    Renders as a rich table (``console.print(report)``); `as_dict` gives the data.
+    """
+
+    stage: str
+    rows: tuple[tuple[str, int, int], ...]
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def trainable(self) -> int:
+        return sum(row[1] for row in self.rows)
+
+    @property
+    def total(self) -> int:
+        return sum(row[2] for row in self.rows)
+
+    def as_dict(self) -> dict[str, Any]:
+        """``{"stage": ..., "parts": {part: {"trainable": n, "total": n}}, "trainable": n, "total": n}``."""
+        return {
+            "stage": self.stage,
+            "parts": {part: {"trainable": t, "total": n} for part, t, n in self.rows},
+            "trainable": self.trainable,
+            "total": self.total,
+        }
+
+    def __rich__(self) -> Any:
+        from rich.table import Table
+
+        table = Table(title=f"stage {self.stage!r}: trainable parameters", caption="; ".join(self.notes) or None)
+        table.add_column("part")
+        table.add_column("trainable", justify="right")
+        table.add_column("total", justify="right")
+        table.add_column("%", justify="right")
+        for part, trainable, total in (*self.rows, ("all", self.trainable, self.total)):
+            share = f"{100 * trainable / total:.1f}" if total else "-"
+            table.add_row(part, f"{trainable:,}", f"{total:,}", share)
+        return table
+
+    def __str__(self) -> str:
+        lines = [f"stage {self.stage}: {self.trainable:,} of {self.total:,} parameters train"]
+        lines += [f"  {part:<24} {t:>12,} / {n:,}" for part, t, n in self.rows]
+        return "\n".join(lines)
+
+
+def stage_report(model: nn.Module, stage: str = "current", notes: Sequence[str] = ()) -> StageReport:
+    """The trainable-parameter table of ``model`` as it stands."""
+    rows = tuple((part, t, n) for part, (t, n) in model.trainable_parameters().items())
+    return StageReport(stage, rows, tuple(notes))
+
+
+def apply_stage(
+    model: nn.Module,
+    stage: str,
+    *,
+    lora_r: int = 8,
+    lora_alpha: int | None = None,
+    lora_dropout: float = 0.0,
+    lora_target_modules: str | list[str] = "all-linear",
+    lora_on_encoders: bool = False,
+) -> StageReport:
+    """Set what trains in ``model`` (a `MultimodalModel`) for ``stage`` and return the table.
+
+    Only ``requires_grad`` changes (plus, for ``lora``, the LLM gets wrapped by PEFT and, with
+    ``lora_on_encoders``, LoRA layers are injected into the encoders). ``lora_alpha`` defaults to
+    ``2 * lora_r``. Applying ``lora`` to a model that already has adapters reuses them.
+    """
+    if stage not in STAGES:
+        raise ConfigError(f"unknown training stage {stage!r}; expected one of {', '.join(STAGES)}")
+    projectors = {f"{name}.projector": True for name in model.encoders}
+    notes: list[str] = []
+    if stage == "align":
+        model.set_trainable({"*": False, **projectors})
+    elif stage == "finetune":
+        model.set_trainable({"*": False, **projectors, "language_model": True})
+    elif stage == "full":
+        model.set_trainable({"*": True})
+    else:
+        from mmcore.training.lora import add_lora
+
+        model.set_trainable({"*": False})
+        options = dict(r=lora_r, alpha=lora_alpha, dropout=lora_dropout, target_modules=lora_target_modules)
+        add_lora(model, encoders=lora_on_encoders, **options)
+        model.set_trainable(projectors)
+        notes.append(f"LoRA r={lora_r} on the language model" + (" and the encoders" if lora_on_encoders else ""))
+    return stage_report(model, stage, notes)
+
+
+def _is_projector(name: str) -> bool:
+    return name.startswith("encoders.") and ".projector." in name
+
+
+def _decays(name: str, param: nn.Parameter) -> bool:
+    # As HF Trainer does: no weight decay on biases and norm weights (1-D tensors).
+    return param.dim() >= 2 and not name.endswith(".bias")
+
+
+def param_groups(
+    model: nn.Module,
+    lr: float,
+    projector_lr: float | None = None,
+    weight_decay: float = 0.0,
+) -> list[dict[str, Any]]:
+    """Optimizer parameter groups over the trainable parameters: projectors at ``projector_lr``
+    (default ``lr``), everything else at ``lr``; weight decay only on matrices (not biases, norms).
+
+    Each group carries a ``"name"`` key (``projector``, ``projector_no_decay``, ``rest``,
+    ``rest_no_decay``); empty groups are left out.
+    """
+    projector_lr = lr if projector_lr is None else projector_lr
+    groups: dict[str, dict[str, Any]] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        kind = "projector" if _is_projector(name) else "rest"
+        decay = weight_decay > 0 and _decays(name, param)
+        key = kind if decay else f"{kind}_no_decay"
+        group = groups.setdefault(
+            key,
+            {
+                "name": key,
+                "params": [],
+                "lr": projector_lr if kind == "projector" else lr,
+                "weight_decay": weight_decay if decay else 0.0,
+            },
+        )
+        group["params"].append(param)
+    if not groups:
+        raise ConfigError("no trainable parameters: apply a stage (align, finetune, full, lora) first")
+    order = ("projector", "projector_no_decay", "rest", "rest_no_decay")
+    return [groups[k] for k in order if k in groups]
