@@ -2,9 +2,9 @@
 
 The merge is vectorized and free of host syncs: each modality's placeholder positions come from
 ``nonzero_static`` (its size, the number of feature rows, is known on the host), and one
-``index_copy`` writes all rows of all modalities. Its backward is an ``index_select`` for the
-features and an ``index_fill`` for the text embeddings; neither calls ``nonzero`` the way
-``masked_scatter``'s backward does.
+``index_put`` writes all rows of all modalities. Its backward is an ``index`` gather for the
+features and an ``index_put`` of zeros for the text embeddings, and autograd keeps only the integer
+positions for it; neither calls ``nonzero`` the way ``masked_scatter``'s backward does.
 
 `expand_placeholders` is the text-side companion: it turns one placeholder per item into the run of
 placeholders the item's features fill, optionally wrapped in start/end tokens.
@@ -79,7 +79,9 @@ def merge_modality_features(
     index = torch.cat(positions) if len(positions) > 1 else positions[0]
     if table.shape[0] == 0:
         return inputs_embeds
-    merged = inputs_embeds.reshape(batch * seq, width).index_copy(0, index, table)
+    # index_put rather than index_copy: its autograd keeps only the index for backward, where
+    # index_copy also keeps the feature rows (a full (rows, width) copy per step).
+    merged = inputs_embeds.reshape(batch * seq, width).index_put((index,), table)
     return merged.view(batch, seq, width)
 
 
