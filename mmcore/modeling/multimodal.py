@@ -168,6 +168,14 @@ class MultimodalModel(PreTrainedModel, GenerationMixin):
         self._collect_wrapped_tied_weights()
 
     # -- construction -----------------------------------------------------------------------------
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        # HF's loader leaves non-HF modules' non-persistent buffers (timm's rope tables, EVA's zero
+        # k_bias) as empty tensors; timm modules know how to compute theirs again.
+        init_buffers = getattr(module, "init_non_persistent_buffers", None)
+        if callable(init_buffers):
+            init_buffers()
+
     @property
     def text_width(self) -> int:
         return self.get_input_embeddings().embedding_dim
