@@ -1,10 +1,18 @@
 # Two entry points, both self-installing and idempotent: `make demo` and `make test`.
-PYTHON ?= python3
-VENV   := .venv
-BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.mmcore-installed
+#
+# The four encoder plugins are separate distributions. `make plugins` builds and installs each one
+# (a real pip install of plugins/<name>) into its own directory under build/plugin-sites/, never
+# into .venv, so tests can put all four on the path together, or exactly one of them alone.
+PYTHON  ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.mmcore-installed
+PLUGINS := clip siglip eva02 whisper
+SITES   := build/plugin-sites
+ALL_SITES := $(subst $(eval) ,:,$(abspath $(addprefix $(SITES)/,$(PLUGINS))))
+PLUGIN_SOURCES := $(shell find plugins -name '*.py' -o -name pyproject.toml 2>/dev/null)
 
-.PHONY: demo test install clean
+.PHONY: demo test test-core test-plugins-alone install plugins clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -14,11 +22,34 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
-demo: $(STAMP)
-	$(BIN)/python -m mmcore.demo
+$(SITES)/.stamp: $(STAMP) $(PLUGIN_SOURCES)
+	@# Plugins live in their own sites; one left in .venv (an editable dev install) would defeat isolation.
+	$(BIN)/python -m pip uninstall --quiet --yes $(addprefix mmcore-plugin-,$(PLUGINS)) 2>/dev/null || true
+	for p in $(PLUGINS); do \
+	  rm -rf $(SITES)/$$p && \
+	  $(BIN)/python -m pip install --quiet --no-deps --no-build-isolation --target $(SITES)/$$p ./plugins/$$p || exit 1; \
+	  rm -rf plugins/$$p/build plugins/$$p/*.egg-info; \
+	done
+	touch $@
 
-test: $(STAMP)
-	$(BIN)/python -m pytest -n 2 -q tests
+plugins: $(SITES)/.stamp
+
+demo: plugins
+	PYTHONPATH=$(ALL_SITES) $(BIN)/python -m mmcore.demo
+
+# Core and plugin tests with all four plugins installed, then each plugin's tests with only itself.
+test: test-core test-plugins-alone
+
+test-core: plugins
+	PYTHONPATH=$(ALL_SITES) $(BIN)/python -m pytest -n 2 -q tests $(addsuffix /tests,$(addprefix plugins/,$(PLUGINS)))
+
+test-plugins-alone: plugins
+	for p in $(PLUGINS); do \
+	  echo "== mmcore-plugin-$$p alone"; \
+	  PYTHONPATH=$(abspath $(SITES))/$$p MMCORE_STRICT_PLUGINS=1 $(BIN)/python -c \
+	    "from mmcore.plugins import plugin_statuses as s; n = sorted(x.name for x in s() if x.name != 'builtin'); assert n == ['$$p'], n" && \
+	  PYTHONPATH=$(abspath $(SITES))/$$p MMCORE_STRICT_PLUGINS=1 $(BIN)/python -m pytest -n 2 -q -p no:cacheprovider plugins/$$p/tests || exit 1; \
+	done
 
 clean:
-	rm -rf $(VENV) .pytest_cache .nox
+	rm -rf $(VENV) build .pytest_cache .nox

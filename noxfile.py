@@ -1,30 +1,46 @@
 """Automation sessions. `make test` / `make demo` are the entry points CI and users need; nox runs
-the same things in throwaway environments (`nox -s tests`)."""
+the same things in throwaway environments:
+
+    nox -s tests                 core + all four plugins installed together
+    nox -s "plugin(name='whisper')"   one plugin alone in its own environment (no other plugin present)
+    nox -s demo
+    nox -s bench                 every benchmark in benchmarks/ (docs/performance.md)
+"""
 
 import nox
 
 nox.options.sessions = ["tests"]
 nox.options.reuse_existing_virtualenvs = True
 
+PLUGINS = ["clip", "siglip", "eva02", "whisper"]
 
-def _install(session: nox.Session) -> None:
-    session.install("-c", "constraints.txt", "-e", ".[test]")
+
+def _install(session: nox.Session, *plugins: str) -> None:
+    session.install("-c", "constraints.txt", "-e", ".[test]", *(f"./plugins/{p}" for p in plugins))
 
 
 @nox.session
 def tests(session: nox.Session) -> None:
-    _install(session)
-    session.run("pytest", "-n", "2", "-q", "tests", *session.posargs)
+    _install(session, *PLUGINS)
+    session.run("pytest", "-n", "2", "-q", "tests", *(f"plugins/{p}/tests" for p in PLUGINS), *session.posargs)
+
+
+@nox.session
+@nox.parametrize("name", PLUGINS)
+def plugin(session: nox.Session, name: str) -> None:
+    _install(session, name)
+    session.run("pytest", "-q", f"plugins/{name}/tests", env={"MMCORE_STRICT_PLUGINS": "1"})
 
 
 @nox.session
 def demo(session: nox.Session) -> None:
-    _install(session)
+    _install(session, *PLUGINS)
     session.run("python", "-m", "mmcore.demo")
 
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """Merge benchmark (docs/performance.md): ratios against references in one process, not a test."""
-    _install(session)
-    session.run("python", "benchmarks/bench_merge.py", *session.posargs)
+    """Benchmarks (docs/performance.md): ratios against references in one process, never tests."""
+    _install(session, *PLUGINS)
+    for script in ("bench_cli.py", "bench_merge.py", "bench_model.py"):
+        session.run("python", f"benchmarks/{script}", *session.posargs)
