@@ -14,6 +14,7 @@ __version__ = "0.1.0"
 # public name -> module that defines it
 _LAZY = {
     "MultimodalModel": "mmcore.modeling.multimodal",
+    "MultimodalProcessor": "mmcore.processing",
     "MultimodalConfig": "mmcore.modeling.configuration",
     "ModalEncoderModule": "mmcore.modeling.encoder",
     "MultimodalProjector": "mmcore.modeling.projector",
@@ -56,5 +57,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from mmcore.modeling.encoder import ModalEncoderModule
     from mmcore.modeling.merge import expand_placeholders, merge_modality_features
     from mmcore.modeling.multimodal import MultimodalModel
+    from mmcore.processing import MultimodalProcessor
     from mmcore.modeling.projector import MultimodalProjector, MultimodalProjectorConfig
     from mmcore.modeling.tokens import add_modality_tokens
