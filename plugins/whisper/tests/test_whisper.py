@@ -1,0 +1,262 @@
+"""mmcore-plugin-whisper: the contract, presets, the real loading path, log-mel features, windows."""
+
+import math
+import subprocess
+import sys
+
+import mmcore
+import pytest
+import torch
+from mmcore.errors import ConfigError
+from mmcore.testing import check_encoder_plugin, tiny_llm, tiny_tokenizer
+from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration
+from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+from mmcore_plugin_whisper.factory import WhisperAudioProcessor
+
+TINY = dict(d_model=16, encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=64, num_mel_bins=8)
+
+
+def factory():
+    return mmcore.get_factory("whisper")
+
+
+def recipe_of(encoder):
+    return encoder.source["recipe"]
+
+
+def tone(seconds, rate, freq=440.0):
+    t = torch.arange(int(round(seconds * rate))) / rate
+    return 0.5 * torch.sin(2 * math.pi * freq * t)
+
+
+def test_contract(tmp_path):
+    report = check_encoder_plugin("whisper", preset="tiny", tmp_path=tmp_path, meta_presets=True)
+    assert report.tokens_per_item == [10, 10]  # the tiny preset's 0.2 s window
+    assert "processor" in report.checks and "meta_presets" in report.checks
+
+
+def test_entry_module_imports_no_torch_torchaudio_or_transformers():
+    code = (
+        "import sys, mmcore_plugin_whisper\n"
+        "heavy = [m for m in ('torch', 'torchaudio', 'transformers') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+        "from mmcore.plugins import get_registry\n"
+        "spec = get_registry().get_encoder('whisper')\n"
+        "assert spec.modality == 'audio' and spec.default_checkpoint == 'openai/whisper-large-v3', spec\n"
+        "assert not [m for m in ('torch', 'torchaudio', 'transformers') if m in sys.modules]\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_build_from_tiny_preset():
+    encoder = mmcore.build_encoder("whisper", preset="tiny")
+    assert isinstance(encoder.module, WhisperEncoder)
+    assert encoder.output_width == 16
+    assert encoder.input_map == {"input_features": "input_features"}
+    features = encoder(input_features=torch.randn(3, 8, 20))
+    assert features.shape == (3, 10, 16)
+
+
+def whisper_encoder_parameters(d_model, layers, mels, positions):
+    """Parameter count of a Whisper encoder, from its layer shapes (k_proj has no bias)."""
+    convs = (mels * d_model * 3 + d_model) + (d_model * d_model * 3 + d_model)
+    attention = 4 * d_model * d_model + 3 * d_model
+    mlp = 2 * 4 * d_model * d_model + 4 * d_model + d_model
+    norms = 2 * 2 * d_model
+    return convs + positions * d_model + layers * (attention + mlp + norms) + 2 * d_model
+
+
+@pytest.mark.parametrize(
+    "preset, d_model, layers, mels",
+    [("whisper-tiny", 384, 4, 80), ("whisper-large-v2", 1280, 32, 80), ("whisper-large-v3", 1280, 32, 128),
+     ("whisper-large-v3-turbo", 1280, 32, 128)],
+)  # fmt: skip
+def test_full_size_presets_on_meta_device(preset, d_model, layers, mels):
+    encoder = mmcore.build_encoder("whisper", preset=preset, device="meta")
+    params = list(encoder.module.parameters())
+    assert all(p.device.type == "meta" for p in params)
+    assert sum(p.numel() for p in params) == whisper_encoder_parameters(d_model, layers, mels, 1500)
+    assert encoder.module.conv1.in_channels == mels and encoder.output_width == d_model
+
+
+def test_large_v3_encoder_is_635m_trainable_and_a_5s_window_costs_250_tokens():
+    encoder = mmcore.build_encoder("whisper", preset="whisper-large-v3", device="meta")
+    trainable = sum(p.numel() for p in encoder.module.parameters() if p.requires_grad)
+    assert trainable == 635_048_960  # all but the fixed 1500 x 1280 position table
+    short = mmcore.build_encoder("whisper", preset="whisper-large-v3", max_seconds=5, device="meta")
+    assert short.module.embed_positions.num_embeddings == 250
+    with torch.device("meta"):
+        inputs = factory().dummy_inputs(recipe_of(short), batch_size=2)
+    assert inputs["input_features"].shape == (2, 128, 500)
+    assert short.module(**inputs).last_hidden_state.shape == (2, 250, 1280)  # a dry run, no memory
+    assert factory().num_tokens(recipe_of(short), inputs) == [250, 250]
+
+
+@pytest.fixture
+def saved_whisper(tmp_path):
+    """A tiny whole-model Whisper checkpoint saved the way the hub ones are."""
+    config = WhisperConfig(
+        **TINY, max_source_positions=10, decoder_layers=1, decoder_attention_heads=2, decoder_ffn_dim=32,
+        vocab_size=64, max_target_positions=16, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        decoder_start_token_id=3,
+    )  # fmt: skip
+    torch.manual_seed(1)
+    model = WhisperForConditionalGeneration(config).eval()
+    model.save_pretrained(tmp_path / "whisper-full")
+    return model, tmp_path / "whisper-full"
+
+
+def test_loads_the_encoder_from_a_whole_model_checkpoint(saved_whisper):
+    model, path = saved_whisper
+    encoder = mmcore.build_encoder("whisper", str(path))
+    assert not any("decoder" in name for name, _ in encoder.module.named_parameters())
+    expected = model.model.encoder.state_dict()
+    got = encoder.module.state_dict()
+    assert set(got) == set(expected)
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+    x = torch.randn(2, 8, 20)
+    with torch.no_grad():
+        assert torch.equal(encoder.eval()(input_features=x), model.model.encoder(x).last_hidden_state)
+
+
+def test_loads_an_encoder_only_checkpoint_with_a_shorter_window(saved_whisper, tmp_path):
+    model, _ = saved_whisper
+    model.model.encoder.save_pretrained(tmp_path / "encoder-only")
+    encoder = mmcore.build_encoder("whisper", str(tmp_path / "encoder-only"), max_seconds=0.1)
+    table = encoder.module.embed_positions.weight
+    assert table.shape == (5, 16) and not table.requires_grad
+    assert torch.equal(table, model.model.encoder.embed_positions.weight[:5])
+    assert encoder.module.config.max_source_positions == 5
+    assert encoder(input_features=torch.randn(1, 8, 10)).shape == (1, 5, 16)
+
+
+def test_a_checkpoint_of_another_model_is_refused(tmp_path):
+    from transformers import CLIPVisionConfig
+
+    CLIPVisionConfig().save_pretrained(tmp_path / "clip")
+    with pytest.raises(ConfigError, match="clip_vision_model"):
+        mmcore.build_encoder("whisper", str(tmp_path / "clip"))
+    with pytest.raises(ConfigError, match="cannot read a Whisper config"):
+        mmcore.build_encoder("whisper", str(tmp_path / "missing"))
+
+
+@pytest.mark.parametrize("mels, seconds", [(80, 30), (128, 5)])
+def test_log_mel_matches_whisper_feature_extractor(mels, seconds):
+    window = seconds * 16000
+    generator = torch.Generator().manual_seed(0)
+    waves = [0.1 * torch.randn(n, generator=generator) for n in (window // 3, window, window + 777, 1234)]
+    waves[1] = waves[1] + tone(seconds, 16000)  # a loud item: the per-item max floor differs per row
+    reference = WhisperFeatureExtractor(feature_size=mels, chunk_length=seconds)(
+        [w.numpy() for w in waves], sampling_rate=16000, return_tensors="pt"
+    ).input_features
+    processor = WhisperAudioProcessor(mels, positions=seconds * 50)
+    batched = processor(waves)["input_features"]
+    assert batched.shape == reference.shape == (4, mels, seconds * 100)
+    assert (batched - reference).abs().max() < 1e-4
+    one_by_one = torch.cat([processor([w])["input_features"] for w in waves])
+    assert torch.allclose(batched, one_by_one, atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_log_mel_runs_on_the_device_of_the_waveforms():
+    processor = WhisperAudioProcessor(80, positions=250)
+    waves = [tone(3, 16000), tone(7, 16000, 220.0)]
+    on_gpu = processor([w.cuda() for w in waves])["input_features"]
+    assert on_gpu.device.type == "cuda"
+    assert (on_gpu.cpu() - processor(waves)["input_features"]).abs().max() < 1e-4
+    assert processor(waves, device="cuda")["input_features"].device.type == "cuda"
+
+
+@pytest.mark.parametrize("rate", [8000, 44100])
+def test_resampling_to_16khz_keeps_duration_and_pitch(rate):
+    processor = WhisperAudioProcessor(80, positions=1500)
+    wave = processor.waveform((tone(1.0, rate, freq=440.0), rate), 0, 16000)
+    assert wave.shape == (16000,)
+    spectrum = torch.fft.rfft(wave).abs()
+    assert abs(int(spectrum.argmax()) - 440) <= 1  # 1 s at 16 kHz: one bin per Hz
+    pair = processor([(tone(1.0, rate), rate)])["input_features"]
+    direct = processor([tone(1.0, 16000)])["input_features"]
+    assert pair.shape == direct.shape == (1, 80, 3000)
+
+
+def test_processor_takes_arrays_stereo_and_a_rate_for_all_items():
+    import numpy as np
+
+    processor = WhisperAudioProcessor(8, positions=10)
+    mono = tone(0.1, 16000).numpy()
+    stereo = np.stack([mono, mono])
+    assert torch.equal(processor([mono])["input_features"], processor([stereo])["input_features"])
+    at_8k = processor([tone(0.1, 8000)], sampling_rate=8000)["input_features"]
+    assert at_8k.shape == (1, 8, 20)
+
+
+@pytest.mark.parametrize(
+    "item, match",
+    [(torch.zeros(0), "non-empty"), (torch.zeros(2, 3, 4), "waveform"), (torch.ones(100, dtype=torch.int16), "float"),
+     ((torch.zeros(100), 0), "sample rate"), ((torch.zeros(100), 8000, 1), "waveform, sample_rate")],
+)  # fmt: skip
+def test_processor_rejects_bad_items(item, match):
+    with pytest.raises(ConfigError, match=match):
+        WhisperAudioProcessor(8, positions=10)([item])
+
+
+@pytest.mark.parametrize("max_seconds, tokens", [(None, 10), (0.1, 5), (0.04, 2)])
+def test_num_tokens_equals_real_feature_count(max_seconds, tokens):
+    options = {} if max_seconds is None else {"max_seconds": max_seconds}
+    encoder = mmcore.build_encoder("whisper", preset="tiny", **options).eval()
+    processor = factory().processor(recipe_of(encoder))
+    clips = [tone(0.05, 16000), tone(0.2, 16000), (tone(0.5, 44100), 44100)]  # shorter and longer than any window
+    inputs = processor(clips)
+    with torch.no_grad():
+        features = encoder(**inputs)
+    assert features.shape == (3, tokens, 16)
+    assert factory().num_tokens(recipe_of(encoder), inputs) == [tokens] * 3
+
+
+def test_recipe_records_the_window():
+    encoder = mmcore.build_encoder("whisper", preset="whisper-base", max_seconds=10, device="meta")
+    recipe = recipe_of(encoder)
+    assert recipe["max_seconds"] == 10 and recipe["config"]["max_source_positions"] == 500
+    assert factory().processor(recipe).num_samples == 160000
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [({"preset": "whisper-huge"}, "whisper-huge"), ({"preset": "tiny", "max_seconds": 0.013}, "max_seconds"),
+     ({"preset": "whisper-tiny", "max_seconds": 31}, "max_seconds"), ({"preset": "tiny", "max_seconds": "5"}, "max_seconds"),
+     ({"preset": "tiny", "window": 5}, "window")],
+)  # fmt: skip
+def test_bad_preset_or_option_is_a_config_error(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        mmcore.build_encoder("whisper", device="meta", **kwargs)
+
+
+def assembled(encoder):
+    tokenizer = tiny_tokenizer()
+    model = mmcore.MultimodalModel(encoders={"audio": encoder}, language_model=tiny_llm(vocab_size=len(tokenizer)))
+    ids = mmcore.add_modality_tokens(tokenizer, model)
+    return model, ids["audio"]
+
+
+def test_processor_output_runs_through_the_assembled_model(tmp_path):
+    torch.manual_seed(0)
+    encoder = mmcore.build_encoder("whisper", preset="tiny", max_seconds=0.1)
+    model, audio_id = assembled(encoder)
+    f, recipe = factory(), recipe_of(encoder)
+    processed = f.processor(recipe)(f.dummy_items(recipe, 2))
+    counts = f.num_tokens(recipe, processed)
+    input_ids = torch.tensor([[1, 5] + [audio_id] * counts[0] + [6, 7], [1] + [audio_id] * counts[1] + [8, 9, 10]])
+    out = model(input_ids=input_ids, labels=input_ids, **processed)
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    assert model.encoders["audio"].projector.projection[0].weight.grad.abs().sum() > 0
+
+    model.eval()
+    model.save_pretrained(tmp_path / "model")
+    loaded = mmcore.MultimodalModel.from_pretrained(tmp_path / "model").eval()
+    assert loaded.encoders["audio"].module.config.max_source_positions == 5
+    with torch.no_grad():
+        before = model(input_ids=input_ids, **processed).logits
+        after = loaded(input_ids=input_ids, **processed).logits
+    assert torch.equal(before, after)
