@@ -52,6 +52,10 @@ def _is_peft_model(module: nn.Module) -> bool:
     return type(module).__module__.startswith("peft.") and hasattr(module, "get_base_model")
 
 
+def _is_dtensor(tensor: torch.Tensor) -> bool:
+    return type(tensor).__name__ == "DTensor" or type(getattr(tensor, "data", None)).__name__ == "DTensor"
+
+
 def _keeps_some(logits_to_keep: int | torch.Tensor) -> bool:
     """Pass ``logits_to_keep`` on only when it asks for something, so LLMs without it still work."""
     return isinstance(logits_to_keep, torch.Tensor) or logits_to_keep != 0
@@ -524,13 +528,15 @@ class MultimodalModel(PreTrainedModel, GenerationMixin):
 
     def _untouched_encoders_zero(self, used: set[str]) -> torch.Tensor | float:
         """A zero that depends on every trainable parameter of encoders absent from this batch, so
-        data-parallel gradient reduction never waits on parameters that got no gradient."""
+        data-parallel gradient reduction never waits on parameters that got no gradient (DDP). FSDP2's
+        sharded parameters (DTensors) are left out: FSDP2 reduces only what got gradients, and its
+        training sampler gives every rank the same modalities per step."""
         zero: torch.Tensor | float = 0.0
         for name, encoder in self.encoders.items():
             if name in used:
                 continue
             for param in encoder.parameters():
-                if param.requires_grad:
+                if param.requires_grad and not _is_dtensor(param):
                     zero = zero + param.sum() * 0.0
         return zero
 

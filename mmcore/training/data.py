@@ -1,0 +1,284 @@
+"""Training data: LLaVA-style JSONL conversations, media loading, and a batch sampler that groups by
+modality and length.
+
+One JSONL line is one sample::
+
+    {"id": "0001", "image": "images/0001.png", "audio": "clips/0001.wav",
+     "conversations": [{"from": "human", "value": "<image>\\nWhat shape is this?"},
+                       {"from": "gpt", "value": "a red circle"}]}
+
+``image`` and ``audio`` are paths relative to the JSONL file (or absolute), or lists of paths for
+several items; ``<image>``/``<audio>`` in the text mark where each item goes (a sample without a
+marker gets its items at the start of the first human turn, as LLaVA does). Roles ``human``/``user``
+and ``gpt``/``assistant`` are accepted; ``system`` too.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import wave
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mmcore.errors import ConfigError
+from mmcore.modeling.tokens import placeholder_token
+
+#: JSONL key (and its ``<key>`` text marker) -> default model modality (encoder name).
+DEFAULT_MEDIA_KEYS = {"image": "vision", "audio": "audio"}
+
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+class DataFormatError(ConfigError):
+    """A training-data file or record does not follow the expected format."""
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a JSONL file; `DataFormatError` names the line of a malformed one."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataFormatError(f"training data {str(path)!r} is not a file")
+    records = []
+    with path.open(encoding="utf-8") as fh:
+        for number, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataFormatError(f"{path}:{number}: not valid JSON ({exc.msg})") from exc
+            if not isinstance(record, dict) or not isinstance(record.get("conversations"), list):
+                raise DataFormatError(f"{path}:{number}: expected an object with a 'conversations' list")
+            records.append(record)
+    if not records:
+        raise DataFormatError(f"training data {str(path)!r} holds no records")
+    return records
+
+
+def load_image(path: str | Path) -> Any:
+    """An RGB PIL image."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return image.convert("RGB")
+
+
+def load_audio(path: str | Path) -> tuple[torch.Tensor, int]:
+    """``(mono waveform float32 in [-1, 1], sampling rate)``. PCM WAV files are read with the standard
+    library; other formats go through ``torchaudio.load`` (which needs torchcodec)."""
+    path = Path(path)
+    if path.suffix.lower() == ".wav":
+        with wave.open(str(path), "rb") as fh:
+            width, channels, rate = fh.getsampwidth(), fh.getnchannels(), fh.getframerate()
+            frames = fh.readframes(fh.getnframes())
+        dtypes = {1: torch.uint8, 2: torch.int16, 4: torch.int32}
+        if width not in dtypes:
+            raise DataFormatError(f"{path}: {8 * width}-bit WAV is not supported (8, 16 or 32-bit PCM)")
+        samples = torch.frombuffer(bytearray(frames), dtype=dtypes[width]).float()
+        samples = (samples - 128) / 128 if width == 1 else samples / float(2 ** (8 * width - 1))
+        return samples.view(-1, channels).mean(dim=1), rate
+    import torchaudio
+
+    waveform, rate = torchaudio.load(str(path))
+    return waveform.mean(dim=0), rate
+
+
+def save_wav(path: str | Path, waveform: torch.Tensor, sampling_rate: int) -> None:
+    """Write a mono float waveform in [-1, 1] as 16-bit PCM WAV (standard library)."""
+    pcm = (waveform.clamp(-1, 1) * 32767).round().to(torch.int16)
+    with wave.open(str(path), "wb") as fh:
+        fh.setnchannels(1)
+        fh.setsampwidth(2)
+        fh.setframerate(int(sampling_rate))
+        fh.writeframes(pcm.numpy().tobytes())
+
+
+def resample(waveform: torch.Tensor, rate: int, target: int | None) -> torch.Tensor:
+    if target is None or rate == target:
+        return waveform
+    import torchaudio.functional as AF
+
+    return AF.resample(waveform, rate, target)
+
+
+def to_messages(conversations: Sequence[Mapping[str, Any]], markers: Mapping[str, str], counts: Mapping[str, int]) -> list[dict[str, str]]:
+    """LLaVA turns -> chat ``messages``, each ``<key>`` marker replaced by its modality's placeholder;
+    items without markers go to the start of the first user turn."""
+    messages = []
+    for turn in conversations:
+        role = ROLES.get(str(turn.get("from", turn.get("role", ""))).lower())
+        if role is None:
+            raise DataFormatError(f"unknown conversation role in {dict(turn)!r}; expected human/gpt (or user/assistant, system)")
+        text = str(turn.get("value", turn.get("content", "")))
+        for marker, placeholder in markers.items():
+            text = text.replace(marker, placeholder)
+        messages.append({"role": role, "content": text})
+    for marker, placeholder in markers.items():
+        found = sum(m["content"].count(placeholder) for m in messages)
+        wanted = counts.get(marker, 0)
+        if found == 0 and wanted:
+            first = next((m for m in messages if m["role"] == "user"), None)
+            if first is None:
+                raise DataFormatError("a sample with media needs a human turn to put them in")
+            first["content"] = "\n".join([placeholder] * wanted + [first["content"]])
+        elif found != wanted:
+            raise DataFormatError(f"{found} {marker} markers in the conversation but {wanted} items given")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise DataFormatError("a training conversation needs at least one gpt/assistant turn")
+    return messages
+
+
+class ConversationDataset(torch.utils.data.Dataset):
+    """LLaVA-style records -> samples for `MultimodalCollator`:
+    ``{"messages": [...], "<modality>": [items...]}`` (images as PIL, audio as waveforms).
+
+    Args:
+        records: dicts as in the module docstring (see `read_jsonl`), or a JSONL path.
+        root: directory relative media paths start from (default: the JSONL file's directory).
+        media_keys: JSONL key -> model modality (encoder name); default ``image -> vision``,
+            ``audio -> audio``.
+        sampling_rate: audio is resampled to it (the audio encoder's rate, e.g. 16000).
+    """
+
+    def __init__(
+        self,
+        records: Sequence[Mapping[str, Any]] | str | Path,
+        root: str | Path | None = None,
+        media_keys: Mapping[str, str] | None = None,
+        sampling_rate: int | None = 16000,
+    ):
+        if isinstance(records, (str, Path)):
+            root = Path(records).parent if root is None else root
+            records = read_jsonl(records)
+        self.records = list(records)
+        self.root = Path(root) if root is not None else Path.cwd()
+        self.media_keys = dict(media_keys or DEFAULT_MEDIA_KEYS)
+        self.sampling_rate = sampling_rate
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def _paths(self, record: Mapping[str, Any], key: str) -> list[Path]:
+        value = record.get(key)
+        if value is None:
+            return []
+        values = value if isinstance(value, list) else [value]
+        return [p if p.is_absolute() else self.root / p for p in map(Path, values)]
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        record = self.records[index]
+        sample: dict[str, Any] = {}
+        counts = {}
+        for key, modality in self.media_keys.items():
+            paths = self._paths(record, key)
+            counts[f"<{key}>"] = len(paths)
+            if not paths:
+                continue
+            missing = [str(p) for p in paths if not p.is_file()]
+            if missing:
+                raise DataFormatError(f"sample {record.get('id', index)!r}: missing {key} file(s) {missing}")
+            if key == "audio" or modality == "audio":
+                sample[modality] = [resample(*load_audio(p), self.sampling_rate) for p in paths]
+            else:
+                sample[modality] = [load_image(p) for p in paths]
+        markers = {f"<{key}>": placeholder_token(modality) for key, modality in self.media_keys.items()}
+        sample["messages"] = to_messages(record["conversations"], markers, counts)
+        return sample
+
+    def modality_key(self, index: int) -> str:
+        """The sample's set of modalities, as a group key (``"audio+vision"``, ``"text"``)."""
+        record = self.records[index]
+        present = sorted(m for k, m in self.media_keys.items() if record.get(k))
+        return "+".join(present) or "text"
+
+    def length(self, index: int) -> int:
+        """A cheap length estimate for grouping: characters of the conversation (media unopened)."""
+        return sum(len(str(t.get("value", t.get("content", "")))) for t in self.records[index]["conversations"])
+
+
+class GroupedBatchSampler(torch.utils.data.Sampler[list[int]]):
+    """Batches of one modality group each, of similar lengths, split evenly across ranks.
+
+    Each step takes a *global* batch (``batch_size * world_size`` samples of one group), and rank
+    ``r`` gets its ``r``-th slice. The global batches depend only on ``seed``, ``epoch`` and the global
+    batch size, so N ranks see, together, exactly what one process with an N-times larger batch
+    sees -- and all ranks run the same encoders at each step (FSDP needs that).
+
+    Lengths are grouped LLaVA-style: shuffle, cut into mega-batches of ``mega_batches`` global
+    batches, sort each by length, cut into global batches, shuffle the batch order. Incomplete
+    global batches are dropped (a group smaller than one global batch yields nothing).
+    """
+
+    def __init__(
+        self,
+        groups: Sequence[str],
+        lengths: Sequence[int] | None,
+        batch_size: int,
+        *,
+        world_size: int = 1,
+        rank: int = 0,
+        seed: int = 0,
+        group_by_modality: bool = True,
+        mega_batches: int = 8,
+    ):
+        if batch_size < 1:
+            raise ConfigError(f"batch size must be >= 1, got {batch_size}")
+        self.groups = list(groups) if group_by_modality else ["all"] * len(groups)
+        self.lengths = list(lengths) if lengths is not None else None
+        self.batch_size, self.world_size, self.rank = batch_size, world_size, rank
+        self.seed, self.mega_batches = seed, mega_batches
+        self.epoch = 0
+        if not self._global_batches(0):
+            raise ConfigError(
+                f"no modality group holds a full global batch of {batch_size * world_size} samples "
+                f"(batch size {batch_size} x {world_size} processes); lower the batch size"
+            )
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _global_batches(self, epoch: int) -> list[list[int]]:
+        rng = random.Random(self.seed * 1_000_003 + epoch)
+        size = self.batch_size * self.world_size
+        by_group: dict[str, list[int]] = {}
+        for index, group in enumerate(self.groups):
+            by_group.setdefault(group, []).append(index)
+        batches: list[list[int]] = []
+        for group in sorted(by_group):
+            indices = by_group[group]
+            rng.shuffle(indices)
+            if self.lengths is not None:
+                mega = size * self.mega_batches
+                indices = [
+                    i
+                    for start in range(0, len(indices), mega)
+                    for i in sorted(indices[start : start + mega], key=lambda i: self.lengths[i], reverse=True)
+                ]
+            batches += [indices[s : s + size] for s in range(0, len(indices) - size + 1, size)]
+        rng.shuffle(batches)
+        return batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for batch in self._global_batches(self.epoch):
+            yield batch[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
+
+    def __len__(self) -> int:
+        return len(self._global_batches(self.epoch))
+
+    @classmethod
+    def for_dataset(cls, dataset: Any, batch_size: int, **kwargs: Any) -> GroupedBatchSampler:
+        """From a dataset with ``modality_key(i)`` / ``length(i)`` (as `ConversationDataset`); one
+        group and no length grouping for a dataset without them."""
+        n = len(dataset)
+        groups = [dataset.modality_key(i) for i in range(n)] if hasattr(dataset, "modality_key") else ["all"] * n
+        lengths = [dataset.length(i) for i in range(n)] if hasattr(dataset, "length") else None
+        return cls(groups, lengths, batch_size, **kwargs)
+
+
+def steps_per_epoch(sampler: GroupedBatchSampler, grad_accum: int) -> int:
+    return max(1, math.floor(len(sampler) / grad_accum))

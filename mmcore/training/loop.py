@@ -1,0 +1,388 @@
+"""The training loop behind ``mmcore train``: one process or many under ``torchrun``.
+
+Per optimizer step: ``grad_accum`` micro-batches from a `GroupedBatchSampler`; the loss is
+normalised by the number of label tokens of the whole global step (all ranks, all micro-batches),
+so N ranks with batch B train exactly as one process with batch N*B does; gradients are reduced by
+FSDP2 (`mmcore.training.distributed.shard`) when distributed; then clipping, AdamW (projector and
+other learning rates apart, `param_groups`) and the LR schedule.
+
+Checkpoints (``save_every`` steps) go to ``<output_dir>/checkpoints/step-NNNNNNN``: the model and
+optimizer as a sharded ``torch.distributed.checkpoint`` (any world size can load it), the scheduler,
+the position in the data and every rank's RNG states. A new run with the same ``output_dir``
+resumes from the latest one. The final model goes to ``<output_dir>/model`` (one HF directory;
+with LoRA it holds the adapters and the projectors, see `mmcore.training.lora`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import time
+from collections.abc import Callable, Mapping
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mmcore.errors import ConfigError
+from mmcore.training.data import GroupedBatchSampler
+from mmcore.training.distributed import (
+    DistInfo,
+    close_distributed,
+    full_state_dict,
+    init_distributed,
+    is_sharded,
+    shard,
+)
+from mmcore.training.stages import apply_stage, param_groups
+
+CHECKPOINTS = "checkpoints"
+FINAL = "model"
+SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
+
+
+@dataclass
+class TrainConfig:
+    """Everything `train` needs besides the model and data. ``max_steps`` wins over ``epochs``.
+
+    ``batch_size`` is per process; the global batch is ``batch_size * world_size * grad_accum``.
+    ``mixed_precision``: ``auto`` (bf16 on CUDA, none on CPU), ``bf16``, ``fp16`` or ``no``.
+    """
+
+    output_dir: str
+    stage: str = "finetune"
+    max_steps: int | None = None
+    epochs: float = 1.0
+    batch_size: int = 4
+    grad_accum: int = 1
+    lr: float = 2e-5
+    projector_lr: float | None = None
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.03
+    scheduler: str = "cosine"
+    max_grad_norm: float | None = 1.0
+    log_every: int = 10
+    save_every: int = 0
+    keep_checkpoints: int = 2
+    resume: bool = True
+    seed: int = 0
+    lora_r: int = 8
+    lora_alpha: int | None = None
+    lora_dropout: float = 0.0
+    lora_on_encoders: bool = False
+    group_by_modality: bool = True
+    mixed_precision: str = "auto"
+    activation_checkpointing: bool = False
+    num_workers: int = 0
+    device: str | None = None
+    progress: bool = True
+    save_final: bool = True
+
+    def check(self) -> None:
+        if self.scheduler not in SCHEDULERS:
+            raise ConfigError(f"scheduler must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
+        for name in ("batch_size", "grad_accum", "log_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError(f"max_steps must be >= 1, got {self.max_steps}")
+
+
+@dataclass
+class TrainResult:
+    """What a run did: ``losses`` as ``(step, global mean loss)`` per step, the last step, where the
+    final model went (None when not saved), and the step it resumed from (0: a fresh start)."""
+
+    losses: list[tuple[int, float]] = field(default_factory=list)
+    step: int = 0
+    model_dir: Path | None = None
+    resumed_from: int = 0
+
+
+def _precision(name: str, device: torch.device) -> str:
+    if name == "auto":
+        return "bf16" if device.type == "cuda" else "no"
+    return name
+
+
+def _to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _all_reduce(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    if info.distributed:
+        import torch.distributed as dist
+
+        dist.all_reduce(value)
+    return value
+
+
+def _barrier(info: DistInfo) -> None:
+    if info.distributed:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+class _Checkpoints:
+    """``<output_dir>/checkpoints/step-NNNNNNN`` directories, written atomically (staged, then renamed)."""
+
+    def __init__(self, root: Path, info: DistInfo, keep: int):
+        self.root, self.info, self.keep = root / CHECKPOINTS, info, keep
+
+    def latest(self) -> Path | None:
+        if not self.root.is_dir():
+            return None
+        done = sorted(p for p in self.root.glob("step-*") if (p / "trainer_state.json").is_file())
+        return done[-1] if done else None
+
+    def save(self, step: int, model: nn.Module, optimizer: Any, scheduler: Any, state: dict[str, Any]) -> Path:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        final = self.root / f"step-{step:07d}"
+        staging = self.root / f".step-{step:07d}.partial"
+        if self.info.is_main:
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+        _barrier(self.info)
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(staging))
+        rng = {"python": random.getstate(), "torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state()
+        torch.save(rng, staging / f"rng-{self.info.rank}.pt")
+        _barrier(self.info)
+        if self.info.is_main:
+            torch.save(scheduler.state_dict(), staging / "scheduler.pt")
+            (staging / "trainer_state.json").write_text(json.dumps({**state, "step": step}, indent=1))
+            shutil.rmtree(final, ignore_errors=True)
+            staging.rename(final)
+            for old in sorted(p for p in self.root.glob("step-*") if p != final)[: -self.keep or None]:
+                if self.keep > 0:
+                    shutil.rmtree(old, ignore_errors=True)
+        _barrier(self.info)
+        return final
+
+    def load(self, path: Path, model: nn.Module, optimizer: Any, scheduler: Any) -> dict[str, Any]:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        state = {"model": model_sd, "optim": optim_sd}
+        dcp.load(state, checkpoint_id=str(path))
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+        rng_file = path / f"rng-{self.info.rank}.pt"
+        if rng_file.is_file():  # a different world size: ranks without a saved state keep their seed
+            rng = torch.load(rng_file, weights_only=True)
+            random.setstate(_as_tuple(rng["python"]))
+            torch.set_rng_state(rng["torch"])
+            if "cuda" in rng and torch.cuda.is_available():
+                torch.cuda.set_rng_state(rng["cuda"])
+        return json.loads((path / "trainer_state.json").read_text())
+
+
+def _as_tuple(value: Any) -> Any:
+    return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def train(
+    model: nn.Module,
+    dataset: Any,
+    collator: Callable[[list[Any]], dict[str, Any]],
+    config: TrainConfig,
+    *,
+    processor: Any = None,
+    console: Any = None,
+) -> TrainResult:
+    """Train ``model`` (a `MultimodalModel`) on ``dataset`` batched by ``collator`` (e.g.
+    `MultimodalCollator`), as ``config`` says. Works as one process or under ``torchrun``.
+
+    ``processor`` (anything with ``save_pretrained``, e.g. the `MultimodalProcessor` or tokenizer)
+    is saved beside the final model. Returns a `TrainResult`.
+    """
+    from rich.console import Console
+
+    config.check()
+    info = init_distributed(config.device)
+    console = console or Console(stderr=True)
+    say = console.print if info.is_main else (lambda *a, **k: None)
+    try:
+        return _train(model, dataset, collator, config, processor, info, console, say)
+    finally:
+        close_distributed()
+
+
+def _train(model, dataset, collator, config, processor, info, console, say) -> TrainResult:
+    import transformers
+
+    torch.manual_seed(config.seed)
+    random.seed(config.seed)
+    output = Path(config.output_dir)
+    report = apply_stage(
+        model,
+        config.stage,
+        lora_r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        lora_on_encoders=config.lora_on_encoders,
+    )
+    say(report)
+    if config.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.to(info.device)
+    model.train()
+    precision = _precision(config.mixed_precision, info.device)
+    autocast = nullcontext()
+    if info.distributed:
+        units = shard(model, mixed_precision=precision)
+        say(f"FSDP2 over {info.world_size} processes: " + ", ".join(f"{k} {v}" for k, v in units.items()) + " units")
+    elif precision != "no":
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+        autocast = torch.autocast(info.device.type, dtype=dtype)
+    optimizer = torch.optim.AdamW(
+        param_groups(model, config.lr, config.projector_lr, config.weight_decay), lr=config.lr
+    )
+    sampler = GroupedBatchSampler.for_dataset(
+        dataset,
+        config.batch_size,
+        world_size=info.world_size,
+        rank=info.rank,
+        seed=config.seed,
+        group_by_modality=config.group_by_modality,
+    )
+    per_epoch = max(1, len(sampler) // config.grad_accum)
+    total = config.max_steps or max(1, math.ceil(config.epochs * per_epoch))
+    scheduler = transformers.get_scheduler(
+        config.scheduler, optimizer, num_warmup_steps=round(config.warmup_ratio * total), num_training_steps=total
+    )
+    checkpoints = _Checkpoints(output, info, config.keep_checkpoints)
+    global_batch = config.batch_size * info.world_size * config.grad_accum
+    state = {"epoch": 0, "batch_in_epoch": 0, "global_batch": global_batch}
+    result = TrainResult()
+    step = 0
+    latest = checkpoints.latest() if config.resume else None
+    if latest is not None:
+        saved = checkpoints.load(latest, model, optimizer, scheduler)
+        if saved.get("global_batch") != global_batch:
+            raise ConfigError(
+                f"checkpoint {latest} was trained with a global batch of {saved.get('global_batch')}, this run has "
+                f"{global_batch}; keep batch_size x processes x grad_accum the same to resume, or start a new output dir"
+            )
+        step = result.resumed_from = int(saved["step"])
+        state.update(epoch=int(saved["epoch"]), batch_in_epoch=int(saved["batch_in_epoch"]))
+        say(f"resumed from {latest} (step {step})")
+    say(
+        f"training {total} steps: {global_batch} samples per step ({config.batch_size} x {info.world_size} "
+        f"process(es) x {config.grad_accum} accumulation), {per_epoch} steps per epoch, on {info.device}"
+    )
+    progress = _progress(console, enabled=config.progress and info.is_main)
+    task = progress.add_task("train", total=total, completed=step, loss=float("nan"))
+    window: list[float] = []
+    started = time.perf_counter()
+    with progress:
+        while step < total:
+            sampler.set_epoch(state["epoch"])
+            batches = list(iter(sampler))[state["batch_in_epoch"] :]
+            loader = torch.utils.data.DataLoader(
+                dataset, batch_sampler=batches, collate_fn=collator, num_workers=config.num_workers
+            )
+            micro: list[dict[str, Any]] = []
+            for batch in loader:
+                micro.append(batch)
+                state["batch_in_epoch"] += 1
+                if len(micro) < config.grad_accum:
+                    continue
+                loss = _optimizer_step(model, micro, optimizer, scheduler, config, info, autocast)
+                micro = []
+                step += 1
+                result.losses.append((step, loss))
+                window.append(loss)
+                progress.update(task, advance=1, loss=loss)
+                if step % config.log_every == 0 or step == total:
+                    rate = (step - result.resumed_from) / (time.perf_counter() - started)
+                    say(
+                        f"step {step}/{total}  loss {sum(window) / len(window):.4f}  "
+                        f"lr {scheduler.get_last_lr()[-1]:.2e}  {rate:.2f} steps/s"
+                    )
+                    window = []
+                if config.save_every and step % config.save_every == 0:
+                    path = checkpoints.save(step, model, optimizer, scheduler, state)
+                    say(f"checkpoint {path}")
+                if step >= total:
+                    break
+            else:
+                state["epoch"] += 1
+                state["batch_in_epoch"] = 0
+    result.step = step
+    if config.save_final:
+        result.model_dir = save_model(model, output / FINAL, info, processor)
+        say(f"saved {result.model_dir}")
+    return result
+
+
+def _optimizer_step(model, micro, optimizer, scheduler, config, info, autocast) -> float:
+    device = info.device
+    # Every label token of the global step counts once, whichever rank or micro-batch holds it.
+    items = sum((b["labels"][:, 1:] != -100).sum() for b in micro).to(device)
+    items = _all_reduce(items.clone(), info).clamp(min=1)
+    total = torch.zeros((), device=device)
+    for index, batch in enumerate(micro):
+        if is_sharded(model):
+            model.set_requires_gradient_sync(index == len(micro) - 1)
+        with autocast:
+            out = model(**_to_device(batch, device), num_items_in_batch=items)
+        # The data-parallel reduction averages over ranks; the loss already is a share of the global sum.
+        (out.loss * info.world_size).backward()
+        total += out.loss.detach().float()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for param in trainable:
+        # A modality absent from this step gives its projector no gradient; one process (through the
+        # model's zero term) sees zeros there, so make it zeros everywhere: AdamW then moves every
+        # trainable parameter the same way whether the run is sharded or not.
+        if param.grad is None:
+            param.grad = torch.zeros_like(param)
+    if config.max_grad_norm:
+        torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(_all_reduce(total, info))
+
+
+def _progress(console: Any, enabled: bool) -> Any:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.4f}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        disable=not enabled,
+    )
+
+
+def save_model(model: nn.Module, path: Path, info: DistInfo | None = None, processor: Any = None) -> Path | None:
+    """Save ``model`` (sharded or not) as one HF directory at ``path``, from rank 0; ``processor`` too.
+    Every rank must call it (gathering a sharded model is collective)."""
+    info = info or DistInfo()
+    state_dict = full_state_dict(model)
+    if info.is_main:
+        model.save_pretrained(path, state_dict=state_dict)
+        if processor is not None and hasattr(processor, "save_pretrained"):
+            processor.save_pretrained(path)
+    _barrier(info)
+    return path
+
+
+def config_dict(config: TrainConfig) -> dict[str, Any]:
+    return asdict(config)
