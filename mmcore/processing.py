@@ -17,8 +17,9 @@ function, then the projector's `~mmcore.MultimodalProjector.num_output_tokens`: 
 
 Items per modality are given as a keyword named after the modality: one list per sample
 (``vision=[[img1, img2], [img3]]``), or one flat list consumed in text order across the batch
-(``vision=[img1, img2, img3]``). A per-sample list is recognised as a list with one list (or tuple)
-per sample; give a raw item as an array or tensor, not as a Python list of numbers.
+(``vision=[img1, img2, img3]``); anything but a list is one item. A per-sample list is recognised as
+a list holding one list per sample, so give a raw item as an array, a tensor or a tuple (such as
+``(waveform, sampling_rate)``), never as a Python list.
 
 Counting functions (``num_feature_calculation_funcs``, Cornstarch's name) are for encoders a plugin
 did not build. Signature, as in Cornstarch: ``fn(items, processed) -> list[int]`` where ``items`` is
@@ -55,7 +56,13 @@ from typing import Any
 import torch
 from transformers import BatchFeature
 
-from mmcore.errors import ConfigError, EncoderInputError, PlaceholderMismatchError, SerializationError, TokenIdError
+from mmcore.errors import (
+    ConfigError,
+    EncoderInputError,
+    PlaceholderMismatchError,
+    SerializationError,
+    TokenIdError,
+)
 from mmcore.modeling.encoder import RESERVED_INPUT_NAMES
 from mmcore.modeling.merge import expand_placeholders
 from mmcore.modeling.tokens import add_modality_tokens, placeholder_token, wrap_tokens
@@ -88,7 +95,9 @@ class MultimodalBatch(BatchFeature):
         nested = self.data.pop("encoder_inputs", None)
         super().to(*args, **kwargs)
         if nested is not None:
-            self.data["encoder_inputs"] = {m: BatchFeature(dict(v)).to(*args, **kwargs).data for m, v in nested.items()}
+            self.data["encoder_inputs"] = {
+                m: BatchFeature(dict(v)).to(*args, **kwargs).data for m, v in nested.items()
+            }
         return self
 
 
@@ -132,7 +141,9 @@ class MultimodalProcessor:
         _encoder_info: Mapping[str, _EncoderInfo] | None = None,
     ):
         if not encoder_processors:
-            raise ConfigError("MultimodalProcessor needs at least one encoder processor (modality -> processor)")
+            raise ConfigError(
+                "MultimodalProcessor needs at least one encoder processor (modality -> processor)"
+            )
         if padding_side not in (None, "left", "right"):
             raise ConfigError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
         self.encoder_processors: dict[str, Callable[..., Mapping[str, Any]]] = dict(encoder_processors)
@@ -160,7 +171,7 @@ class MultimodalProcessor:
             if m in funcs:
                 self._counters[m] = funcs[m]
             elif info is not None and info.from_plugin:
-                self._counters[m] = _plugin_counter(m, info.source)
+                self._counters[m] = _PluginCounter(m, info.source)
                 self._count_from_plugin.add(m)
             else:
                 how = "no model says how" if info is None else "a plugin did not build its encoder"
@@ -191,7 +202,9 @@ class MultimodalProcessor:
         given = dict(encoder_processors or {})
         unknown = sorted(set(given) - set(model.encoders))
         if unknown:
-            raise ConfigError(f"encoder_processors for {unknown}, but the model's encoders are {sorted(model.encoders)}")
+            raise ConfigError(
+                f"encoder_processors for {unknown}, but the model's encoders are {sorted(model.encoders)}"
+            )
         processors: dict[str, Any] = {}
         from_plugin = set()
         for name, encoder in model.encoders.items():
@@ -223,9 +236,14 @@ class MultimodalProcessor:
         needed = [*tokens.values(), *(t for pair in wraps.values() for t in pair)]
         vocab = self.tokenizer.get_vocab()
         if model is not None:
-            agree = all(t in vocab for t in needed) and all(
-                model.config.modality_token_ids.get(m) == vocab[t] for m, t in tokens.items()
-            ) and all(list(model.config.modality_wrap_token_ids.get(m, ())) == [vocab[s], vocab[e]] for m, (s, e) in wraps.items())
+            agree = (
+                all(t in vocab for t in needed)
+                and all(model.config.modality_token_ids.get(m) == vocab[t] for m, t in tokens.items())
+                and all(
+                    list(model.config.modality_wrap_token_ids.get(m, ())) == [vocab[s], vocab[e]]
+                    for m, (s, e) in wraps.items()
+                )
+            )
             if not agree:
                 add_modality_tokens(self.tokenizer, model, modalities, wrap=wrap)
                 vocab = self.tokenizer.get_vocab()
@@ -245,7 +263,9 @@ class MultimodalProcessor:
                 )
         self.tokens: dict[str, str] = tokens
         self.token_ids: dict[str, int] = {m: int(vocab[t]) for m, t in tokens.items()}
-        self.wrap_token_ids: dict[str, tuple[int, int]] = {m: (int(vocab[s]), int(vocab[e])) for m, (s, e) in wraps.items()}
+        self.wrap_token_ids: dict[str, tuple[int, int]] = {
+            m: (int(vocab[s]), int(vocab[e])) for m, (s, e) in wraps.items()
+        }
         self.wrap = wrap
 
     # -- properties and tokenizer pass-throughs ---------------------------------------------------------
@@ -304,6 +324,7 @@ class MultimodalProcessor:
             add_generation_prompt / chat_template_kwargs: passed to ``apply_chat_template``.
             processor_kwargs: modality -> extra keyword arguments for its processor, e.g.
                 ``{"audio": {"sampling_rate": 16000}}``.
+            (No truncation: cutting into a run of placeholders would break the merge.)
             **items: modality -> items, per sample (``vision=[[a, b], [c]]``) or flat in text order.
 
         Returns:
@@ -356,10 +377,14 @@ class MultimodalProcessor:
             texts = [text] if isinstance(text, str) else list(text)
             bad = [type(t).__name__ for t in texts if not isinstance(t, str)]
             if not texts or bad:
-                raise ConfigError(f"text must be a string or a non-empty list of strings, got {bad or 'an empty list'}")
+                raise ConfigError(
+                    f"text must be a string or a non-empty list of strings, got {bad or 'an empty list'}"
+                )
             return texts, False
         if not isinstance(messages, Sequence) or not messages:
-            raise ConfigError("messages must be a conversation (a list of {'role', 'content'}) or a list of them")
+            raise ConfigError(
+                "messages must be a conversation (a list of {'role', 'content'}) or a list of them"
+            )
         conversations = [messages] if isinstance(messages[0], Mapping) else list(messages)
         rendered = []
         for i, conversation in enumerate(conversations):
@@ -376,7 +401,9 @@ class MultimodalProcessor:
     def _flatten_message(self, message: Any, sample: int) -> dict[str, Any]:
         """A message whose content is a list of parts becomes one string with placeholders."""
         if not isinstance(message, Mapping) or "content" not in message:
-            raise ConfigError(f"sample {sample}: each message must be a mapping with 'role' and 'content', got {message!r}")
+            raise ConfigError(
+                f"sample {sample}: each message must be a mapping with 'role' and 'content', got {message!r}"
+            )
         content = message["content"]
         if isinstance(content, str) or content is None:
             return dict(message)
@@ -423,7 +450,7 @@ class MultimodalProcessor:
                             f"sample {i}: {n} {token} placeholder(s) in the text but {len(given)} {m} item(s) given"
                         )
             else:
-                flat = list(value) if isinstance(value, (list, tuple)) else [value]
+                flat = value if isinstance(value, list) else [value]
                 total = sum(found)
                 if total != len(flat):
                     raise PlaceholderMismatchError(_flat_mismatch(m, token, found, len(flat)))
@@ -496,7 +523,9 @@ class MultimodalProcessor:
                 )
         unknown = sorted(set(num_tokens) - set(self.token_ids))
         if unknown:
-            raise EncoderInputError(f"token counts for {unknown}; this processor's modalities are {self.modalities}")
+            raise EncoderInputError(
+                f"token counts for {unknown}; this processor's modalities are {self.modalities}"
+            )
         return expand_placeholders(input_ids, self.token_ids, num_tokens, wrap=self.wrap_token_ids or None)
 
     def pad(
@@ -540,7 +569,9 @@ class MultimodalProcessor:
                 raise ConfigError("labels must have one entry per token of each sample")
             width = len(out["input_ids"][0]) if sequences else 0
             padded = [
-                ([-100] * (width - len(x)) + list(x)) if side == "left" else (list(x) + [-100] * (width - len(x)))
+                ([-100] * (width - len(x)) + list(x))
+                if side == "left"
+                else (list(x) + [-100] * (width - len(x)))
                 for x in labels
             ]
             out["labels"] = torch.tensor(padded, dtype=torch.long) if return_tensors == "pt" else padded
@@ -557,7 +588,9 @@ class MultimodalProcessor:
         for m, processed in inputs.items():
             takes = self._encoders[m].input_names if m in self._encoders else None
             clash = any(
-                key in RESERVED_INPUT_NAMES or len(owners[key]) > 1 or (takes is not None and key not in takes)
+                key in RESERVED_INPUT_NAMES
+                or len(owners[key]) > 1
+                or (takes is not None and key not in takes)
                 for key in processed
             )
             if clash:
@@ -590,8 +623,12 @@ class MultimodalProcessor:
                 }
                 if m in self._processor_from_plugin:
                     record["processor"] = {"kind": PLUGIN, "encoder": self._encoders[m].source.get("encoder")}
-                elif hasattr(processor, "save_pretrained") and _transformers_class_path(processor) is not None:
-                    subfolder = f"{m}_processor" if re.fullmatch(r"[A-Za-z0-9_.-]+", m) else f"processor_{index}"
+                elif (
+                    hasattr(processor, "save_pretrained") and _transformers_class_path(processor) is not None
+                ):
+                    subfolder = (
+                        f"{m}_processor" if re.fullmatch(r"[A-Za-z0-9_.-]+", m) else f"processor_{index}"
+                    )
                     processor.save_pretrained(staging / subfolder)
                     record["processor"] = {
                         "kind": "saved",
@@ -637,10 +674,14 @@ class MultimodalProcessor:
         """
         from transformers import AutoTokenizer
 
+        import mmcore.modeling.multimodal  # noqa: F401 - AutoTokenizer reads config.json: model_type "mmcore"
+
         root = Path(directory)
         config_file = root / PROCESSOR_CONFIG
         if not config_file.is_file():
-            raise SerializationError(f"{root} has no {PROCESSOR_CONFIG}; was a MultimodalProcessor saved there?")
+            raise SerializationError(
+                f"{root} has no {PROCESSOR_CONFIG}; was a MultimodalProcessor saved there?"
+            )
         config = json.loads(config_file.read_text())
         if config.get("processor_class") != cls.__name__ or config.get("format_version") != FORMAT_VERSION:
             raise SerializationError(
@@ -652,7 +693,9 @@ class MultimodalProcessor:
         funcs = dict(num_feature_calculation_funcs or {})
         unknown = sorted((set(given) | set(funcs)) - set(records))
         if unknown:
-            raise ConfigError(f"processors/functions given for {unknown}, but the saved modalities are {sorted(records)}")
+            raise ConfigError(
+                f"processors/functions given for {unknown}, but the saved modalities are {sorted(records)}"
+            )
         if model is not None:
             infos = {m: _info_from_module(model.encoders[m]) for m in records if m in model.encoders}
         else:
@@ -701,11 +744,8 @@ class MultimodalProcessor:
 
 # -- helpers ------------------------------------------------------------------------------------------------
 def _is_per_sample(value: Any, batch: int) -> bool:
-    return (
-        isinstance(value, (list, tuple))
-        and len(value) == batch
-        and all(isinstance(v, (list, tuple)) for v in value)
-    )
+    # Only lists group items: a tuple is an item, e.g. Whisper's (waveform, sampling_rate).
+    return isinstance(value, list) and len(value) == batch and all(isinstance(v, list) for v in value)
 
 
 def _flat_mismatch(modality: str, token: str, found: list[int], given: int) -> str:
@@ -740,12 +780,31 @@ def _as_tensors(processed: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+class _FixedTokens:
+    """A projector that outputs a fixed number of tokens (a resampler), without keeping its weights."""
+
+    def __init__(self, n: int):
+        self.n = int(n)
+
+    def __call__(self, num_input_tokens: int) -> int:
+        return self.n
+
+
 def _info_from_module(encoder: Any) -> _EncoderInfo:
     projector = getattr(encoder, "projector", None)
     count = getattr(projector, "num_output_tokens", None)
-    return _EncoderInfo(
-        source=encoder.source, input_names=tuple(encoder.input_map), output_tokens=count if callable(count) else None
-    )
+    if not callable(count) or not callable(
+        getattr(getattr(projector, "projection", None), "num_output_tokens", None)
+    ):
+        # Only a projection module with its own num_output_tokens needs the module itself; anything
+        # else is a resampler's num_queries or the identity, kept light for pickling into workers.
+        config = getattr(projector, "config", None)
+        count = (
+            _FixedTokens(config.num_queries)
+            if getattr(config, "projector_type", None) == "resampler"
+            else None
+        )
+    return _EncoderInfo(source=encoder.source, input_names=tuple(encoder.input_map), output_tokens=count)
 
 
 def _infos_from_model_config(root: Path, records: Mapping[str, Any]) -> dict[str, _EncoderInfo]:
@@ -787,16 +846,18 @@ def _plugin_processor(modality: str, source: Mapping[str, Any]) -> Any:
     return factory_for_source(modality, source).processor(source.get("recipe") or {})
 
 
-def _plugin_counter(modality: str, source: Mapping[str, Any]) -> NumTokensFn:
-    from mmcore.factory import factory_for_source
+class _PluginCounter:
+    """The plugin factory's ``num_tokens`` in the counting-function shape (a class, not a closure, so
+    a processor inside a DataLoader collator pickles into worker processes)."""
 
-    factory = factory_for_source(modality, source)
-    recipe = dict(source.get("recipe") or {})
+    def __init__(self, modality: str, source: Mapping[str, Any]):
+        from mmcore.factory import factory_for_source
 
-    def count(items: Sequence[Any], processed: Mapping[str, Any]) -> list[int]:
-        return [int(n) for n in factory.num_tokens(recipe, processed)]
+        self.factory = factory_for_source(modality, source)
+        self.recipe = dict(source.get("recipe") or {})
 
-    return count
+    def __call__(self, items: Sequence[Any], processed: Mapping[str, Any]) -> list[int]:
+        return [int(n) for n in self.factory.num_tokens(self.recipe, processed)]
 
 
 def _qualname(obj: Any) -> str:

@@ -9,6 +9,7 @@ recipe) runs without the real plugins; the last test uses the real clip and whis
 from __future__ import annotations
 
 import json
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -17,7 +18,13 @@ import torch
 import mmcore
 from mmcore import hookimpl
 from mmcore.callbacks import SelectFeatureLayer
-from mmcore.errors import ConfigError, EncoderInputError, PlaceholderMismatchError, SerializationError, TokenIdError
+from mmcore.errors import (
+    ConfigError,
+    EncoderInputError,
+    PlaceholderMismatchError,
+    SerializationError,
+    TokenIdError,
+)
 from mmcore.factory import EncoderFactory
 from mmcore.modeling.multimodal import MultimodalModel
 from mmcore.processing import MultimodalProcessor
@@ -44,7 +51,10 @@ class ToyImageProcessor:
 
     def __call__(self, items):
         images = [torch.as_tensor(np.asarray(item), dtype=torch.float32) for item in items]
-        resized = [torch.nn.functional.interpolate(im[None], size=(self.size, self.size), mode="bilinear")[0] for im in images]
+        resized = [
+            torch.nn.functional.interpolate(im[None], size=(self.size, self.size), mode="bilinear")[0]
+            for im in images
+        ]
         return {"pixel_values": torch.stack(resized)}
 
 
@@ -57,13 +67,15 @@ class ToyAudioProcessor:
     def __call__(self, items):
         out = torch.zeros(len(items), self.bins * self.frames)
         for i, wave in enumerate(items):
+            if isinstance(wave, tuple):  # (waveform, sampling_rate), as the whisper plugin accepts
+                wave = wave[0]
             wave = torch.as_tensor(np.asarray(wave), dtype=torch.float32)[: out.shape[1]]
             out[i, : wave.shape[0]] = wave
         return {"input_features": out.view(len(items), self.bins, self.frames)}
 
 
 class ToyClipFactory(EncoderFactory):
-    presets = {"tiny": "2 layers, 28 px"}
+    presets: ClassVar[dict[str, str]] = {"tiny": "2 layers, 28 px"}
 
     def make_recipe(self, checkpoint=None, preset=None, **options):
         return {"config": {"hidden_size": 24, "image_size": 28, "patch_size": 14}}
@@ -90,7 +102,7 @@ class ToyClipFactory(EncoderFactory):
 
 
 class ToyWhisperFactory(EncoderFactory):
-    presets = {"tiny": "1 layer"}
+    presets: ClassVar[dict[str, str]] = {"tiny": "1 layer"}
 
     def make_recipe(self, checkpoint=None, preset=None, **options):
         return {"config": {"d_model": 16, "num_mel_bins": 8, "max_source_positions": 10}}
@@ -110,14 +122,34 @@ class ToyWhisperFactory(EncoderFactory):
 
     def dummy_inputs(self, recipe, batch_size=1):
         config = recipe["config"]
-        return {"input_features": torch.randn(batch_size, config["num_mel_bins"], 2 * config["max_source_positions"])}
+        return {
+            "input_features": torch.randn(
+                batch_size, config["num_mel_bins"], 2 * config["max_source_positions"]
+            )
+        }
 
 
 class ToyPlugin:
     @hookimpl
     def register_encoders(self, register):
-        register(EncoderSpec(name="toyclip", modality="vision", summary="toy CLIP", factory=f"{__name__}:ToyClipFactory", presets=("tiny",)))
-        register(EncoderSpec(name="toywhisper", modality="audio", summary="toy Whisper", factory=f"{__name__}:ToyWhisperFactory", presets=("tiny",)))
+        register(
+            EncoderSpec(
+                name="toyclip",
+                modality="vision",
+                summary="toy CLIP",
+                factory=f"{__name__}:ToyClipFactory",
+                presets=("tiny",),
+            )
+        )
+        register(
+            EncoderSpec(
+                name="toywhisper",
+                modality="audio",
+                summary="toy Whisper",
+                factory=f"{__name__}:ToyWhisperFactory",
+                presets=("tiny",),
+            )
+        )
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -134,7 +166,9 @@ def _model(projector: str = "mlp2x_gelu", seed: int = 0, **encoders_kw):
         "audio": mmcore.build_encoder("ptest:toywhisper", preset="tiny"),
         **encoders_kw,
     }
-    model = MultimodalModel(encoders, tiny_llm(vocab_size=len(tokenizer), seed=seed), init_projector_type=projector)
+    model = MultimodalModel(
+        encoders, tiny_llm(vocab_size=len(tokenizer), seed=seed), init_projector_type=projector
+    )
     return model.eval(), tokenizer
 
 
@@ -170,7 +204,9 @@ def test_placeholder_tokens_are_added_to_tokenizer_and_model_once():
     assert len(tokenizer) == before + 2
     assert processor.tokens == {"vision": "<vision>", "audio": "<audio>"}
     assert model.config.modality_token_ids == processor.token_ids
-    assert tokenizer("a<vision>b", add_special_tokens=False).input_ids.count(processor.token_ids["vision"]) == 1
+    assert (
+        tokenizer("a<vision>b", add_special_tokens=False).input_ids.count(processor.token_ids["vision"]) == 1
+    )
     rows = model.get_input_embeddings().weight.shape[0]
     again = MultimodalProcessor.from_model(model, tokenizer)
     assert len(tokenizer) == before + 2 and model.get_input_embeddings().weight.shape[0] == rows
@@ -179,7 +215,11 @@ def test_placeholder_tokens_are_added_to_tokenizer_and_model_once():
 
 def test_processor_without_model_needs_the_tokens_in_the_tokenizer():
     with pytest.raises(TokenIdError, match="<vision>"):
-        MultimodalProcessor({"vision": ToyImageProcessor(28)}, tiny_tokenizer(), num_feature_calculation_funcs={"vision": lambda i, o: [4] * len(i)})
+        MultimodalProcessor(
+            {"vision": ToyImageProcessor(28)},
+            tiny_tokenizer(),
+            num_feature_calculation_funcs={"vision": lambda i, o: [4] * len(i)},
+        )
 
 
 # -- expansion ------------------------------------------------------------------------------------------------
@@ -196,7 +236,11 @@ def test_expansion_counts_equal_the_models_feature_counts_and_the_forward_runs()
         audio_features = model.encoders["audio"](input_features=batch["input_features"])
     ids = processor.token_ids
     assert batch["pixel_values"].shape == (3, 3, 28, 28) and batch["input_features"].shape == (1, 8, 20)
-    assert _runs(batch["input_ids"][0].tolist(), ids["vision"]) == [vision_features.shape[1]] * 2 == [IMAGE_TOKENS] * 2
+    assert (
+        _runs(batch["input_ids"][0].tolist(), ids["vision"])
+        == [vision_features.shape[1]] * 2
+        == [IMAGE_TOKENS] * 2
+    )
     assert _runs(batch["input_ids"][1].tolist(), ids["vision"]) == [IMAGE_TOKENS]
     assert _runs(batch["input_ids"][1].tolist(), ids["audio"]) == [audio_features.shape[1]] == [AUDIO_TOKENS]
     with torch.no_grad():
@@ -215,6 +259,17 @@ def test_items_keep_text_order_and_flat_lists_equal_per_sample_lists():
     assert per_sample["pixel_values"].mean(dim=(1, 2, 3)).tolist() == pytest.approx([1.0, 2.0, 3.0])
     assert torch.equal(per_sample["input_ids"], flat["input_ids"])
     assert torch.equal(per_sample["pixel_values"], flat["pixel_values"])
+
+
+def test_tuples_and_non_lists_are_items_not_groups():
+    model, tokenizer = _model()
+    processor = MultimodalProcessor.from_model(model, tokenizer)
+    clips = [(_wave(1.0), 16000), (_wave(2.0), 16000)]  # two samples, one tuple item each
+    batch = processor(["<audio> a", "b <audio>"], audio=clips)
+    assert batch["input_features"].shape == (2, 8, 20)
+    assert batch["input_features"][:, 0, 0].tolist() == [1.0, 2.0]
+    single = processor("<vision>", vision=_image(3.0))  # not a list: one item
+    assert single["pixel_values"].shape == (1, 3, 28, 28)
 
 
 def test_projector_that_changes_the_token_count_is_accounted_for():
@@ -248,7 +303,9 @@ def test_user_counting_function_for_an_encoder_no_plugin_built():
     assert _runs(batch["input_ids"][0].tolist(), processor.token_ids["vision"]) == [IMAGE_TOKENS] * 2
     with torch.no_grad():
         assert torch.isfinite(model.eval()(**batch, labels=batch["input_ids"]).loss)
-    wrong = MultimodalProcessor({"vision": ToyImageProcessor(28)}, tokenizer, model, {"vision": lambda i, o: [4]})
+    wrong = MultimodalProcessor(
+        {"vision": ToyImageProcessor(28)}, tokenizer, model, {"vision": lambda i, o: [4]}
+    )
     with pytest.raises(PlaceholderMismatchError, match="returned 1 counts for 2 items"):
         wrong("<vision><vision>", vision=[_image(0.0), _image(1.0)])
 
@@ -264,7 +321,9 @@ def test_chat_template_with_placeholders_inside_messages():
     model, tokenizer = _model()
     processor = MultimodalProcessor.from_model(model, tokenizer)
     as_string = [{"role": "user", "content": "<vision> what is this ?"}]
-    as_parts = [{"role": "user", "content": [{"type": "vision"}, {"type": "text", "text": " what is this ?"}]}]
+    as_parts = [
+        {"role": "user", "content": [{"type": "vision"}, {"type": "text", "text": " what is this ?"}]}
+    ]
     rendered = tokenizer.apply_chat_template(as_string, tokenize=False, add_generation_prompt=True)
     assert rendered == "user: <vision> what is this ?\nassistant:"
     from_string = processor(messages=as_string, vision=[_image(0.5)], add_generation_prompt=True)
@@ -353,7 +412,9 @@ def test_mismatch_errors_name_the_sample():
     model, tokenizer = _model()
     processor = MultimodalProcessor.from_model(model, tokenizer)
     texts = ["<vision>", "<vision><vision>"]
-    with pytest.raises(PlaceholderMismatchError, match=r"sample 1: 2 <vision> placeholder\(s\) in the text but 1 vision item"):
+    with pytest.raises(
+        PlaceholderMismatchError, match=r"sample 1: 2 <vision> placeholder\(s\) in the text but 1 vision item"
+    ):
         processor(texts, vision=[[_image(0.0)], [_image(1.0)]])
     with pytest.raises(PlaceholderMismatchError, match="sample 1: a <vision> placeholder has no vision item"):
         processor(texts, vision=[_image(0.0), _image(1.0)])
@@ -371,7 +432,9 @@ def test_mismatch_errors_name_the_sample():
 def test_inputs_with_the_same_name_go_through_encoder_inputs():
     model, tokenizer = _model(vision2=mmcore.build_encoder("ptest:toyclip", preset="tiny"))
     processor = MultimodalProcessor.from_model(model, tokenizer)
-    batch = processor("<vision> <vision2> <audio>", vision=[_image(0.0)], vision2=[_image(1.0)], audio=[_wave(0.0)])
+    batch = processor(
+        "<vision> <vision2> <audio>", vision=[_image(0.0)], vision2=[_image(1.0)], audio=[_wave(0.0)]
+    )
     assert "pixel_values" not in batch
     assert batch["encoder_inputs"]["vision2"]["pixel_values"].mean() == pytest.approx(1.0)
     assert batch["input_features"].shape == (1, 8, 20)  # audio's name is its own: stays top-level
@@ -397,7 +460,7 @@ def test_save_load_round_trip_in_the_model_directory(tmp_path):
     assert isinstance(loaded.encoder_processors["vision"], ToyImageProcessor)
     assert loaded.token_ids == processor.token_ids and loaded.wrap_token_ids == processor.wrap_token_ids
     args = (["<vision> a <audio>", "<vision><vision> b"],)
-    items = dict(vision=[[_image(0.0)], [_image(1.0), _image(2.0)]], audio=[[_wave(1.0)], []])
+    items = {"vision": [[_image(0.0)], [_image(1.0), _image(2.0)]], "audio": [[_wave(1.0)], []]}
     before, after = processor(*args, **items), loaded(*args, **items)
     assert before.keys() == after.keys()
     for key in before:
@@ -450,7 +513,10 @@ def test_clip_whisper_model_processes_a_mixed_batch_and_generates():
     torch.manual_seed(0)
     tokenizer = tiny_tokenizer()
     model = MultimodalModel(
-        {"vision": mmcore.build_encoder("clip", preset="tiny"), "audio": mmcore.build_encoder("whisper", preset="tiny")},
+        {
+            "vision": mmcore.build_encoder("clip", preset="tiny"),
+            "audio": mmcore.build_encoder("whisper", preset="tiny"),
+        },
         tiny_llm(vocab_size=len(tokenizer)),
     ).eval()
     processor = MultimodalProcessor.from_model(model, tokenizer, padding_side="left")
