@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from mmcore import hookimpl
 from mmcore.registry import EncoderSpec
-
 from mmcore_plugin_clip.presets import PRESET_NAMES
 
 __version__ = "0.1.0"

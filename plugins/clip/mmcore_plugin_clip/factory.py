@@ -27,7 +27,6 @@ from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, 
 from mmcore.callbacks import DropPrefixTokens, SelectFeatureLayer
 from mmcore.errors import ConfigError, EncoderInputError
 from mmcore.factory import EncoderFactory
-
 from mmcore_plugin_clip.presets import IMAGE_MEAN, IMAGE_STD, PRESETS
 
 #: Bump when the recipe layout changes.
@@ -42,7 +41,9 @@ class ClipFactory(EncoderFactory):
     options = {"feature_layer": -2, "drop_cls": True}
 
     # -- recipe ------------------------------------------------------------------------------------
-    def make_recipe(self, checkpoint: str | None = None, preset: str | None = None, **options: Any) -> dict[str, Any]:
+    def make_recipe(
+        self, checkpoint: str | None = None, preset: str | None = None, **options: Any
+    ) -> dict[str, Any]:
         if (checkpoint is None) == (preset is None):
             raise ConfigError(f"encoder {self.name!r}: pass exactly one of checkpoint or preset")
         opts = self.check_options(options)
@@ -68,8 +69,8 @@ class ClipFactory(EncoderFactory):
             raw, _ = PretrainedConfig.get_config_dict(checkpoint)
         except OSError as exc:
             raise ConfigError(
-                f"encoder {self.name!r}: cannot read the config of checkpoint {checkpoint!r} (expected a hub id "
-                f"or a local directory with config.json): {exc}"
+                f"encoder {self.name!r}: cannot read the config of checkpoint {checkpoint!r} "
+                f"(expected a hub id or a local directory with config.json): {exc}"
             ) from exc
         model_type = raw.get("model_type")
         if model_type == "clip":  # a whole CLIPModel: take its vision half
@@ -101,14 +102,18 @@ class ClipFactory(EncoderFactory):
         layers = layer if isinstance(layer, list) else [layer]
         n = config.num_hidden_layers
         if layer is not None and (
-            not layers or not all(isinstance(i, int) and not isinstance(i, bool) and -(n + 1) <= i <= n for i in layers)
+            not layers
+            or not all(isinstance(i, int) and not isinstance(i, bool) and -(n + 1) <= i <= n for i in layers)
         ):
             raise ConfigError(
-                f"encoder {self.name!r}: feature_layer must be None, an int or a non-empty list of ints indexing "
-                f"the {n + 1} hidden states (embeddings + {n} layers: {-(n + 1)}..{n}), got {opts['feature_layer']!r}"
+                f"encoder {self.name!r}: feature_layer must be None, an int or a non-empty list of ints "
+                f"indexing the {n + 1} hidden states (embeddings + {n} layers: {-(n + 1)}..{n}), "
+                f"got {opts['feature_layer']!r}"
             )
         if not isinstance(opts["drop_cls"], bool):
-            raise ConfigError(f"encoder {self.name!r}: drop_cls must be True or False, got {opts['drop_cls']!r}")
+            raise ConfigError(
+                f"encoder {self.name!r}: drop_cls must be True or False, got {opts['drop_cls']!r}"
+            )
         return {**opts, "feature_layer": layer}
 
     # -- module ------------------------------------------------------------------------------------
@@ -132,18 +137,24 @@ class ClipFactory(EncoderFactory):
         drop = 1 if opts["drop_cls"] else 0
         if opts["feature_layer"] is None:
             return {"postprocess_module": DropPrefixTokens(drop)} if drop else {}
-        return {"postprocess_module": SelectFeatureLayer(layer=opts["feature_layer"], drop_prefix_tokens=drop)}
+        return {
+            "postprocess_module": SelectFeatureLayer(layer=opts["feature_layer"], drop_prefix_tokens=drop)
+        }
 
     # -- inputs ------------------------------------------------------------------------------------
-    def processor(self, recipe: Mapping[str, Any]) -> ClipImageProcessor:
-        return ClipImageProcessor(recipe.get("processor") or _default_processor_config(_config(recipe, self.name).image_size))
+    def processor(self, recipe: Mapping[str, Any]) -> ClipItemProcessor:
+        return ClipItemProcessor(
+            recipe.get("processor") or _default_processor_config(_config(recipe, self.name).image_size)
+        )
 
     def num_tokens(self, recipe: Mapping[str, Any], inputs: Mapping[str, Any]) -> list[int]:
         """One token per patch of each item's ``pixel_values``, plus the CLS token unless dropped."""
         pixel_values = inputs.get("pixel_values")
         if pixel_values is None or len(pixel_values.shape) != 4:
             got = "nothing" if pixel_values is None else f"shape {tuple(pixel_values.shape)}"
-            raise EncoderInputError(f"encoder {self.name!r}: num_tokens needs pixel_values (batch, 3, H, W), got {got}")
+            raise EncoderInputError(
+                f"encoder {self.name!r}: num_tokens needs pixel_values (batch, 3, H, W), got {got}"
+            )
         patch = _config(recipe, self.name).patch_size
         height, width = pixel_values.shape[-2:]
         per_item = (height // patch) * (width // patch) + (0 if _options(recipe)["drop_cls"] else 1)
@@ -151,18 +162,18 @@ class ClipFactory(EncoderFactory):
 
     def dummy_inputs(self, recipe: Mapping[str, Any], batch_size: int = 1) -> dict[str, Any]:
         config = _config(recipe, self.name)
-        return {"pixel_values": torch.randn(batch_size, config.num_channels, config.image_size, config.image_size)}
+        return {
+            "pixel_values": torch.randn(batch_size, config.num_channels, config.image_size, config.image_size)
+        }
 
     def dummy_items(self, recipe: Mapping[str, Any], n: int = 1) -> list[Image.Image]:
         """``n`` random RGB images of varied sizes and aspect ratios (the processor resizes them)."""
         rng = np.random.default_rng(0)
         sizes = [(37, 23), (20, 45), (64, 48), (17, 17)]
-        return [
-            Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in (sizes * n)[:n]
-        ]
+        return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in (sizes * n)[:n]]
 
 
-class ClipImageProcessor:
+class ClipItemProcessor:
     """``processor(items) -> {"pixel_values": Tensor (N, 3, H, W)}`` for PIL images or HWC ``uint8``
     numpy arrays (a single item is accepted too); wraps ``transformers.CLIPImageProcessor``."""
 
@@ -171,7 +182,7 @@ class ClipImageProcessor:
         self.image_processor = CLIPImageProcessor.from_dict(dict(config))
 
     def __repr__(self) -> str:
-        return f"ClipImageProcessor({self.image_processor.crop_size})"
+        return f"ClipItemProcessor({self.image_processor.crop_size})"
 
     def __call__(self, items: Any) -> dict[str, torch.Tensor]:
         if isinstance(items, (Image.Image, np.ndarray)):
@@ -185,12 +196,18 @@ class ClipImageProcessor:
 def _to_image(item: Any, index: int) -> Image.Image:
     if isinstance(item, Image.Image):
         return item
-    if isinstance(item, np.ndarray) and item.dtype == np.uint8 and (
-        item.ndim == 2 or (item.ndim == 3 and item.shape[-1] in (1, 3, 4))
+    if (
+        isinstance(item, np.ndarray)
+        and item.dtype == np.uint8
+        and (item.ndim == 2 or (item.ndim == 3 and item.shape[-1] in (1, 3, 4)))
     ):
         # Through PIL, so a tiny image's channel axis is never guessed.
         return Image.fromarray(item[..., 0] if item.ndim == 3 and item.shape[-1] == 1 else item)
-    what = f"array of dtype {item.dtype} and shape {item.shape}" if isinstance(item, np.ndarray) else type(item).__name__
+    what = (
+        f"array of dtype {item.dtype} and shape {item.shape}"
+        if isinstance(item, np.ndarray)
+        else type(item).__name__
+    )
     raise EncoderInputError(
         f"clip processor: item {index} must be a PIL image or an (H, W, 3) uint8 numpy array, got {what}"
     )

@@ -30,11 +30,25 @@ from mmcore.callbacks import SelectFeatureLayer
 from mmcore.errors import ConfigError, EncoderInputError
 from mmcore.testing import check_encoder_plugin, tiny_llm, tiny_tokenizer
 
-VISION = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=42, patch_size=14)
+VISION = dict(
+    hidden_size=16,
+    intermediate_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    image_size=42,
+    patch_size=14,
+)
 # a processor unlike the presets' (size, mean), so a test can tell it was read from the checkpoint
-PROCESSOR = dict(size={"shortest_edge": 42}, crop_size={"height": 42, "width": 42}, image_mean=[0.1, 0.2, 0.3])
+PROCESSOR = dict(
+    size={"shortest_edge": 42}, crop_size={"height": 42, "width": 42}, image_mean=[0.1, 0.2, 0.3]
+)
 RAW_SIZES = [(10, 10), (37, 23), (20, 45), (100, 64)]  # (height, width) of raw images
-VARIANTS = [{}, {"feature_layer": -1, "drop_cls": False}, {"feature_layer": [-1, -2]}, {"feature_layer": None}]
+VARIANTS = [
+    {},
+    {"feature_layer": -1, "drop_cls": False},
+    {"feature_layer": [-1, -2]},
+    {"feature_layer": None},
+]
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +66,8 @@ def full_dir(tmp_path_factory):
     """A saved whole CLIPModel (CLIPConfig with text and vision halves) with its image processor."""
     path = tmp_path_factory.mktemp("clip-full")
     torch.manual_seed(2)
-    text = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=64,
-                bos_token_id=0, eos_token_id=1, pad_token_id=1)  # fmt: skip
+    text = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    text.update(vocab_size=64, bos_token_id=0, eos_token_id=1, pad_token_id=1)
     config = CLIPConfig(text_config=text, vision_config=VISION, projection_dim=8)
     model = CLIPModel(config)
     model.save_pretrained(path)
@@ -77,7 +91,10 @@ def batch_for(model, tokenizer, counts):
     """One sample per image: some text, the image's placeholder run, more text."""
     token_id = model.config.modality_token_ids["vision"]
     text = tokenizer("a picture of a cat")["input_ids"]
-    rows = [expand_placeholders(text[:2] + [token_id] + text[2:], {"vision": token_id}, {"vision": [n]}) for n in counts]
+    rows = [
+        expand_placeholders(text[:2] + [token_id] + text[2:], {"vision": token_id}, {"vision": [n]})
+        for n in counts
+    ]
     return torch.tensor(rows)
 
 
@@ -87,7 +104,9 @@ def batch_for(model, tokenizer, counts):
 def test_contract_check_passes_for_the_tiny_preset_and_every_preset_builds_on_meta(tmp_path):
     report = check_encoder_plugin("clip", preset="tiny", tmp_path=tmp_path, meta_presets=True)
     assert report.encoder == "clip:clip"
-    assert report.checks[-1] == "save_load" and "meta_presets" in report.checks and "processor" in report.checks
+    assert (
+        report.checks[-1] == "save_load" and "meta_presets" in report.checks and "processor" in report.checks
+    )
     assert report.tokens_per_item == [4, 4]  # 2x2 patches, CLS dropped
 
 
@@ -107,7 +126,11 @@ def test_listing_the_plugin_imports_no_torch_or_transformers():
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("MMCORE_")}
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, env=env)
-    assert json.loads(out.stdout) == ["clip", ["tiny", "vit-b-32", "vit-b-16", "vit-l-14", "vit-l-14-336"], []]
+    assert json.loads(out.stdout) == [
+        "clip",
+        ["tiny", "vit-b-32", "vit-b-16", "vit-l-14", "vit-l-14-336"],
+        [],
+    ]
 
 
 # --- presets ------------------------------------------------------------------------------------------
@@ -138,7 +161,10 @@ def test_full_size_preset_builds_on_meta_with_the_real_architecture(preset):
     assert all(p.device.type == "meta" for p in module.parameters())
     c = module.config
     assert sum(p.numel() for p in module.parameters()) == params
-    assert vit_params(c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.patch_size, c.image_size) == params
+    assert (
+        vit_params(c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.patch_size, c.image_size)
+        == params
+    )
     assert c.hidden_act == "quick_gelu" and c.layer_norm_eps == 1e-5
     factory, recipe = mmcore.get_factory("clip"), encoder.source["recipe"]
     assert factory.num_tokens(recipe, factory.dummy_inputs(recipe, 2)) == [tokens, tokens]
@@ -220,7 +246,9 @@ def test_assembled_model_round_trips_without_the_checkpoint_directory(vision_dir
     shutil.copytree(vision_dir, checkpoint)
     encoder = mmcore.build_encoder("clip", str(checkpoint))
     model, tokenizer = assemble(encoder)
-    pixel_values = mmcore.get_factory("clip").processor(encoder.source["recipe"])(images()[:2])["pixel_values"]
+    pixel_values = mmcore.get_factory("clip").processor(encoder.source["recipe"])(images()[:2])[
+        "pixel_values"
+    ]
     input_ids = batch_for(model, tokenizer, [9, 9])
     model.save_pretrained(tmp_path / "model")
     shutil.rmtree(checkpoint)  # the saved model needs only its own directory
@@ -228,7 +256,9 @@ def test_assembled_model_round_trips_without_the_checkpoint_directory(vision_dir
     assert saved["source"]["kind"] == "plugin" and saved["source"]["encoder"] == "clip:clip"
     loaded = MultimodalModel.from_pretrained(tmp_path / "model").eval()
     assert isinstance(loaded.encoders["vision"].module, CLIPVisionModel)
-    assert loaded.encoders["vision"].postprocess_module_callback == SelectFeatureLayer(-2, drop_prefix_tokens=1)
+    assert loaded.encoders["vision"].postprocess_module_callback == SelectFeatureLayer(
+        -2, drop_prefix_tokens=1
+    )
     with torch.no_grad():
         before = model(input_ids=input_ids, pixel_values=pixel_values).logits
         after = loaded(input_ids=input_ids, pixel_values=pixel_values).logits
@@ -278,9 +308,13 @@ def test_unknown_option_is_a_config_error_naming_it():
 
 @pytest.mark.parametrize(
     "options, needle",
-    [({"feature_layer": 3}, r"-3\.\.2\), got 3"), ({"feature_layer": []}, "got \\[\\]"), ({"feature_layer": "last"}, "'last'"),
-     ({"drop_cls": "yes"}, "drop_cls must be True or False, got 'yes'")],
-)  # fmt: skip
+    [
+        ({"feature_layer": 3}, r"-3\.\.2\), got 3"),
+        ({"feature_layer": []}, "got \\[\\]"),
+        ({"feature_layer": "last"}, "'last'"),
+        ({"drop_cls": "yes"}, "drop_cls must be True or False, got 'yes'"),
+    ],
+)
 def test_bad_option_values_are_config_errors_saying_what_was_expected(options, needle):
     with pytest.raises(ConfigError, match=needle):
         mmcore.get_factory("clip").make_recipe(preset="tiny", **options)
