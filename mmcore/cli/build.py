@@ -1,0 +1,205 @@
+"""Build the model an `AssemblySpec` describes: for real (assemble, test-run SPEC) or on the meta device
+(``assemble --dry-run``). Errors name the spec key they come from.
+
+>>> from mmcore.cli.spec import spec_from_dict
+>>> spec = spec_from_dict({"llm": {"source": "tiny"}, "encoders": {"vision": {"encoder": "clip", "preset": "tiny"}}})
+>>> built = build_from_spec(spec)            # doctest: +SKIP
+>>> built.model, built.tokenizer             # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from mmcore.cli.spec import AssemblySpec, EncoderEntry, looks_like_path, resolve_names
+from mmcore.errors import ConfigError, MMCoreError
+from mmcore.presets import LLM_PRESETS, TINY_TOKENIZER
+
+Step = Callable[[str], None]
+
+
+@dataclass
+class Built:
+    """What `build_from_spec` returns."""
+
+    model: Any
+    tokenizer: Any = None
+    processor: Any = None
+    #: whether every weight is random (presets, or random_init)
+    random_weights: bool = True
+    notes: list[str] = field(default_factory=list)
+
+
+def build_from_spec(spec: AssemblySpec, *, meta: bool = False, step: Step | None = None) -> Built:
+    """Build the model (and, unless ``meta``, its tokenizer with the modality tokens and its processor).
+
+    ``meta=True`` builds every part on the meta device (no memory, no weights, no tokenizer): for
+    counting parameters of full-size combinations instantly. ``step(description)`` is called before
+    each stage (progress display).
+    """
+    import torch
+
+    from mmcore.modeling.multimodal import MultimodalModel
+
+    step = step or (lambda _: None)
+    resolve_names(spec)
+    device = torch.device("meta") if meta else contextlib.nullcontext()
+    step(f"language model {spec.llm.source}")
+    llm, llm_random = _build_llm(spec, meta)
+    width = llm.get_input_embeddings().embedding_dim
+    encoders = {}
+    random_weights = llm_random
+    for name, entry in spec.encoders.items():
+        step(f"encoder {name}: {entry.encoder}")
+        encoders[name], enc_random = _build_encoder(spec, entry, width, meta)
+        random_weights = random_weights and enc_random
+    step("projectors")
+    with device, _key(spec, "model.projector"):
+        model = MultimodalModel(
+            encoders, llm, init_projector_type=spec.model.projector, init_activation=spec.model.activation
+        )
+    built = Built(model, random_weights=random_weights)
+    if meta:
+        return built
+    step("tokenizer and modality tokens")
+    from mmcore.modeling.tokens import add_modality_tokens
+
+    built.tokenizer = load_tokenizer(spec)
+    add_modality_tokens(built.tokenizer, model, wrap=spec.model.wrap)
+    built.processor = make_processor(model, built.tokenizer)
+    if built.processor is None:
+        built.notes.append("mmcore.processing is not available: the directory holds the tokenizer but no processor")
+    return built
+
+
+@contextlib.contextmanager
+def _key(spec: AssemblySpec, path: str) -> Iterator[None]:
+    """Prefix an error raised while building one part with the spec key it comes from."""
+    try:
+        yield
+    except MMCoreError as exc:
+        if str(exc).startswith(f"{spec.origin}: "):
+            raise
+        raise type(exc)(f"{spec.origin}: {path}: {exc}") from exc
+    except (OSError, ValueError) as exc:  # hub/file loading: missing repo, offline, bad config
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"{spec.origin}: {path}: {first}") from exc
+
+
+def _build_llm(spec: AssemblySpec, meta: bool) -> tuple[Any, bool]:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    source = spec.llm.source
+    with _key(spec, "llm.source"):
+        if source in LLM_PRESETS:
+            config, random = LLM_PRESETS[source].build_config(), True
+        elif meta or spec.model.random_init:
+            config, random = AutoConfig.from_pretrained(_path_or_id(source), trust_remote_code=False), True
+        else:
+            return AutoModelForCausalLM.from_pretrained(_path_or_id(source), trust_remote_code=False), False
+        with torch.device("meta") if meta else contextlib.nullcontext():
+            return AutoModelForCausalLM.from_config(config, trust_remote_code=False), random
+
+
+def _path_or_id(source: str) -> str:
+    if looks_like_path(source):
+        from pathlib import Path
+
+        return str(Path(source).expanduser())
+    return source
+
+
+def _build_encoder(spec: AssemblySpec, entry: EncoderEntry, width: int, meta: bool) -> tuple[Any, bool]:
+    from mmcore.factory import build_encoder, encoder_from_recipe, get_factory
+    from mmcore.modeling.projector import MultimodalProjector, MultimodalProjectorConfig
+
+    path = f"encoders.{entry.name}"
+    with _key(spec, f"{path}.encoder"):
+        factory = get_factory(entry.encoder)
+    with _key(spec, f"{path}.callbacks"):
+        callbacks = {slot: _callback(cb) for slot, cb in entry.callbacks.items()}
+    device = "meta" if meta else None
+    source_key = f"{path}.preset" if entry.preset is not None else f"{path}.checkpoint"
+    random_weights = entry.preset is not None or spec.model.random_init or meta
+    with _key(spec, source_key if entry.preset or entry.checkpoint else path):
+        if random_weights and entry.preset is None:
+            # Read the checkpoint's config only: random weights, nothing but the config downloaded.
+            checkpoint = entry.checkpoint or (factory.spec.default_checkpoint if factory.spec else None)
+            if checkpoint is None:
+                raise ConfigError(f"encoder {factory.name!r} has no default checkpoint; give a checkpoint or a preset")
+            recipe = factory.make_recipe(checkpoint=checkpoint, **entry.options)
+            encoder = encoder_from_recipe(factory, recipe, callbacks=callbacks, device=device)
+        else:
+            encoder = build_encoder(
+                entry.encoder, entry.checkpoint, preset=entry.preset, callbacks=callbacks, device=device, **entry.options
+            )
+    if entry.projector is not None or entry.projector_options:
+        recipe = encoder.source["recipe"] if encoder.source else {}
+        projector_type = entry.projector or factory.default_projector(recipe) or spec.model.projector
+        options = {"activation": spec.model.activation, **entry.projector_options}
+        key = f"{path}.projector" if entry.projector is not None else f"{path}.projector_options"
+        with _key(spec, key), (_meta_device() if meta else contextlib.nullcontext()):
+            encoder.projector = MultimodalProjector(
+                MultimodalProjectorConfig(
+                    projector_type=projector_type, in_features=encoder.output_width, out_features=width, **options
+                )
+            )
+    return encoder, random_weights
+
+
+def _meta_device() -> Any:
+    import torch
+
+    return torch.device("meta")
+
+
+def _callback(record: dict[str, Any] | None) -> Any:
+    if record is None:
+        return None
+    from mmcore.plugins import get_registry
+    from mmcore.registry import load_factory
+
+    factory = load_factory(get_registry().get_callback(record["name"]))
+    try:
+        return factory(**record["params"])
+    except TypeError as exc:
+        raise ConfigError(f"callback {record['name']!r}: {exc}") from exc
+
+
+def load_tokenizer(spec: AssemblySpec) -> Any:
+    """The tokenizer the spec names (``llm.tokenizer``, else the LLM source's, else the preset's)."""
+    name = spec.llm.tokenizer
+    key = "llm.tokenizer"
+    if name is None:
+        preset = LLM_PRESETS.get(spec.llm.source)
+        if preset is not None and preset.tokenizer is None:
+            raise ConfigError(
+                f"{spec.origin}: llm.tokenizer: LLM preset {preset.name!r} has no tokenizer offline; pass --tokenizer "
+                f"with the matching model's hub id or directory, or --tokenizer {TINY_TOKENIZER} for a shape-and-speed "
+                "test with meaningless text (or use --dry-run, which needs none)"
+            )
+        name = preset.tokenizer if preset is not None else spec.llm.source
+        key = "llm.source"
+    if name == TINY_TOKENIZER:
+        from mmcore.testing import tiny_tokenizer
+
+        return tiny_tokenizer()
+    from transformers import AutoTokenizer
+
+    with _key(spec, key):
+        return AutoTokenizer.from_pretrained(_path_or_id(name), trust_remote_code=False)
+
+
+def make_processor(model: Any, tokenizer: Any) -> Any:
+    """``MultimodalProcessor.from_model(model, tokenizer)``, or None where `mmcore.processing` is absent."""
+    try:
+        from mmcore.processing import MultimodalProcessor
+    except ModuleNotFoundError as exc:
+        if exc.name == "mmcore.processing":
+            return None
+        raise
+    return MultimodalProcessor.from_model(model, tokenizer)
