@@ -195,8 +195,11 @@ def test_saving_over_an_existing_directory_replaces_it_atomically(tiny, tmp_path
         model.save_pretrained(tmp_path / "m")
     assert sorted(os.listdir(tmp_path / "m")) == before  # the old directory is untouched
     monkeypatch.undo()
+    (tmp_path / "m" / "model-00002-of-00002.safetensors").write_text("stale shard")
     model.save_pretrained(tmp_path / "m")
-    assert "stale.txt" not in os.listdir(tmp_path / "m")
+    # Model files are replaced (a stale shard goes); other files (tokenizer, processor) stay.
+    assert "model-00002-of-00002.safetensors" not in os.listdir(tmp_path / "m")
+    assert (tmp_path / "m" / "stale.txt").read_text() == "old"
     assert os.listdir(tmp_path) == ["m"]
 
 

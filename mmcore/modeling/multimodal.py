@@ -8,6 +8,7 @@ out of the labels, and call the language model with ``inputs_embeds``.
 
 from __future__ import annotations
 
+import fnmatch
 import importlib
 import os
 import shutil
@@ -565,7 +566,8 @@ class MultimodalModel(PreTrainedModel, GenerationMixin):
         """Write one HF model directory (config.json with every part's recipe, safetensors weights).
 
         Atomic: written into a temporary directory beside the target and renamed into place, so a
-        failure leaves no half-written directory. A callback config.json cannot record raises
+        failure leaves no half-written directory. Saving into an existing directory replaces its
+        model files (config, weights, stale shards included) and keeps the rest (tokenizer, processor). A callback config.json cannot record raises
         `UnrecordableCallbackError` naming it, unless ``allow_unrecorded_callbacks=True`` (then it must
         be passed again to ``from_pretrained(callbacks=...)``).
         """
@@ -594,10 +596,21 @@ class MultimodalModel(PreTrainedModel, GenerationMixin):
         return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
 
+# Files a model save writes; anything else already in the directory (the tokenizer, a processor saved
+# first) is carried over when the model is saved into it again, as with HF's in-place save.
+_MODEL_FILES = ("config.json", "generation_config.json", "model*.safetensors*", "pytorch_model*.bin*")
+
+
 def _replace_dir(staging: Path, target: Path) -> None:
     if not target.exists():
         os.replace(staging, target)
         return
+    for entry in target.iterdir():
+        if any(fnmatch.fnmatch(entry.name, pattern) for pattern in _MODEL_FILES):
+            continue
+        if not (staging / entry.name).exists():
+            copy = shutil.copytree if entry.is_dir() else shutil.copy2
+            copy(entry, staging / entry.name)
     old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
     os.replace(target, old / target.name)
     try:
