@@ -98,14 +98,6 @@ def save_wav(path: str | Path, waveform: torch.Tensor, sampling_rate: int) -> No
         fh.writeframes(pcm.numpy().tobytes())
 
 
-def resample(waveform: torch.Tensor, rate: int, target: int | None) -> torch.Tensor:
-    if target is None or rate == target:
-        return waveform
-    import torchaudio.functional as AF
-
-    return AF.resample(waveform, rate, target)
-
-
 def to_messages(conversations: Sequence[Mapping[str, Any]], markers: Mapping[str, str], counts: Mapping[str, int]) -> list[dict[str, str]]:
     """LLaVA turns -> chat ``messages``, each ``<key>`` marker replaced by its modality's placeholder;
     items without markers go to the start of the first user turn."""
@@ -135,14 +127,14 @@ def to_messages(conversations: Sequence[Mapping[str, Any]], markers: Mapping[str
 
 class ConversationDataset(torch.utils.data.Dataset):
     """LLaVA-style records -> samples for `MultimodalCollator`:
-    ``{"messages": [...], "<modality>": [items...]}`` (images as PIL, audio as waveforms).
+    ``{"messages": [...], "<modality>": [items...]}`` (images as RGB PIL images, audio as
+    ``(waveform, sampling_rate)`` pairs, which audio processors such as Whisper's resample).
 
     Args:
         records: dicts as in the module docstring (see `read_jsonl`), or a JSONL path.
         root: directory relative media paths start from (default: the JSONL file's directory).
         media_keys: JSONL key -> model modality (encoder name); default ``image -> vision``,
             ``audio -> audio``.
-        sampling_rate: audio is resampled to it (the audio encoder's rate, e.g. 16000).
     """
 
     def __init__(
@@ -150,7 +142,6 @@ class ConversationDataset(torch.utils.data.Dataset):
         records: Sequence[Mapping[str, Any]] | str | Path,
         root: str | Path | None = None,
         media_keys: Mapping[str, str] | None = None,
-        sampling_rate: int | None = 16000,
     ):
         if isinstance(records, (str, Path)):
             root = Path(records).parent if root is None else root
@@ -158,7 +149,6 @@ class ConversationDataset(torch.utils.data.Dataset):
         self.records = list(records)
         self.root = Path(root) if root is not None else Path.cwd()
         self.media_keys = dict(media_keys or DEFAULT_MEDIA_KEYS)
-        self.sampling_rate = sampling_rate
 
     def __len__(self) -> int:
         return len(self.records)
@@ -183,7 +173,7 @@ class ConversationDataset(torch.utils.data.Dataset):
             if missing:
                 raise DataFormatError(f"sample {record.get('id', index)!r}: missing {key} file(s) {missing}")
             if key == "audio" or modality == "audio":
-                sample[modality] = [resample(*load_audio(p), self.sampling_rate) for p in paths]
+                sample[modality] = [load_audio(p) for p in paths]
             else:
                 sample[modality] = [load_image(p) for p in paths]
         markers = {f"<{key}>": placeholder_token(modality) for key, modality in self.media_keys.items()}
