@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 import subprocess
 import sys
@@ -329,6 +330,13 @@ def test_unknown_option_is_a_config_error_naming_it():
 def test_bad_option_values_are_config_errors_saying_what_was_expected(options, needle):
     with pytest.raises(ConfigError, match=needle):
         mmcore.get_factory("siglip").make_recipe(preset="tiny", **options)
+
+
+def test_processor_pickles_for_dataloader_workers():
+    factory = mmcore.get_factory("siglip")
+    processor = factory.processor(factory.make_recipe(preset="tiny"))
+    copy = pickle.loads(pickle.dumps(processor))
+    assert torch.equal(copy(images())["pixel_values"], processor(images())["pixel_values"])
 
 
 def test_processor_refuses_what_is_not_an_image():
