@@ -72,7 +72,7 @@ def _create(name: str, **kwargs: Any) -> nn.Module:
     try:
         return timm.create_model(name, **kwargs)
     except (RuntimeError, TypeError, ValueError, KeyError, FileNotFoundError, AssertionError) as exc:
-        given = {k: v for k, v in kwargs.items() if k not in FIXED_KWARGS}
+        given = {k: v for k, v in kwargs.items() if k not in FIXED_KWARGS and k != "pretrained"}
         raise ConfigError(f"eva02: timm cannot build {name!r} with {given}: {type(exc).__name__}: {exc}") from exc
 
 
@@ -217,6 +217,11 @@ class Eva02Factory(EncoderFactory):
         layer = opts["feature_layer"]
         if not isinstance(layer, int) or isinstance(layer, bool) or not -depth <= layer < depth:
             raise ConfigError(f"eva02: feature_layer must be an int in [{-depth}, {depth - 1}] for {model_name}, got {layer!r}")
+        if not model.patch_embed.dynamic_img_pad and any(s % p for s, p in zip(model.patch_embed.img_size, model.patch_embed.patch_size)):
+            raise ConfigError(
+                f"eva02: img_size {list(model.patch_embed.img_size)} is not a multiple of the patch size "
+                f"{list(model.patch_embed.patch_size)}; choose another or pass dynamic_img_pad=True"
+            )
         data_config = resolve_model_data_config(model)
         data_config["input_size"] = (data_config["input_size"][0], *model.patch_embed.img_size)
         return {
@@ -273,8 +278,13 @@ class Eva02Factory(EncoderFactory):
         if getattr(pixel_values, "dim", lambda: 0)() != 4:
             raise ConfigError(f"eva02: pixel_values must be (items, 3, H, W), got {getattr(pixel_values, 'shape', pixel_values)!r}")
         height, width = pixel_values.shape[-2:]
-        (ph, pw), rounding = recipe["patch_size"], (math.ceil if recipe["dynamic_img_pad"] else math.floor)
-        return [rounding(height / ph) * rounding(width / pw)] * pixel_values.shape[0]
+        ph, pw = recipe["patch_size"]
+        if not recipe["dynamic_img_pad"] and (height % ph or width % pw):
+            raise ConfigError(
+                f"eva02: images of {height}x{width} px are not a whole number of {ph}x{pw} patches; "
+                "resize them (the processor does) or build with dynamic_img_pad=True"
+            )
+        return [math.ceil(height / ph) * math.ceil(width / pw)] * pixel_values.shape[0]
 
     def dummy_inputs(self, recipe: Mapping[str, Any], batch_size: int = 1) -> dict[str, Any]:
         channels, height, width = recipe["data_config"]["input_size"]
