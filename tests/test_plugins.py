@@ -259,7 +259,7 @@ def test_good_plugin_is_loaded_with_its_status(site):
                              "callback": ("pool",)}  # fmt: skip
     assert st.load_time_s >= 0
     assert reg.get_encoder("eva02-tiny").presets == ("tiny",)
-    assert [s.name for s in reg.list_encoders("eva02*")] == ["eva02-base", "eva02-tiny"]
+    assert [s.name for s in reg.list_encoders("good:eva02*")] == ["eva02-base", "eva02-tiny"]
     assert reg.get_projector("good:qformer").factory == f"{module}:build"
     assert reg.get_callback("pool").slots == ("postprocess_projector",)
 
