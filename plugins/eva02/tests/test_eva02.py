@@ -259,3 +259,14 @@ def test_processor_output_runs_through_the_assembled_model_and_saves(tmp_path):
         before = model(input_ids=input_ids, **processed).logits
         after = loaded(input_ids=input_ids, **processed).logits
     assert torch.equal(before, after)
+
+
+def test_readme_example_runs(tmp_path, monkeypatch):
+    import pathlib
+    import re
+
+    readme = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
+    example = re.search(r"## Example\n+```python\n(.*?)```", readme, re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    exec(compile(example, "README.md example", "exec"), {})
+    assert (tmp_path / "out").is_dir()
