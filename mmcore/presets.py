@@ -56,10 +56,10 @@ _TINY = dict(
 LLM_PRESETS: dict[str, LLMPreset] = {
     p.name: p
     for p in (
-        LLMPreset("tiny", "llama", "2-layer Llama, width 32, vocab 384 (tests)", dict(_TINY), TINY_TOKENIZER),
-        LLMPreset("tiny-qwen2", "qwen2", "2-layer Qwen2, width 32, vocab 384 (tests)", dict(_TINY), TINY_TOKENIZER),
+        LLMPreset("tiny", "llama", "2-layer Llama, width 32 (tests)", dict(_TINY), TINY_TOKENIZER),
+        LLMPreset("tiny-qwen2", "qwen2", "2-layer Qwen2, width 32 (tests)", dict(_TINY), TINY_TOKENIZER),
         LLMPreset(
-            "llama3-8b", "llama", "Meta-Llama-3-8B architecture (8.03B)",
+            "llama3-8b", "llama", "Meta-Llama-3-8B (8.03B)",
             dict(
                 vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                 num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192, rms_norm_eps=1e-5,
@@ -67,7 +67,7 @@ LLM_PRESETS: dict[str, LLMPreset] = {
             ),
         ),
         LLMPreset(
-            "qwen2-0.5b", "qwen2", "Qwen2-0.5B architecture (0.49B, tied embeddings)",
+            "qwen2-0.5b", "qwen2", "Qwen2-0.5B (0.49B, tied)",
             dict(
                 vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
                 num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=131072, rms_norm_eps=1e-6,
@@ -75,7 +75,7 @@ LLM_PRESETS: dict[str, LLMPreset] = {
             ),
         ),
         LLMPreset(
-            "qwen2-7b", "qwen2", "Qwen2-7B architecture (7.62B)",
+            "qwen2-7b", "qwen2", "Qwen2-7B (7.62B)",
             dict(
                 vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
                 num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=131072, rms_norm_eps=1e-6,
@@ -83,7 +83,7 @@ LLM_PRESETS: dict[str, LLMPreset] = {
             ),
         ),
         LLMPreset(
-            "mistral-7b", "mistral", "Mistral-7B-v0.1 architecture (7.24B)",
+            "mistral-7b", "mistral", "Mistral-7B-v0.1 (7.24B)",
             dict(
                 vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                 num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=32768, rms_norm_eps=1e-5,
@@ -91,7 +91,7 @@ LLM_PRESETS: dict[str, LLMPreset] = {
             ),
         ),
         LLMPreset(
-            "vicuna-7b", "llama", "Vicuna-7B v1.5 = Llama-2-7B architecture (6.74B)",
+            "vicuna-7b", "llama", "Vicuna-7B v1.5, Llama-2 (6.74B)",
             dict(
                 vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                 num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-5,

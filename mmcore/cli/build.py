@@ -76,8 +76,9 @@ def build_from_spec(spec: AssemblySpec, *, meta: bool = False, step: Step | None
 
 
 @contextlib.contextmanager
-def _key(spec: AssemblySpec, path: str) -> Iterator[None]:
-    """Prefix an error raised while building one part with the spec key it comes from."""
+def _key(spec: AssemblySpec, path: str, loading: str | None = None) -> Iterator[None]:
+    """Prefix an error raised while building one part with the spec key it comes from (and, for
+    loading errors, with what was being loaded)."""
     try:
         yield
     except MMCoreError as exc:
@@ -86,7 +87,8 @@ def _key(spec: AssemblySpec, path: str) -> Iterator[None]:
         raise type(exc)(f"{spec.origin}: {path}: {exc}") from exc
     except (OSError, ValueError) as exc:  # hub/file loading: missing repo, offline, bad config
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(f"{spec.origin}: {path}: {first}") from exc
+        what = f"cannot load {loading!r}: " if loading else ""
+        raise ConfigError(f"{spec.origin}: {path}: {what}{first}") from exc
 
 
 def _build_llm(spec: AssemblySpec, meta: bool) -> tuple[Any, bool]:
@@ -94,7 +96,7 @@ def _build_llm(spec: AssemblySpec, meta: bool) -> tuple[Any, bool]:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     source = spec.llm.source
-    with _key(spec, "llm.source"):
+    with _key(spec, "llm.source", loading=source):
         if source in LLM_PRESETS:
             config, random = LLM_PRESETS[source].build_config(), True
         elif meta or spec.model.random_init:
@@ -122,10 +124,15 @@ def _build_encoder(spec: AssemblySpec, entry: EncoderEntry, width: int, meta: bo
         factory = get_factory(entry.encoder)
     with _key(spec, f"{path}.callbacks"):
         callbacks = {slot: _callback(cb) for slot, cb in entry.callbacks.items()}
+    with _key(spec, f"{path}.options"):
+        factory.check_options(entry.options)
+    if entry.preset is not None:
+        with _key(spec, f"{path}.preset"):
+            factory.check_preset(entry.preset)
     device = "meta" if meta else None
-    source_key = f"{path}.preset" if entry.preset is not None else f"{path}.checkpoint"
     random_weights = entry.preset is not None or spec.model.random_init or meta
-    with _key(spec, source_key if entry.preset or entry.checkpoint else path):
+    source_key = f"{path}.preset" if entry.preset is not None else f"{path}.checkpoint"
+    with _key(spec, source_key, loading=entry.checkpoint):
         if random_weights and entry.preset is None:
             # Read the checkpoint's config only: random weights, nothing but the config downloaded.
             checkpoint = entry.checkpoint or (factory.spec.default_checkpoint if factory.spec else None)
@@ -190,7 +197,7 @@ def load_tokenizer(spec: AssemblySpec) -> Any:
         return tiny_tokenizer()
     from transformers import AutoTokenizer
 
-    with _key(spec, key):
+    with _key(spec, key, loading=name):
         return AutoTokenizer.from_pretrained(_path_or_id(name), trust_remote_code=False)
 
 

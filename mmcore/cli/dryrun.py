@@ -22,7 +22,7 @@ LORA_RANK = 16
 #: stage -> what trains
 STAGES = {
     "align": "projectors",
-    "lora": f"projectors + LoRA r={LORA_RANK} on every Linear of the LLM but the output head",
+    "lora": f"projectors + LoRA r={LORA_RANK} on the LLM's linears",
     "finetune": "projectors + LLM",
     "full": "everything",
 }

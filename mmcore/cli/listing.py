@@ -158,11 +158,7 @@ def _empty_caption(kind: str, *filters: Any) -> str:
 
 # -- plugins ---------------------------------------------------------------------------------------
 
-plugins_app = typer.Typer(
-    help="Installed plugins: status, distribution, hooks and what each registered.",
-    invoke_without_command=True,
-    no_args_is_help=False,
-)
+plugins_app = typer.Typer(invoke_without_command=True, no_args_is_help=False)
 
 
 def _status_dict(status: Any) -> dict[str, Any]:
