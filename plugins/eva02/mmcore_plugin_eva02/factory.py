@@ -23,6 +23,7 @@ Any timm ViT-style model (``patch_embed``, ``blocks``, ``num_prefix_tokens``) wo
 from __future__ import annotations
 
 import difflib
+import importlib
 import json
 import math
 from collections.abc import Mapping
@@ -73,7 +74,8 @@ def _create(name: str, **kwargs: Any) -> nn.Module:
         return timm.create_model(name, **kwargs)
     except (RuntimeError, TypeError, ValueError, KeyError, FileNotFoundError, AssertionError) as exc:
         given = {k: v for k, v in kwargs.items() if k not in FIXED_KWARGS and k != "pretrained"}
-        raise ConfigError(f"eva02: timm cannot build {name!r} with {given}: {type(exc).__name__}: {exc}") from exc
+        call = ", ".join([repr(name), *(f"{k}={v!r}" for k, v in given.items())])
+        raise ConfigError(f"eva02: timm.create_model({call}) failed: {type(exc).__name__}: {exc}") from exc
 
 
 def _jsonable(value: Any, what: str) -> Any:
@@ -88,8 +90,6 @@ def load_weights_file(model: nn.Module, path: str, model_name: str) -> None:
     ``weights_only=True``; original EVA / OpenCLIP layouts go through the architecture's timm
     ``checkpoint_filter_fn``. Weights the pruned model has no place for (later blocks, a classifier
     head) are skipped; a weight the model needs but the file lacks is a `ConfigError`."""
-    import importlib
-
     try:
         state_dict = timm.models.load_state_dict(path, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's input

@@ -66,7 +66,8 @@ class WhisperAudioProcessor:
     """Waveforms -> ``{"input_features": (items, num_mel_bins, 2 * positions)}``, Whisper's log-mel
     spectrogram computed with torchaudio, batched, on the device the waveforms are on (or ``device``).
 
-    Items: 1-D waveforms at 16 kHz (arrays, lists or tensors), ``(waveform, sample_rate)`` pairs
+    Items (a list; a single clip is accepted too): 1-D waveforms at 16 kHz (arrays, lists or tensors),
+    floats in [-1, 1]; ``(waveform, sample_rate)`` pairs
     (resampled to 16 kHz with ``torchaudio.functional.resample``), or ``(channels, samples)`` arrays
     (averaged to mono). Each clip is padded with zeros or trimmed to the window, as
     ``WhisperFeatureExtractor`` does (it matches it within 1e-4).
@@ -103,7 +104,9 @@ class WhisperAudioProcessor:
                 f"whisper processor: item {index}: expected a non-empty (samples,) or (channels, samples) waveform, "
                 f"got shape {tuple(wave.shape)}"
             )
-        if not isinstance(sampling_rate, int) or sampling_rate <= 0:
+        if isinstance(sampling_rate, float) and sampling_rate.is_integer():
+            sampling_rate = int(sampling_rate)
+        if not isinstance(sampling_rate, int) or isinstance(sampling_rate, bool) or sampling_rate <= 0:
             raise ConfigError(f"whisper processor: item {index}: sample rate must be a positive int, got {sampling_rate!r}")
         if sampling_rate != SAMPLING_RATE:
             wave = torchaudio.functional.resample(wave, sampling_rate, SAMPLING_RATE)
@@ -125,7 +128,8 @@ class WhisperAudioProcessor:
     def __call__(
         self, items: Sequence[Any], sampling_rate: int = SAMPLING_RATE, device: str | torch.device | None = None
     ) -> dict[str, torch.Tensor]:
-        if isinstance(items, torch.Tensor) and items.dim() == 1:
+        one_pair = isinstance(items, tuple) and len(items) == 2 and isinstance(items[1], (int, float))
+        if getattr(items, "ndim", None) == 1 or one_pair:  # one clip, not a list of them
             items = [items]
         waves = [self.waveform(item, i, sampling_rate) for i, item in enumerate(items)]
         if not waves:
@@ -186,12 +190,15 @@ class WhisperFactory(EncoderFactory):
         positions = recipe["config"]["max_source_positions"]
         if checkpoint is None:
             return WhisperAudioEncoder._from_config(WhisperConfig(**recipe["config"]))
-        encoder, info = WhisperAudioEncoder.from_pretrained(
-            checkpoint,
-            key_mapping={r"^(model\.)?encoder\.": ""},
-            dtype=torch.get_default_dtype(),
-            output_loading_info=True,
-        )
+        try:
+            encoder, info = WhisperAudioEncoder.from_pretrained(
+                checkpoint,
+                key_mapping={r"^(model\.)?encoder\.": ""},
+                dtype=torch.get_default_dtype(),
+                output_loading_info=True,
+            )
+        except OSError as exc:
+            raise ConfigError(f"whisper: cannot load weights from {checkpoint!r}: {exc}") from exc
         if info["missing_keys"] or info["mismatched_keys"]:
             missing = sorted(info["missing_keys"]) + [str(k) for k in info["mismatched_keys"]]
             raise ConfigError(

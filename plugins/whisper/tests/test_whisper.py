@@ -139,6 +139,9 @@ def test_a_checkpoint_of_another_model_is_refused(tmp_path):
         mmcore.build_encoder("whisper", str(tmp_path / "clip"))
     with pytest.raises(ConfigError, match="cannot read a Whisper config"):
         mmcore.build_encoder("whisper", str(tmp_path / "missing"))
+    WhisperConfig(**TINY).save_pretrained(tmp_path / "config-only")
+    with pytest.raises(ConfigError, match="cannot load weights"):
+        mmcore.build_encoder("whisper", str(tmp_path / "config-only"))
 
 
 @pytest.mark.parametrize("mels, seconds", [(80, 30), (128, 5)])
@@ -189,6 +192,9 @@ def test_processor_takes_arrays_stereo_and_a_rate_for_all_items():
     assert torch.equal(processor([mono])["input_features"], processor([stereo])["input_features"])
     at_8k = processor([tone(0.1, 8000)], sampling_rate=8000)["input_features"]
     assert at_8k.shape == (1, 8, 20)
+    assert torch.equal(processor((tone(0.1, 8000), 8000.0))["input_features"], at_8k)  # one pair, not a list
+    assert torch.equal(processor(mono)["input_features"], processor([mono])["input_features"])  # one clip
+    assert processor((mono, mono))["input_features"].shape == (2, 8, 20)  # a tuple of clips
 
 
 @pytest.mark.parametrize(
