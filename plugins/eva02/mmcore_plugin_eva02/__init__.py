@@ -6,7 +6,6 @@ the factory (`mmcore_plugin_eva02.factory:Eva02Factory`) is loaded when an encod
 
 from mmcore import hookimpl
 from mmcore.registry import EncoderSpec
-
 from mmcore_plugin_eva02.presets import DEFAULT_CHECKPOINT, PRESET_NAMES
 
 MMCORE_PLUGIN_API = 1  # the plugin-API version this plugin is written for

@@ -43,6 +43,8 @@ from mmcore_plugin_eva02.presets import PRESETS
 #: create_model arguments every module is built with (the recipe cannot change them).
 FIXED_KWARGS = {"num_classes": 0, "dynamic_img_size": True}
 _SOURCES = ("hf-hub:", "local-dir:")
+#: timm data-config entries the ``data_config`` option may change.
+DATA_CONFIG_KEYS = ("interpolation", "mean", "std", "crop_pct", "crop_mode")
 
 
 def weights_source(checkpoint: str) -> tuple[str, str]:
@@ -57,7 +59,9 @@ def weights_source(checkpoint: str) -> tuple[str, str]:
         return "file", str(path.resolve())
     if "/" in checkpoint or "\\" in checkpoint:
         if checkpoint.startswith((".", "/", "~")) or checkpoint.count("/") != 1:
-            raise ConfigError(f"eva02: checkpoint {checkpoint!r} is neither an existing file or directory nor a hub id")
+            raise ConfigError(
+                f"eva02: checkpoint {checkpoint!r} is neither an existing file or directory nor a hub id"
+            )
         return "timm", f"hf-hub:{checkpoint}"
     arch = checkpoint.partition(".")[0]
     if not timm.is_model(arch):
@@ -82,7 +86,9 @@ def _jsonable(value: Any, what: str) -> Any:
     try:
         return json.loads(json.dumps(value))
     except (TypeError, ValueError) as exc:
-        raise ConfigError(f"eva02: {what} must be JSON-able (it is stored in config.json), got {value!r}") from exc
+        raise ConfigError(
+            f"eva02: {what} must be JSON-able (it is stored in config.json), got {value!r}"
+        ) from exc
 
 
 def load_weights_file(model: nn.Module, path: str, model_name: str) -> None:
@@ -92,7 +98,7 @@ def load_weights_file(model: nn.Module, path: str, model_name: str) -> None:
     head) are skipped; a weight the model needs but the file lacks is a `ConfigError`."""
     try:
         state_dict = timm.models.load_state_dict(path, weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's input
+    except Exception as exc:
         raise ConfigError(f"eva02: cannot read weights file {path!r}: {type(exc).__name__}: {exc}") from exc
     filter_fn = getattr(importlib.import_module(type(model).__module__), "checkpoint_filter_fn", None)
     if filter_fn is not None:
@@ -153,16 +159,19 @@ class Eva02Factory(EncoderFactory):
 
     presets = {name: entry["summary"] for name, entry in PRESETS.items()}
     options = {
-        "model_name": None,  # timm architecture: required with a weights file; with preset "tiny", a tiny one of it
+        "model_name": None,  # timm architecture: needed with a weights file; with preset "tiny", a tiny one
         "feature_layer": -2,  # block whose output is used (OmniLMM: the penultimate)
         "final_norm": True,  # apply the model's final norm to it (OmniLMM's forward_features does)
         "img_size": None,  # input resolution (int or [H, W]); timm resamples the position embedding
         "dynamic_img_pad": False,  # pad images to a multiple of the patch size (OmniLMM: True)
         "model_kwargs": None,  # further timm.create_model arguments, e.g. {"drop_path_rate": 0.1}
+        "data_config": None,  # changes to timm's data config, e.g. {"crop_mode": "squash"}: resize, no crop
     }
 
     # -- recipe --------------------------------------------------------------------------------------
-    def make_recipe(self, checkpoint: str | None = None, preset: str | None = None, **options: Any) -> dict[str, Any]:
+    def make_recipe(
+        self, checkpoint: str | None = None, preset: str | None = None, **options: Any
+    ) -> dict[str, Any]:
         opts = self.check_options(options)
         user_kwargs = dict(opts["model_kwargs"] or {})
         fixed = sorted(set(user_kwargs) & set(FIXED_KWARGS))
@@ -172,14 +181,14 @@ class Eva02Factory(EncoderFactory):
             user_kwargs["img_size"] = opts["img_size"]
         if opts["dynamic_img_pad"]:
             user_kwargs["dynamic_img_pad"] = True
-        source_kind = "preset"
         if preset is not None:
             entry = PRESETS[self.check_preset(preset)]
             model_name = entry["model_name"]
             if opts["model_name"] is not None:
                 if not entry.get("overrides"):
                     raise ConfigError(
-                        f"eva02: preset {preset!r} fixes the architecture ({model_name}); model_name= goes with "
+                        f"eva02: preset {preset!r} fixes the architecture ({model_name}); "
+                        "model_name= goes with "
                         "preset 'tiny' (a tiny model of that architecture) or with a checkpoint file"
                     )
                 model_name = opts["model_name"]
@@ -195,46 +204,63 @@ class Eva02Factory(EncoderFactory):
                 model_name = weights_source(opts["model_name"])[1]
             elif opts["model_name"] is not None:
                 raise ConfigError(
-                    f"eva02: checkpoint {checkpoint!r} names its architecture; model_name= is for checkpoint files"
+                    f"eva02: checkpoint {checkpoint!r} names its architecture; "
+                    "model_name= is for checkpoint files"
                 )
             kwargs = user_kwargs
         kwargs = _jsonable(kwargs, "model_kwargs")
         with torch.device("meta"):  # read the architecture, allocate nothing
             model = _create(model_name, pretrained=False, **kwargs, **FIXED_KWARGS)
-        missing = [a for a in ("patch_embed", "blocks", "num_prefix_tokens", "prune_intermediate_layers") if not hasattr(model, a)]
+        needed = ("patch_embed", "blocks", "num_prefix_tokens", "prune_intermediate_layers")
+        missing = [attr for attr in needed if not hasattr(model, attr)]
         if missing:
             raise ConfigError(
-                f"eva02: {model_name!r} ({type(model).__name__}) is not a ViT-style timm model; it lacks {', '.join(missing)}"
+                f"eva02: {model_name!r} ({type(model).__name__}) is not a ViT-style timm model; "
+                f"it lacks {', '.join(missing)}"
             )
         if model_name.startswith(_SOURCES):
             # hub / directory sources: record the architecture and the arguments its config.json gave,
             # so the module rebuilds offline from the recipe alone.
             model_name = model.pretrained_cfg["architecture"]
             kwargs = _jsonable(
-                {k: v for k, v in getattr(model, "_model_args", {}).items() if k not in FIXED_KWARGS}, "model_kwargs"
+                {k: v for k, v in getattr(model, "_model_args", {}).items() if k not in FIXED_KWARGS},
+                "model_kwargs",
             )
         depth = len(model.blocks)
         layer = opts["feature_layer"]
         if not isinstance(layer, int) or isinstance(layer, bool) or not -depth <= layer < depth:
-            raise ConfigError(f"eva02: feature_layer must be an int in [{-depth}, {depth - 1}] for {model_name}, got {layer!r}")
-        if not model.patch_embed.dynamic_img_pad and any(s % p for s, p in zip(model.patch_embed.img_size, model.patch_embed.patch_size)):
             raise ConfigError(
-                f"eva02: img_size {list(model.patch_embed.img_size)} is not a multiple of the patch size "
-                f"{list(model.patch_embed.patch_size)}; choose another or pass dynamic_img_pad=True"
+                f"eva02: feature_layer must be an int in [{-depth}, {depth - 1}] for {model_name}, "
+                f"got {layer!r}"
+            )
+        img_size, patch_size = model.patch_embed.img_size, model.patch_embed.patch_size
+        padded = bool(getattr(model.patch_embed, "dynamic_img_pad", False))
+        if not padded and any(side % patch for side, patch in zip(img_size, patch_size)):
+            raise ConfigError(
+                f"eva02: img_size {list(img_size)} is not a multiple of the patch size {list(patch_size)}; "
+                "choose another or pass dynamic_img_pad=True"
             )
         data_config = resolve_model_data_config(model)
-        data_config["input_size"] = (data_config["input_size"][0], *model.patch_embed.img_size)
+        data_config["input_size"] = (data_config["input_size"][0], *img_size)
+        changes = dict(opts["data_config"] or {})
+        unknown = sorted(set(changes) - set(DATA_CONFIG_KEYS))
+        if unknown:
+            raise ConfigError(
+                f"eva02: data_config cannot set {', '.join(unknown)} (it sets {', '.join(DATA_CONFIG_KEYS)}; "
+                "the size follows img_size)"
+            )
+        data_config.update(changes)
         return {
             "model_name": model_name,
             "model_kwargs": kwargs,
             "feature_layer": layer,
             "final_norm": bool(opts["final_norm"]),
             "data_config": _jsonable(data_config, "data_config"),
-            "patch_size": list(model.patch_embed.patch_size),
+            "patch_size": list(patch_size),
             "num_prefix_tokens": int(model.num_prefix_tokens),
             "width": int(model.num_features),
             "depth": depth,
-            "dynamic_img_pad": bool(getattr(model.patch_embed, "dynamic_img_pad", False)),
+            "dynamic_img_pad": padded,
         }
 
     # -- module --------------------------------------------------------------------------------------
@@ -273,10 +299,12 @@ class Eva02Factory(EncoderFactory):
 
     def num_tokens(self, recipe: Mapping[str, Any], inputs: Mapping[str, Any]) -> list[int]:
         """Patch tokens per image (prefix tokens dropped by the default callback), *before* the
-        projector: the resampler then makes ``num_queries`` of them (``MultimodalProjector.num_output_tokens``)."""
+        projector: the resampler then makes ``num_queries`` of them
+        (``MultimodalProjector.num_output_tokens``)."""
         pixel_values = inputs["pixel_values"]
         if getattr(pixel_values, "dim", lambda: 0)() != 4:
-            raise ConfigError(f"eva02: pixel_values must be (items, 3, H, W), got {getattr(pixel_values, 'shape', pixel_values)!r}")
+            shape = getattr(pixel_values, "shape", pixel_values)
+            raise ConfigError(f"eva02: pixel_values must be (items, 3, H, W), got {shape!r}")
         height, width = pixel_values.shape[-2:]
         ph, pw = recipe["patch_size"]
         if not recipe["dynamic_img_pad"] and (height % ph or width % pw):
@@ -296,4 +324,5 @@ class Eva02Factory(EncoderFactory):
         from PIL import Image
 
         rng = np.random.default_rng(0)
-        return [Image.fromarray(rng.integers(0, 256, (30 + 9 * i, 40 + 13 * i, 3), dtype=np.uint8)) for i in range(n)]
+        sizes = [(30 + 9 * i, 40 + 13 * i, 3) for i in range(n)]
+        return [Image.fromarray(rng.integers(0, 256, size, dtype=np.uint8)) for size in sizes]

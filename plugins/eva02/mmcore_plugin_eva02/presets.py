@@ -33,7 +33,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     "eva02-enormous": {
         "model_name": "eva02_enormous_patch14_clip_224.laion2b_plus",
-        "summary": "timm eva02_enormous_patch14_clip_224 (OmniLMM's vision tower): 4.3B parameters, width 1792",
+        "summary": "timm eva02_enormous_patch14_clip_224 (OmniLMM's tower): 4.3B parameters, width 1792",
     },
 }
 

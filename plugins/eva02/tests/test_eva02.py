@@ -4,16 +4,17 @@ import math
 import subprocess
 import sys
 
-import mmcore
 import numpy as np
 import pytest
 import timm
 import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+import mmcore
 from mmcore.callbacks import DropPrefixTokens
 from mmcore.errors import ConfigError
 from mmcore.testing import check_encoder_plugin, tiny_llm, tiny_tokenizer
-from PIL import Image
-from safetensors.torch import save_file
 
 TINY = {"img_size": 28, "depth": 2, "embed_dim": 32, "num_heads": 2}
 
@@ -48,7 +49,9 @@ def omnilmm_features(timm_model, pixel_values):
 @pytest.fixture
 def tiny_timm():
     torch.manual_seed(0)
-    return timm.create_model("eva02_tiny_patch14_224", pretrained=False, num_classes=0, dynamic_img_size=True, **TINY)
+    return timm.create_model(
+        "eva02_tiny_patch14_224", pretrained=False, num_classes=0, dynamic_img_size=True, **TINY
+    )
 
 
 def test_contract(tmp_path):
@@ -91,15 +94,21 @@ def test_final_norm_false_and_last_layer(tiny_timm):
     x = torch.randn(2, 3, 28, 28)
     raw = mmcore.build_encoder("eva02", preset="tiny", final_norm=False)
     raw.module.load_state_dict(tiny_timm.state_dict(), strict=False)
-    (expected,) = tiny_timm.eval().forward_intermediates(x, indices=[-2], norm=False, output_fmt="NLC", intermediates_only=True)
+    (expected,) = tiny_timm.eval().forward_intermediates(
+        x, indices=[-2], norm=False, output_fmt="NLC", intermediates_only=True
+    )
     assert torch.equal(features(raw, x), expected)
     last = mmcore.build_encoder("eva02", preset="tiny", feature_layer=-1)
     assert len(last.module.blocks) == 2
 
 
 # EVA02-enormous: 64 identical blocks of width 1792, MLP 15360 (no SwiGLU), fused qkv with q/v biases.
-ENORMOUS_BLOCK = (1792 * 3 * 1792 + 2 * 1792) + (1792 * 1792 + 1792) + 2 * (1792 * 15360) + 15360 + 1792 + 4 * 1792
-ENORMOUS_REST = 3 * 14 * 14 * 1792 + 1792 + 1792 + 257 * 1792 + 2 * 1792  # patch embed, cls, pos embed, final norm
+ENORMOUS_BLOCK = (
+    (1792 * 3 * 1792 + 2 * 1792) + (1792 * 1792 + 1792) + 2 * (1792 * 15360) + 15360 + 1792 + 4 * 1792
+)
+ENORMOUS_REST = (
+    3 * 14 * 14 * 1792 + 1792 + 1792 + 257 * 1792 + 2 * 1792
+)  # patch embed, cls, pos embed, final norm
 
 
 def test_enormous_preset_on_meta_device_is_omnilmms_tower():
@@ -115,7 +124,13 @@ def test_enormous_preset_on_meta_device_is_omnilmms_tower():
 
 @pytest.mark.parametrize(
     "preset, width",
-    [("eva02-tiny", 192), ("eva02-small", 384), ("eva02-base", 768), ("eva02-large", 1024), ("eva02-enormous", 1792)],
+    [
+        ("eva02-tiny", 192),
+        ("eva02-small", 384),
+        ("eva02-base", 768),
+        ("eva02-large", 1024),
+        ("eva02-enormous", 1792),
+    ],
 )
 def test_full_size_presets_read_224px_images_into_256_tokens(preset, width):
     encoder = mmcore.build_encoder("eva02", preset=preset, device="meta")
@@ -154,7 +169,9 @@ def test_sizes_that_are_not_whole_patches_need_padding():
         factory().num_tokens(recipe_of(encoder), {"pixel_values": torch.zeros(1, 3, 30, 28)})
     with pytest.raises(ConfigError, match="img_size"):
         mmcore.build_encoder("eva02", preset="tiny", img_size=30, device="meta")
-    assert recipe_of(mmcore.build_encoder("eva02", preset="tiny", img_size=[42, 56]))["data_config"]["input_size"] == [3, 42, 56]
+    assert recipe_of(mmcore.build_encoder("eva02", preset="tiny", img_size=[42, 56]))["data_config"][
+        "input_size"
+    ] == [3, 42, 56]
 
 
 def test_any_timm_vit_by_name_with_register_tokens_dropped():
@@ -163,7 +180,11 @@ def test_any_timm_vit_by_name_with_register_tokens_dropped():
     assert recipe_of(encoder)["num_prefix_tokens"] == 5  # class + 4 registers
     assert encoder.postprocess_module_callback == DropPrefixTokens(5)
     x = torch.randn(1, 3, 42, 42)
-    assert features(encoder, x).shape == (1, 9, 32) == (1, factory().num_tokens(recipe_of(encoder), {"pixel_values": x})[0], 32)
+    assert (
+        features(encoder, x).shape
+        == (1, 9, 32)
+        == (1, factory().num_tokens(recipe_of(encoder), {"pixel_values": x})[0], 32)
+    )
 
 
 def test_loads_a_timm_hub_directory(tiny_timm, tmp_path):
@@ -174,7 +195,9 @@ def test_loads_a_timm_hub_directory(tiny_timm, tmp_path):
     x = torch.randn(2, 3, 28, 28)
     assert torch.equal(features(encoder, x), omnilmm_features(tiny_timm, x))
     rebuilt = factory().build_module(recipe)  # offline, from the recipe alone (as at load time)
-    assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {k: v.shape for k, v in encoder.module.state_dict().items()}
+    assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {
+        k: v.shape for k, v in encoder.module.state_dict().items()
+    }
 
 
 @pytest.mark.parametrize("filename", ["weights.safetensors", "weights.pth"])
@@ -193,10 +216,17 @@ def test_weights_file_errors(tiny_timm, tmp_path):
     with pytest.raises(ConfigError, match="needs model_name"):
         mmcore.build_encoder("eva02", str(path))
     with pytest.raises(ConfigError, match="does not fit"):
-        mmcore.build_encoder("eva02", str(path), model_name="eva02_tiny_patch14_224", model_kwargs={**TINY, "embed_dim": 48})
+        mmcore.build_encoder(
+            "eva02", str(path), model_name="eva02_tiny_patch14_224", model_kwargs={**TINY, "embed_dim": 48}
+        )
     save_file({"unrelated": torch.zeros(1)}, tmp_path / "other.safetensors")
     with pytest.raises(ConfigError, match="lacks 17 weights"):
-        mmcore.build_encoder("eva02", str(tmp_path / "other.safetensors"), model_name="eva02_tiny_patch14_224", model_kwargs=TINY)
+        mmcore.build_encoder(
+            "eva02",
+            str(tmp_path / "other.safetensors"),
+            model_name="eva02_tiny_patch14_224",
+            model_kwargs=TINY,
+        )
 
 
 def test_a_tagged_timm_name_makes_its_recipe_offline():
@@ -223,7 +253,11 @@ def test_bad_preset_checkpoint_or_option_is_a_config_error(kwargs, match):
 def test_processor_applies_timms_eval_transforms():
     encoder = mmcore.build_encoder("eva02", preset="tiny")
     processor = factory().processor(recipe_of(encoder))
-    images = [Image.new("RGB", (64, 48), (255, 0, 0)), np.zeros((20, 30), dtype=np.uint8), Image.new("L", (10, 90))]
+    images = [
+        Image.new("RGB", (64, 48), (255, 0, 0)),
+        np.zeros((20, 30), dtype=np.uint8),
+        Image.new("L", (10, 90)),
+    ]
     pixel_values = processor(images)["pixel_values"]
     assert pixel_values.shape == (3, 3, 28, 28)
     mean, std = torch.tensor(processor.data_config["mean"]), torch.tensor(processor.data_config["std"])
@@ -232,11 +266,28 @@ def test_processor_applies_timms_eval_transforms():
         processor(["not an image"])
 
 
+def test_data_config_option_changes_the_transforms():
+    wide = np.zeros((28, 280, 3), dtype=np.uint8)
+    wide[:, :100] = (255, 0, 0)  # red on the left, black elsewhere
+    red = lambda pixel_values: pixel_values[0, 0, 14, 0] > 0  # noqa: E731
+    centered = mmcore.build_encoder("eva02", preset="tiny")
+    assert not red(factory().processor(recipe_of(centered))([wide])["pixel_values"])  # the crop cut it away
+    squashed = mmcore.build_encoder(
+        "eva02", preset="tiny", data_config={"crop_mode": "squash", "crop_pct": 1.0}
+    )
+    assert recipe_of(squashed)["data_config"]["crop_mode"] == "squash"
+    assert red(factory().processor(recipe_of(squashed))([wide])["pixel_values"])  # the whole image, resized
+    with pytest.raises(ConfigError, match="input_size"):
+        mmcore.build_encoder("eva02", preset="tiny", data_config={"input_size": [3, 56, 56]}, device="meta")
+
+
 def test_processor_output_runs_through_the_assembled_model_and_saves(tmp_path):
     torch.manual_seed(0)
     encoder = mmcore.build_encoder("eva02", preset="tiny")
     tokenizer = tiny_tokenizer()
-    model = mmcore.MultimodalModel(encoders={"vision": encoder}, language_model=tiny_llm(vocab_size=len(tokenizer)))
+    model = mmcore.MultimodalModel(
+        encoders={"vision": encoder}, language_model=tiny_llm(vocab_size=len(tokenizer))
+    )
     image_id = mmcore.add_modality_tokens(tokenizer, model)["vision"]
     projector = model.encoders["vision"].projector
     assert projector.config.projector_type == "resampler"  # the plugin's default projector
@@ -245,7 +296,9 @@ def test_processor_output_runs_through_the_assembled_model_and_saves(tmp_path):
     processed = f.processor(recipe)(f.dummy_items(recipe, 2))
     per_image = [projector.num_output_tokens(n) for n in f.num_tokens(recipe, processed)]
     assert per_image == [64, 64]  # the resampler's queries, whatever the encoder's 4 tokens
-    input_ids = torch.tensor([[1] + [image_id] * per_image[0] + [5, 6], [1, 7] + [image_id] * per_image[1] + [8]])
+    input_ids = torch.tensor(
+        [[1] + [image_id] * per_image[0] + [5, 6], [1, 7] + [image_id] * per_image[1] + [8]]
+    )
     out = model(input_ids=input_ids, labels=input_ids, **processed)
     assert torch.isfinite(out.loss)
     out.loss.backward()
@@ -266,7 +319,7 @@ def test_readme_example_runs(tmp_path, monkeypatch):
     import re
 
     readme = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
-    example = re.search(r"## Example\n+```python\n(.*?)```", readme, re.S).group(1)
+    example = re.search(r"## Example\n+```python\n(.*?)```", readme, re.DOTALL).group(1)
     monkeypatch.chdir(tmp_path)
     exec(compile(example, "README.md example", "exec"), {})
     assert (tmp_path / "out").is_dir()

@@ -7,7 +7,6 @@ encoder is built.
 
 from mmcore import hookimpl
 from mmcore.registry import EncoderSpec
-
 from mmcore_plugin_whisper.presets import DEFAULT_CHECKPOINT, PRESET_NAMES
 
 MMCORE_PLUGIN_API = 1  # the plugin-API version this plugin is written for
@@ -19,7 +18,7 @@ def register_encoders(register):
         EncoderSpec(
             name="whisper",
             modality="audio",
-            summary="Whisper encoder (transformers); log-mel on the waveform's device; window from max_seconds",
+            summary="Whisper encoder (transformers); torchaudio log-mel; window set by max_seconds",
             factory="mmcore_plugin_whisper.factory:WhisperFactory",
             default_checkpoint=DEFAULT_CHECKPOINT,
             presets=PRESET_NAMES,

@@ -46,7 +46,12 @@ class WhisperAudioEncoder(WhisperEncoder):
     """transformers' `WhisperEncoder`, loadable from a whole-model Whisper checkpoint: the weights
     under ``model.encoder.`` (or ``encoder.``) are its own, the decoder's are skipped quietly."""
 
-    _keys_to_ignore_on_load_unexpected = [r"^(model\.)?decoder\.", r"^proj_out\.", r"^projector\.", r"^classifier\."]
+    _keys_to_ignore_on_load_unexpected = [
+        r"^(model\.)?decoder\.",
+        r"^proj_out\.",
+        r"^projector\.",
+        r"^classifier\.",
+    ]
 
 
 def cut_window(encoder: WhisperEncoder, positions: int) -> None:
@@ -82,18 +87,25 @@ class WhisperAudioProcessor:
 
     def __repr__(self) -> str:
         seconds = self.num_samples / SAMPLING_RATE
-        return f"WhisperAudioProcessor(num_mel_bins={self.num_mel_bins}, window={seconds:g} s, device={self.device})"
+        return (
+            f"WhisperAudioProcessor(num_mel_bins={self.num_mel_bins}, window={seconds:g} s, "
+            f"device={self.device})"
+        )
 
     def waveform(self, item: Any, index: int, sampling_rate: int) -> torch.Tensor:
         """One item as a mono float32 waveform at 16 kHz."""
         if isinstance(item, tuple):
             if len(item) != 2:
-                raise ConfigError(f"whisper processor: item {index}: expected (waveform, sample_rate), got {len(item)} values")
+                raise ConfigError(
+                    f"whisper processor: item {index}: expected (waveform, sample_rate), "
+                    f"got {len(item)} values"
+                )
             item, sampling_rate = item
         wave = torch.as_tensor(item)
         if not wave.is_floating_point():
             raise ConfigError(
-                f"whisper processor: item {index}: expected a float waveform in [-1, 1], got dtype {wave.dtype} "
+                f"whisper processor: item {index}: expected a float waveform in [-1, 1], "
+                f"got dtype {wave.dtype} "
                 "(integer PCM: divide by 32768 first)"
             )
         wave = wave.to(torch.float32)
@@ -101,13 +113,16 @@ class WhisperAudioProcessor:
             wave = wave.mean(dim=0)
         if wave.dim() != 1 or wave.numel() == 0:
             raise ConfigError(
-                f"whisper processor: item {index}: expected a non-empty (samples,) or (channels, samples) waveform, "
+                f"whisper processor: item {index}: expected a non-empty (samples,) or "
+                "(channels, samples) waveform, "
                 f"got shape {tuple(wave.shape)}"
             )
         if isinstance(sampling_rate, float) and sampling_rate.is_integer():
             sampling_rate = int(sampling_rate)
         if not isinstance(sampling_rate, int) or isinstance(sampling_rate, bool) or sampling_rate <= 0:
-            raise ConfigError(f"whisper processor: item {index}: sample rate must be a positive int, got {sampling_rate!r}")
+            raise ConfigError(
+                f"whisper processor: item {index}: sample rate must be a positive int, got {sampling_rate!r}"
+            )
         if sampling_rate != SAMPLING_RATE:
             wave = torchaudio.functional.resample(wave, sampling_rate, SAMPLING_RATE)
         return wave
@@ -126,7 +141,10 @@ class WhisperAudioProcessor:
         return (log_spec + 4.0) / 4.0
 
     def __call__(
-        self, items: Sequence[Any], sampling_rate: int = SAMPLING_RATE, device: str | torch.device | None = None
+        self,
+        items: Sequence[Any],
+        sampling_rate: int = SAMPLING_RATE,
+        device: str | torch.device | None = None,
     ) -> dict[str, torch.Tensor]:
         one_pair = isinstance(items, tuple) and len(items) == 2 and isinstance(items[1], (int, float))
         if getattr(items, "ndim", None) == 1 or one_pair:  # one clip, not a list of them
@@ -146,12 +164,20 @@ def _window_positions(max_seconds: Any, full_positions: int) -> int:
     if max_seconds is None:
         return full_positions
     full_seconds = full_positions * SECONDS_PER_POSITION
-    if isinstance(max_seconds, bool) or not isinstance(max_seconds, (int, float)) or not 0 < max_seconds <= full_seconds:
-        raise ConfigError(f"whisper: max_seconds must be a number in (0, {full_seconds:g}] for this model, got {max_seconds!r}")
+    if (
+        isinstance(max_seconds, bool)
+        or not isinstance(max_seconds, (int, float))
+        or not 0 < max_seconds <= full_seconds
+    ):
+        raise ConfigError(
+            f"whisper: max_seconds must be a number in (0, {full_seconds:g}] for this model, "
+            f"got {max_seconds!r}"
+        )
     positions = max_seconds / SECONDS_PER_POSITION
     if not math.isclose(positions, round(positions), abs_tol=1e-6):
         raise ConfigError(
-            f"whisper: max_seconds must be a multiple of {SECONDS_PER_POSITION:g} s (one encoder position), got {max_seconds!r}"
+            f"whisper: max_seconds must be a multiple of {SECONDS_PER_POSITION:g} s "
+            f"(one encoder position), got {max_seconds!r}"
         )
     return round(positions)
 
@@ -164,7 +190,9 @@ class WhisperFactory(EncoderFactory):
     options = {"max_seconds": None}  # window in seconds (multiple of 0.02); None: the model's own (30 s)
 
     # -- recipe --------------------------------------------------------------------------------------
-    def make_recipe(self, checkpoint: str | None = None, preset: str | None = None, **options: Any) -> dict[str, Any]:
+    def make_recipe(
+        self, checkpoint: str | None = None, preset: str | None = None, **options: Any
+    ) -> dict[str, Any]:
         opts = self.check_options(options)
         if preset is not None:
             config = WhisperConfig(**PRESETS[self.check_preset(preset)]["config"])
@@ -172,15 +200,20 @@ class WhisperFactory(EncoderFactory):
             try:
                 config_dict, _ = WhisperConfig.get_config_dict(checkpoint)
             except (OSError, ValueError) as exc:
-                raise ConfigError(f"whisper: cannot read a Whisper config from {checkpoint!r}: {exc}") from exc
+                raise ConfigError(
+                    f"whisper: cannot read a Whisper config from {checkpoint!r}: {exc}"
+                ) from exc
             if config_dict.get("model_type") != "whisper":
                 raise ConfigError(
-                    f"whisper: {checkpoint!r} holds a {config_dict.get('model_type')!r} model, expected a Whisper "
+                    f"whisper: {checkpoint!r} holds a {config_dict.get('model_type')!r} model, "
+                    "expected a Whisper "
                     "checkpoint (model_type 'whisper')"
                 )
             config = WhisperConfig.from_dict(config_dict)
         fields = {field: getattr(config, field) for field in ENCODER_FIELDS}
-        fields["max_source_positions"] = positions = _window_positions(opts["max_seconds"], config.max_source_positions)
+        fields["max_source_positions"] = positions = _window_positions(
+            opts["max_seconds"], config.max_source_positions
+        )
         return {"config": fields, "max_seconds": round(positions * SECONDS_PER_POSITION, 6)}
 
     # -- module --------------------------------------------------------------------------------------
@@ -216,13 +249,18 @@ class WhisperFactory(EncoderFactory):
 
     # -- data ----------------------------------------------------------------------------------------
     def processor(self, recipe: Mapping[str, Any]) -> WhisperAudioProcessor:
-        return WhisperAudioProcessor(recipe["config"]["num_mel_bins"], recipe["config"]["max_source_positions"])
+        return WhisperAudioProcessor(
+            recipe["config"]["num_mel_bins"], recipe["config"]["max_source_positions"]
+        )
 
     def num_tokens(self, recipe: Mapping[str, Any], inputs: Mapping[str, Any]) -> list[int]:
         """Encoder positions per clip: half the log-mel frames (the window's, since clips are padded)."""
         features = inputs["input_features"]
         if getattr(features, "dim", lambda: 0)() != 3:
-            raise ConfigError(f"whisper: input_features must be (items, mel bins, frames), got {getattr(features, 'shape', features)!r}")
+            raise ConfigError(
+                "whisper: input_features must be (items, mel bins, frames), "
+                f"got {getattr(features, 'shape', features)!r}"
+            )
         return [math.ceil(features.shape[-1] / FRAMES_PER_POSITION)] * features.shape[0]
 
     def dummy_inputs(self, recipe: Mapping[str, Any], batch_size: int = 1) -> dict[str, Any]:

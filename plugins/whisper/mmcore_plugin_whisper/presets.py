@@ -27,17 +27,35 @@ PRESETS: dict[str, dict[str, Any]] = {
         "checkpoint": None,
         "summary": "test size: width 16, 2 layers, 8 mel bins, a 0.2 s window (10 tokens)",
     },
-    "whisper-tiny": {"config": _dims(384, 4, 6), "checkpoint": "openai/whisper-tiny", "summary": "8M, width 384"},
-    "whisper-base": {"config": _dims(512, 6, 8), "checkpoint": "openai/whisper-base", "summary": "21M, width 512"},
-    "whisper-small": {"config": _dims(768, 12, 12), "checkpoint": "openai/whisper-small", "summary": "88M, width 768"},
+    "whisper-tiny": {
+        "config": _dims(384, 4, 6),
+        "checkpoint": "openai/whisper-tiny",
+        "summary": "8M, width 384",
+    },
+    "whisper-base": {
+        "config": _dims(512, 6, 8),
+        "checkpoint": "openai/whisper-base",
+        "summary": "21M, width 512",
+    },
+    "whisper-small": {
+        "config": _dims(768, 12, 12),
+        "checkpoint": "openai/whisper-small",
+        "summary": "88M, width 768",
+    },
     "whisper-medium": {
-        "config": _dims(1024, 24, 16), "checkpoint": "openai/whisper-medium", "summary": "307M, width 1024",
+        "config": _dims(1024, 24, 16),
+        "checkpoint": "openai/whisper-medium",
+        "summary": "307M, width 1024",
     },
     "whisper-large": {
-        "config": _dims(1280, 32, 20), "checkpoint": "openai/whisper-large", "summary": "637M, width 1280",
+        "config": _dims(1280, 32, 20),
+        "checkpoint": "openai/whisper-large",
+        "summary": "637M, width 1280",
     },
     "whisper-large-v2": {
-        "config": _dims(1280, 32, 20), "checkpoint": "openai/whisper-large-v2", "summary": "637M, width 1280",
+        "config": _dims(1280, 32, 20),
+        "checkpoint": "openai/whisper-large-v2",
+        "summary": "637M, width 1280",
     },
     "whisper-large-v3": {
         "config": _dims(1280, 32, 20, mels=128),

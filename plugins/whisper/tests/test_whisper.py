@@ -4,15 +4,15 @@ import math
 import subprocess
 import sys
 
-import mmcore
 import pytest
 import torch
-from mmcore.errors import ConfigError
-from mmcore.testing import check_encoder_plugin, tiny_llm, tiny_tokenizer
+from mmcore_plugin_whisper.factory import WhisperAudioProcessor
 from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
-from mmcore_plugin_whisper.factory import WhisperAudioProcessor
+import mmcore
+from mmcore.errors import ConfigError
+from mmcore.testing import check_encoder_plugin, tiny_llm, tiny_tokenizer
 
 TINY = dict(d_model=16, encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=64, num_mel_bins=8)
 
@@ -212,7 +212,11 @@ def test_num_tokens_equals_real_feature_count(max_seconds, tokens):
     options = {} if max_seconds is None else {"max_seconds": max_seconds}
     encoder = mmcore.build_encoder("whisper", preset="tiny", **options).eval()
     processor = factory().processor(recipe_of(encoder))
-    clips = [tone(0.05, 16000), tone(0.2, 16000), (tone(0.5, 44100), 44100)]  # shorter and longer than any window
+    clips = [
+        tone(0.05, 16000),
+        tone(0.2, 16000),
+        (tone(0.5, 44100), 44100),
+    ]  # shorter and longer than any window
     inputs = processor(clips)
     with torch.no_grad():
         features = encoder(**inputs)
@@ -240,7 +244,9 @@ def test_bad_preset_or_option_is_a_config_error(kwargs, match):
 
 def assembled(encoder):
     tokenizer = tiny_tokenizer()
-    model = mmcore.MultimodalModel(encoders={"audio": encoder}, language_model=tiny_llm(vocab_size=len(tokenizer)))
+    model = mmcore.MultimodalModel(
+        encoders={"audio": encoder}, language_model=tiny_llm(vocab_size=len(tokenizer))
+    )
     ids = mmcore.add_modality_tokens(tokenizer, model)
     return model, ids["audio"]
 
@@ -252,7 +258,9 @@ def test_processor_output_runs_through_the_assembled_model(tmp_path):
     f, recipe = factory(), recipe_of(encoder)
     processed = f.processor(recipe)(f.dummy_items(recipe, 2))
     counts = f.num_tokens(recipe, processed)
-    input_ids = torch.tensor([[1, 5] + [audio_id] * counts[0] + [6, 7], [1] + [audio_id] * counts[1] + [8, 9, 10]])
+    input_ids = torch.tensor(
+        [[1, 5] + [audio_id] * counts[0] + [6, 7], [1] + [audio_id] * counts[1] + [8, 9, 10]]
+    )
     out = model(input_ids=input_ids, labels=input_ids, **processed)
     assert torch.isfinite(out.loss)
     out.loss.backward()
@@ -273,7 +281,7 @@ def test_readme_example_runs(tmp_path, monkeypatch):
     import re
 
     readme = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
-    example = re.search(r"## Example\n+```python\n(.*?)```", readme, re.S).group(1)
+    example = re.search(r"## Example\n+```python\n(.*?)```", readme, re.DOTALL).group(1)
     monkeypatch.chdir(tmp_path)
     exec(compile(example, "README.md example", "exec"), {})
     assert (tmp_path / "out").is_dir()
