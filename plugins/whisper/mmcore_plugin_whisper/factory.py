@@ -206,8 +206,7 @@ class WhisperFactory(EncoderFactory):
             if config_dict.get("model_type") != "whisper":
                 raise ConfigError(
                     f"whisper: {checkpoint!r} holds a {config_dict.get('model_type')!r} model, "
-                    "expected a Whisper "
-                    "checkpoint (model_type 'whisper')"
+                    "expected a Whisper checkpoint (model_type 'whisper')"
                 )
             config = WhisperConfig.from_dict(config_dict)
         fields = {field: getattr(config, field) for field in ENCODER_FIELDS}
