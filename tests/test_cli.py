@@ -271,6 +271,15 @@ def test_device_cuda_without_a_gpu_exits_2(cli, tmp_path, monkeypatch):
     assert_one_line_error(cli("test-run", spec, "--device", "tpu"), "--device")
 
 
+def test_test_run_of_a_model_without_plugin_encoders_exits_2(cli, tmp_path):
+    from mmcore.testing import tiny_multimodal_model
+
+    model, tokenizer = tiny_multimodal_model()  # transformers encoders, no plugin recipe
+    model.save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    assert_one_line_error(cli("test-run", tmp_path / "m", "--device", "cpu"), "not built by a plugin")
+
+
 @pytest.mark.parametrize(
     "args, needles",
     [

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import typer
 
-from mmcore.cli.output import console, human_bytes, human_count, print_json, print_table
+from mmcore.cli.output import console, human_bytes, human_count, library_progress_bars, print_json, print_table
 from mmcore.errors import ConfigError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -119,7 +119,7 @@ def assemble(
         raise ConfigError("--output: missing; say which model directory to write (-o DIR), or use --dry-run")
     target = output.expanduser().absolute()
     _check_target(target, overwrite)
-    with _progress(len(spec.encoders) + 4, quiet=as_json) as step:
+    with library_progress_bars(), _progress(len(spec.encoders) + 4, quiet=as_json) as step:
         from mmcore.cli.build import build_from_spec
 
         built = build_from_spec(spec, step=step)

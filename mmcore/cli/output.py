@@ -5,9 +5,10 @@ rich is imported only when a table is printed, so ``--json`` output stays as che
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 
@@ -53,3 +54,21 @@ def human_bytes(n: int | float | None) -> str:
         if abs(n) >= size:
             return f"{n / size:.2f} {unit}"
     return f"{int(n)} B"
+
+
+@contextlib.contextmanager
+def library_progress_bars() -> Iterator[None]:
+    """transformers' and the hub's progress bars (loading, saving, downloading) only when stderr is a
+    terminal: in a log or a pipe they are noise around the one line an error prints."""
+    if sys.stderr.isatty():
+        yield
+        return
+    from transformers.utils import logging
+
+    was_enabled = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            logging.enable_progress_bar()

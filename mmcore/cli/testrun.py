@@ -9,9 +9,9 @@ What one run does, in order:
 3. one warm-up training step, then a forward pass with per-part timing hooks (shapes, time per part);
 4. ``--steps`` timed training steps: forward, backward for the trainable parts (``--train``) and an
    AdamW step unless ``--no-optimizer``; losses and gradients checked for finiteness;
-5. generation: ``max_new_tokens=1`` (prefill) and ``--generate N`` tokens, greedy, after a warm-up;
-   prefill tokens/s = batch x prompt length / prefill time; decode tokens/s = batch x (N - 1) /
-   (time(N) - time(1)).
+5. generation: ``--generate N`` tokens, greedy, after a warm-up, timed token by token through a
+   streamer: prefill tokens/s = batch x prompt length / time to the first new token (encoders
+   included); decode tokens/s = batch x (N - 1) / time from the first to the last new token.
 
 Times come from ``time.perf_counter`` with ``torch.cuda.synchronize`` on CUDA. Peak memory is the
 CUDA allocator's peak on a GPU (reset before each phase), the process's peak RSS on CPU.
@@ -26,7 +26,7 @@ from typing import Any, Optional
 
 import typer
 
-from mmcore.cli.output import human_bytes, print_json, print_table
+from mmcore.cli.output import human_bytes, library_progress_bars, print_json, print_table
 from mmcore.errors import ConfigError
 
 DTYPES = ("auto", "fp32", "bf16", "fp16")
@@ -69,10 +69,11 @@ def test_run(
     if not target.is_dir() and target.suffix != ".toml":
         raise ConfigError(f"MODEL_DIR|SPEC {str(target)!r}: expected a model directory or a .toml spec file")
     torch_device = _resolve_device(device)
-    report = run(
-        target, device=torch_device, dtype=dtype, batch_size=batch_size, steps=steps, generate=generate,
-        train=train, optimizer=optimizer, seed=seed,
-    )  # fmt: skip
+    with library_progress_bars():
+        report = run(
+            target, device=torch_device, dtype=dtype, batch_size=batch_size, steps=steps, generate=generate,
+            train=train, optimizer=optimizer, seed=seed,
+        )  # fmt: skip
     if as_json:
         print_json(report)
     else:
@@ -455,31 +456,43 @@ def _shape(output: Any) -> Any:
 
 
 def _generate(model: Any, batch: dict, inputs: dict, tokenizer: Any, new_tokens: int, timer: _Timer) -> dict[str, Any]:
+    """Greedy generation of exactly ``new_tokens`` tokens, timed token by token through a streamer
+    (``generate`` hands it the prompt, then each new token, copied to the host: a sync point)."""
     import torch
+    from transformers.generation.streamers import BaseStreamer
+
+    class TokenClock(BaseStreamer):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+
+        def put(self, value: Any) -> None:
+            self.times.append(time.perf_counter())
+
+        def end(self) -> None:
+            pass
 
     model.eval()
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     kwargs = dict(
         input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], encoder_inputs=inputs,
-        do_sample=False, pad_token_id=pad,
+        do_sample=False, pad_token_id=pad, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
     )  # fmt: skip
-
-    def once(n: int) -> tuple[float, Any]:
-        t0 = timer.now()
-        out = model.generate(**kwargs, max_new_tokens=n, min_new_tokens=n)
-        return timer.now() - t0, out
-
     with torch.no_grad():
-        once(1)  # warm-up
+        model.generate(**kwargs)  # warm-up
         timer.reset_peak()
-        prefill_s, _ = once(1)
-        total_s, out = once(new_tokens)
+        clock = TokenClock()
+        start = timer.now()
+        out = model.generate(**kwargs, streamer=clock)
+        total_s = timer.now() - start
     batch_size, prompt = batch["input_ids"].shape
-    decode_s = total_s - prefill_s
+    # clock.times[0]: the prompt handed over; [1]: the first new token (encoders + prefill); then one per step
+    prefill_s = clock.times[1] - start
+    decode_s = clock.times[-1] - clock.times[1]
     return {
         "new_tokens": new_tokens,
         "output_shape": list(out.shape),
         "prefill_ms": round(prefill_s * 1e3, 3),
+        "decode_ms_per_token": round(decode_s / (new_tokens - 1) * 1e3, 3) if new_tokens > 1 else None,
         "total_ms": round(total_s * 1e3, 3),
         "prefill_tokens_per_s": round(batch_size * prompt / prefill_s, 1),
         "decode_tokens_per_s": round(batch_size * (new_tokens - 1) / decode_s, 1) if new_tokens > 1 and decode_s > 0 else None,
@@ -531,8 +544,9 @@ def _print_report(report: dict[str, Any]) -> None:
     if gen is not None:
         step_rows += [
             ["generated", f"{gen['new_tokens']} tokens, output {gen['output_shape']}"],
-            ["prefill tokens/s", gen["prefill_tokens_per_s"]],
-            ["decode tokens/s", gen["decode_tokens_per_s"]],
+            ["prefill (to the first token)", f"{gen['prefill_ms']} ms, {gen['prefill_tokens_per_s']} tokens/s"],
+            ["decode", f"{gen['decode_ms_per_token']} ms/token, {gen['decode_tokens_per_s']} tokens/s"
+             if gen["decode_tokens_per_s"] is not None else "-"],
             ["peak memory (generate)", human_bytes(gen["peak_memory_bytes"])],
         ]
     memory = "CUDA max allocated" if report["memory_kind"] == "cuda_max_allocated" else "process peak RSS"
