@@ -74,8 +74,9 @@ class EncoderFactory:
         raise NotImplementedError
 
     def num_tokens(self, recipe: Mapping[str, Any], inputs: Mapping[str, Any]) -> list[int]:
-        """*Required.* How many placeholder tokens each item of processed ``inputs`` becomes (after the
-        default callbacks and the default projector); must equal the real feature count."""
+        """*Required.* How many feature tokens the encoder outputs for each item of processed ``inputs``
+        (after the default callbacks, before the projector: a projector that changes the count, such as
+        a resampler, applies its own ``num_output_tokens`` on top); must equal the real count."""
         raise NotImplementedError
 
     def dummy_inputs(self, recipe: Mapping[str, Any], batch_size: int = 1) -> dict[str, Any]:
