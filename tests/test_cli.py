@@ -487,7 +487,7 @@ def test_assemble_test_run_from_pretrained_round_trip(cli, tmp_path):
 
     table = cli("test-run", out, "--device", "cpu", "--steps", "1", "--generate", "2", "--train", "full")
     assert table.exit_code == 0, table.output
-    assert "decode tokens/s" in table.stdout and "OK" in table.stdout
+    assert "ms/token" in table.stdout and "OK" in table.stdout
 
     again = cli("assemble", "--llm", "tiny", "-e", "vision=clip:preset=tiny", "-o", out, "--overwrite", "--json")
     assert again.exit_code == 0, again.output
