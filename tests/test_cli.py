@@ -358,7 +358,7 @@ def test_spec_validation_and_round_trip_through_its_dict():
     spec = spec_from_dict(raw, "x.toml")
     assert spec.encoders["vision"].callbacks == {
         "postprocess_module": {"name": "drop_prefix_tokens", "params": {"num_tokens": 1}}, "preprocess": None}
-    assert spec.model.projector == "mlp2x_gelu" and spec.model.wrap is True
+    assert spec.model.projector is None and spec.model.wrap is True
     again = spec_from_dict(spec.to_dict(), "x.toml")
     assert again.to_dict() == spec.to_dict()
     for bad, message in [
@@ -440,6 +440,20 @@ def test_dry_run_of_clip_vit_l_336_and_llama3_8b_matches_a_hand_count(cli):
         assert s["memory_bytes"] == 2 * s["params"] + 14 * s["trainable"]
     table = cli("assemble", "--llm", "llama3-8b", "-e", "vision=clip:preset=vit-l-14-336", "--dry-run")
     assert table.exit_code == 0 and f"{total:,}" in table.stdout and "lora" in table.stdout
+
+
+@pytest.mark.skipif(importlib.util.find_spec("mmcore_plugin_eva02") is None, reason="needs mmcore-plugin-eva02")
+@needs_plugins
+def test_projector_precedence_encoder_then_model_then_plugin_default(cli):
+    def projectors(*args):
+        result = cli("assemble", "--llm", "tiny", "-e", "a=eva02:preset=tiny", "-e", "b=clip:preset=tiny", *args, "--dry-run", "--json")
+        assert result.exit_code == 0, result.output
+        return {p["part"]: p["type"] for p in json.loads(result.stdout)["parts"] if "type" in p}
+
+    # eva02's plugin asks for a resampler; others get mlp2x_gelu
+    assert projectors() == {"a.projector": "resampler", "b.projector": "mlp2x_gelu"}
+    assert projectors("-p", "linear") == {"a.projector": "linear", "b.projector": "linear"}
+    assert projectors("-p", "linear", "-p", "b=mlp3x_silu") == {"a.projector": "linear", "b.projector": "mlp3x_silu"}
 
 
 # --- assemble -> test-run -> from_pretrained ------------------------------------------------------------------

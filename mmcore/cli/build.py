@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from mmcore.cli.spec import AssemblySpec, EncoderEntry, looks_like_path, resolve_names
+from mmcore.cli.spec import DEFAULT_PROJECTOR, AssemblySpec, EncoderEntry, looks_like_path, resolve_names
 from mmcore.errors import ConfigError, MMCoreError
 from mmcore.presets import LLM_PRESETS, TINY_TOKENIZER
 
@@ -56,11 +56,9 @@ def build_from_spec(spec: AssemblySpec, *, meta: bool = False, step: Step | None
         step(f"encoder {name}: {entry.encoder}")
         encoders[name], enc_random = _build_encoder(spec, entry, width, meta)
         random_weights = random_weights and enc_random
-    step("projectors")
-    with device, _key(spec, "model.projector"):
-        model = MultimodalModel(
-            encoders, llm, init_projector_type=spec.model.projector, init_activation=spec.model.activation
-        )
+    step("model")
+    with device:  # every encoder comes with its projector (see _build_encoder)
+        model = MultimodalModel(encoders, llm)
     built = Built(model, random_weights=random_weights)
     if meta:
         return built
@@ -144,17 +142,19 @@ def _build_encoder(spec: AssemblySpec, entry: EncoderEntry, width: int, meta: bo
             encoder = build_encoder(
                 entry.encoder, entry.checkpoint, preset=entry.preset, callbacks=callbacks, device=device, **entry.options
             )
-    if entry.projector is not None or entry.projector_options:
-        recipe = encoder.source["recipe"] if encoder.source else {}
-        projector_type = entry.projector or factory.default_projector(recipe) or spec.model.projector
-        options = {"activation": spec.model.activation, **entry.projector_options}
-        key = f"{path}.projector" if entry.projector is not None else f"{path}.projector_options"
-        with _key(spec, key), (_meta_device() if meta else contextlib.nullcontext()):
-            encoder.projector = MultimodalProjector(
-                MultimodalProjectorConfig(
-                    projector_type=projector_type, in_features=encoder.output_width, out_features=width, **options
-                )
+    # The user's choice (this encoder's, then the model-wide one) beats the plugin's default projector.
+    recipe = encoder.source["recipe"] if encoder.source else {}
+    projector_type = entry.projector or spec.model.projector or factory.default_projector(recipe) or DEFAULT_PROJECTOR
+    options = {"activation": spec.model.activation, **entry.projector_options}
+    key = f"{path}.projector" if entry.projector is not None else "model.projector"
+    if entry.projector_options:
+        key = f"{path}.projector_options"
+    with _key(spec, key), (_meta_device() if meta else contextlib.nullcontext()):
+        encoder.projector = MultimodalProjector(
+            MultimodalProjectorConfig(
+                projector_type=projector_type, in_features=encoder.output_width, out_features=width, **options
             )
+        )
     return encoder, random_weights
 
 

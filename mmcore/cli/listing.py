@@ -214,6 +214,10 @@ def plugins(
         ],
         caption=None if rows else "no plugins installed (--all shows the built-in one)",
     )  # fmt: skip
+    from mmcore.cli.output import console
+
+    for clash in _registry().clashes():
+        console().print(f"clash: {clash}")
 
 
 def _registered_summary(registered: dict[str, list[str]]) -> str | None:

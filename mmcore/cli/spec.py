@@ -12,13 +12,13 @@ did you mean 'projector'?``). The format is documented in ``docs/cli.md``::
     [encoders.vision]               # the modality name; its placeholder token is <vision>
     encoder = "clip"                # a registered encoder (mmcore list-encoders)
     preset = "tiny"                 # or: checkpoint = "openai/clip-vit-large-patch14"
-    projector = "mlp2x_gelu"        # optional, else the encoder's default, else [model] projector
+    projector = "mlp2x_gelu"        # optional, else [model] projector, else the encoder's default
     projector_options = { bias = true }
     options = { feature_layer = -2 }
     callbacks = { postprocess_module = { name = "select_feature_layer", layer = -1 } }
 
     [model]
-    projector = "mlp2x_gelu"
+    projector = "mlp2x_gelu"        # optional: every encoder's; default: the encoder's own, else mlp2x_gelu
     activation = "gelu"
     wrap = false                    # add <vision_start>/<vision_end> around each item
     random_init = false             # read configs only; no weights are loaded
@@ -70,6 +70,7 @@ _ENCODER_KEYS: dict[str, tuple[type, ...]] = {
     "options": (dict,),
     "callbacks": (dict,),
 }
+DEFAULT_PROJECTOR = "mlp2x_gelu"
 _MODALITY = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 _TYPE_NAMES = {str: "a string", bool: "true or false", int: "an integer", float: "a number", dict: "a table"}
 ENCODER_FLAG_FORMAT = "NAME=ENCODER[:CHECKPOINT | :preset=PRESET]"
@@ -102,7 +103,8 @@ class LLMEntry:
 class ModelOptions:
     """The ``[model]`` table."""
 
-    projector: str = "mlp2x_gelu"
+    #: projector of every encoder that names none (None: the encoder's default, else DEFAULT_PROJECTOR)
+    projector: str | None = None
     activation: str = "gelu"
     wrap: bool = False
     random_init: bool = False
@@ -135,7 +137,7 @@ class AssemblySpec:
                 }
             encoders[name] = table
         llm = {"source": self.llm.source} | ({"tokenizer": self.llm.tokenizer} if self.llm.tokenizer else {})
-        model = {k: getattr(self.model, k) for k in _MODEL_KEYS}
+        model = {k: getattr(self.model, k) for k in _MODEL_KEYS if getattr(self.model, k) is not None}
         return {"llm": llm, "encoders": encoders, "model": model}
 
 
@@ -322,7 +324,7 @@ def resolve_names(spec: AssemblySpec) -> None:
 
     registry = get_registry()
     origin = spec.origin
-    projector_keys = [("model.projector", spec.model.projector)]
+    projector_keys = [("model.projector", spec.model.projector)] if spec.model.projector is not None else []
     for name, entry in spec.encoders.items():
         path = f"encoders.{name}"
         try:
