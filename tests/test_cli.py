@@ -37,9 +37,19 @@ class FakePlugin:
 
     @hookimpl
     def register_encoders(self, register):
-        register(EncoderSpec(name="toyvision", modality="vision", summary="toy vision", factory="toy_mod:Factory",
-                             default_checkpoint="org/toy-ckpt", presets=("tiny", "big")))  # fmt: skip
-        register(EncoderSpec(name="toyaudio", modality="audio", summary="toy audio", factory="toy_mod:Factory"))
+        register(
+            EncoderSpec(
+                name="toyvision",
+                modality="vision",
+                summary="toy vision",
+                factory="toy_mod:Factory",
+                default_checkpoint="org/toy-ckpt",
+                presets=("tiny", "big"),
+            )
+        )
+        register(
+            EncoderSpec(name="toyaudio", modality="audio", summary="toy audio", factory="toy_mod:Factory")
+        )
 
     @hookimpl
     def register_projectors(self, register):
@@ -47,7 +57,11 @@ class FakePlugin:
 
     @hookimpl
     def register_callbacks(self, register):
-        register(CallbackSpec(name="toypool", slots=("postprocess_projector",), summary="toy pool", factory="toy_mod:cb"))
+        register(
+            CallbackSpec(
+                name="toypool", slots=("postprocess_projector",), summary="toy pool", factory="toy_mod:cb"
+            )
+        )
 
     @hookimpl
     def register_commands(self, app):
@@ -87,9 +101,15 @@ def test_list_encoders_json_and_table_show_the_installed_plugins(cli):
     assert result.exit_code == 0, result.output
     rows = {r["qualified_name"]: r for r in json.loads(result.stdout)}
     assert rows["fake:toyvision"] == {
-        "name": "toyvision", "qualified_name": "fake:toyvision", "modality": "vision", "plugin": "fake",
-        "default_checkpoint": "org/toy-ckpt", "presets": ["tiny", "big"], "tags": [], "summary": "toy vision",
-    }  # fmt: skip
+        "name": "toyvision",
+        "qualified_name": "fake:toyvision",
+        "modality": "vision",
+        "plugin": "fake",
+        "default_checkpoint": "org/toy-ckpt",
+        "presets": ["tiny", "big"],
+        "tags": [],
+        "summary": "toy vision",
+    }
     table = cli("list-encoders")
     assert table.exit_code == 0
     for column in ("name", "modality", "plugin", "default", "presets"):
@@ -107,7 +127,9 @@ def test_list_encoders_filters_by_wildcard_and_modality(cli):
 
 def test_list_projectors_and_callbacks_include_builtin_and_plugin_items(cli):
     projectors = {r["qualified_name"]: r for r in json.loads(cli("list-projectors", "--json").stdout)}
-    assert {"builtin:linear", "builtin:mlp", "builtin:mlpNx_act", "builtin:resampler", "fake:toyproj"} <= set(projectors)
+    assert {"builtin:linear", "builtin:mlp", "builtin:mlpNx_act", "builtin:resampler", "fake:toyproj"} <= set(
+        projectors
+    )
     assert projectors["builtin:mlpNx_act"]["pattern"] == r"mlp(\d+)x_(\w+)"
     callbacks = json.loads(cli("list-callbacks", "--slot", "postprocess_projector", "--json").stdout)
     assert [c["qualified_name"] for c in callbacks] == ["fake:toypool"]
@@ -118,7 +140,9 @@ def test_list_projectors_and_callbacks_include_builtin_and_plugin_items(cli):
 
 def test_list_llms_lists_the_presets(cli):
     rows = {r["name"]: r for r in json.loads(cli("list-llms", "--json").stdout)}
-    assert {"tiny", "tiny-qwen2", "llama3-8b", "qwen2-0.5b", "qwen2-7b", "mistral-7b", "vicuna-7b"} <= set(rows)
+    assert {"tiny", "tiny-qwen2", "llama3-8b", "qwen2-0.5b", "qwen2-7b", "mistral-7b", "vicuna-7b"} <= set(
+        rows
+    )
     assert rows["tiny"]["tokenizer"] == "tiny" and rows["llama3-8b"]["tokenizer"] is None
     assert "llama3-8b" in cli("list-llms").stdout
 
@@ -159,8 +183,16 @@ def test_plugin_commands_appear_in_help_and_run(cli):
 
 
 def test_every_command_has_help_with_examples(cli):
-    for command in (["list-encoders"], ["list-projectors"], ["list-callbacks"], ["list-llms"], ["plugins"],
-                    ["plugins", "info"], ["assemble"], ["test-run"]):  # fmt: skip
+    for command in (
+        ["list-encoders"],
+        ["list-projectors"],
+        ["list-callbacks"],
+        ["list-llms"],
+        ["plugins"],
+        ["plugins", "info"],
+        ["assemble"],
+        ["test-run"],
+    ):
         result = cli(*command, "--help")
         assert result.exit_code == 0, (command, result.output)
         assert "Examples" in result.stdout and "mmcore " in result.stdout, command
@@ -176,7 +208,12 @@ def test_command_modules_are_optional_but_their_import_errors_are_not(monkeypatc
         assert "train" in commands_of(cli_app.build_app(plugins=False))
     monkeypatch.setattr(cli_app, "COMMAND_MODULES", ("listing", "no_such_command_module"))
     assert commands_of(cli_app.build_app(plugins=False)) == {
-        "list-encoders", "list-projectors", "list-callbacks", "list-llms", "plugins"}  # fmt: skip
+        "list-encoders",
+        "list-projectors",
+        "list-callbacks",
+        "list-llms",
+        "plugins",
+    }
 
     real_import = cli_app.importlib.import_module
 
@@ -207,16 +244,20 @@ def test_listing_imports_no_torch_transformers_or_timm():
             outputs[" ".join(args)] = buffer.getvalue()
         json.loads(outputs["list-encoders --json"])
         print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in {HEAVY!r})))
-        """)  # fmt: skip
+        """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert json.loads(out.stdout.strip().splitlines()[-1]) == []
 
 
 def test_python_m_mmcore_runs_the_cli():
-    out = subprocess.run([sys.executable, "-m", "mmcore", "list-projectors", "--json"], capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "mmcore", "list-projectors", "--json"], capture_output=True, text=True
+    )
     assert out.returncode == 0, out.stderr
     assert "resampler" in {r["name"] for r in json.loads(out.stdout)}
-    bad = subprocess.run([sys.executable, "-m", "mmcore", "list-encoders", "--modalty", "x"], capture_output=True, text=True)
+    bad = subprocess.run(
+        [sys.executable, "-m", "mmcore", "list-encoders", "--modalty", "x"], capture_output=True, text=True
+    )
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "--modality" in bad.stderr
 
 
@@ -224,11 +265,15 @@ def test_python_m_mmcore_runs_the_cli():
 
 
 def test_unknown_encoder_exits_2_with_a_suggestion(cli):
-    line = assert_one_line_error(cli("assemble", "--llm", "tiny", "-e", "vision=toyvison:preset=tiny", "--dry-run"))
+    line = assert_one_line_error(
+        cli("assemble", "--llm", "tiny", "-e", "vision=toyvison:preset=tiny", "--dry-run")
+    )
     assert "encoders.vision.encoder" in line and "'toyvision'" in line and "did you mean" in line
 
 
-@pytest.mark.parametrize("value", ["vision", "=toyvision", "vision=", "vision=:preset=tiny", "vision=toyvision:preset="])
+@pytest.mark.parametrize(
+    "value", ["vision", "=toyvision", "vision=", "vision=:preset=tiny", "vision=toyvision:preset="]
+)
 def test_malformed_encoder_flag_exits_2(cli, value):
     assert_one_line_error(cli("assemble", "--llm", "tiny", "--encoder", value, "--dry-run"), "--encoder")
 
@@ -240,7 +285,9 @@ def test_bad_toml_key_exits_2_naming_the_key(cli, tmp_path):
     assert "model.toml: encoders.vision.projecter: unknown key; did you mean 'projector'?" in line
     spec.write_text('[llm\nsource = "tiny"\n')
     assert_one_line_error(cli("assemble", spec, "--dry-run"), "model.toml", "not valid TOML")
-    assert_one_line_error(cli("assemble", tmp_path / "missing.toml", "--dry-run"), "missing.toml", "does not exist")
+    assert_one_line_error(
+        cli("assemble", tmp_path / "missing.toml", "--dry-run"), "missing.toml", "does not exist"
+    )
 
 
 def test_missing_directory_exits_2(cli, tmp_path):
@@ -248,7 +295,9 @@ def test_missing_directory_exits_2(cli, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     assert_one_line_error(cli("test-run", empty, "--device", "cpu"), "no config.json")
-    line = assert_one_line_error(cli("assemble", "--llm", "./no-such-llm-dir", "-e", "vision=toyvision:preset=tiny", "--dry-run"))
+    line = assert_one_line_error(
+        cli("assemble", "--llm", "./no-such-llm-dir", "-e", "vision=toyvision:preset=tiny", "--dry-run")
+    )
     assert "llm.source" in line and "not a directory" in line
 
 
@@ -256,7 +305,9 @@ def test_existing_output_dir_exits_2_and_is_left_alone(cli, tmp_path):
     out = tmp_path / "model"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    line = assert_one_line_error(cli("assemble", "--llm", "tiny", "-e", "vision=toyvision:preset=tiny", "-o", out))
+    line = assert_one_line_error(
+        cli("assemble", "--llm", "tiny", "-e", "vision=toyvision:preset=tiny", "-o", out)
+    )
     assert "already exists" in line and "--overwrite" in line
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
 
@@ -287,14 +338,31 @@ def test_test_run_of_a_model_without_plugin_encoders_exits_2(cli, tmp_path):
         (["assemble", "--llm", "tiny", "--dry-run"], ["encoders", "no encoders"]),
         (["assemble", "--llm", "tiny", "-e", "vision=toyvision:preset=tiny"], ["--output"]),
         (["assemble", "--llm", "tiny", "-e", "vision=toyvision", "--set", "nokey", "--dry-run"], ["--set"]),
-        (["assemble", "--llm", "tiny", "-e", "vision=toyvision", "--set", "model.wrapp=true", "--dry-run"],
-         ["model.wrapp", "did you mean 'wrap'"]),
-        (["assemble", "--llm", "tiny", "-e", "vision=toyvision", "--set", "model.wrap=3", "--dry-run"],
-         ["model.wrap", "true or false"]),
-        (["assemble", "--llm", "tiny", "-e", "vision=toyvision", "-p", "vision=mlpp", "--dry-run"],
-         ["encoders.vision.projector", "unknown projector"]),
-        (["assemble", "--llm", "tiny", "-e", "vision=toyvision", "--set",
-          "encoders.vision.callbacks.preprocess=toypool", "--dry-run"], ["callbacks.preprocess", "postprocess_projector"]),
+        (
+            ["assemble", "--llm", "tiny", "-e", "vision=toyvision", "--set", "model.wrapp=true", "--dry-run"],
+            ["model.wrapp", "did you mean 'wrap'"],
+        ),
+        (
+            ["assemble", "--llm", "tiny", "-e", "vision=toyvision", "--set", "model.wrap=3", "--dry-run"],
+            ["model.wrap", "true or false"],
+        ),
+        (
+            ["assemble", "--llm", "tiny", "-e", "vision=toyvision", "-p", "vision=mlpp", "--dry-run"],
+            ["encoders.vision.projector", "unknown projector"],
+        ),
+        (
+            [
+                "assemble",
+                "--llm",
+                "tiny",
+                "-e",
+                "vision=toyvision",
+                "--set",
+                "encoders.vision.callbacks.preprocess=toypool",
+                "--dry-run",
+            ],
+            ["callbacks.preprocess", "postprocess_projector"],
+        ),
         (["assemble", "--llm", "tiny", "-e", "bad-name=toyvision", "--dry-run"], ["encoders.bad-name"]),
         (["assemble", "--llm", "tiny", "-e", "vision=toyvision", "--dtype", "fp8", "--dry-run"], ["--dtype"]),
         (["assemble", "--llm", "llama3b", "-e", "vision=toyvision", "--dry-run"], ["llm.source"]),
@@ -321,21 +389,42 @@ def test_debug_shows_the_traceback(cli):
 def test_encoder_flag_grammar():
     qualified = frozenset({"clip:clip"})
     assert parse_encoder_flag("vision=clip:openai/clip-vit-large-patch14") == (
-        "vision", {"encoder": "clip", "checkpoint": "openai/clip-vit-large-patch14"})  # fmt: skip
-    assert parse_encoder_flag("audio=whisper:preset=large-v3") == ("audio", {"encoder": "whisper", "preset": "large-v3"})
-    assert parse_encoder_flag("vision=clip:clip:preset=tiny", qualified) == ("vision", {"encoder": "clip:clip", "preset": "tiny"})
+        "vision",
+        {"encoder": "clip", "checkpoint": "openai/clip-vit-large-patch14"},
+    )
+    assert parse_encoder_flag("audio=whisper:preset=large-v3") == (
+        "audio",
+        {"encoder": "whisper", "preset": "large-v3"},
+    )
+    assert parse_encoder_flag("vision=clip:clip:preset=tiny", qualified) == (
+        "vision",
+        {"encoder": "clip:clip", "preset": "tiny"},
+    )
     assert parse_encoder_flag("vision=clip:clip", qualified) == ("vision", {"encoder": "clip:clip"})
     assert parse_encoder_flag("vision=clip") == ("vision", {"encoder": "clip"})
-    assert parse_encoder_flag("v=clip:/models/my-clip") == ("v", {"encoder": "clip", "checkpoint": "/models/my-clip"})
+    assert parse_encoder_flag("v=clip:/models/my-clip") == (
+        "v",
+        {"encoder": "clip", "checkpoint": "/models/my-clip"},
+    )
 
 
 def test_set_flag_reads_toml_values():
     raw: dict = {}
-    for assignment in ("encoders.vision.options.feature_layer=-1", "model.wrap=true", "llm.source=org/name",
-                       'encoders.vision.projector_options={num_queries = 8}', "encoders.vision.options.tag=plain text"):  # fmt: skip
+    for assignment in (
+        "encoders.vision.options.feature_layer=-1",
+        "model.wrap=true",
+        "llm.source=org/name",
+        "encoders.vision.projector_options={num_queries = 8}",
+        "encoders.vision.options.tag=plain text",
+    ):
         parse_set_flag(raw, assignment)
     assert raw == {
-        "encoders": {"vision": {"options": {"feature_layer": -1, "tag": "plain text"}, "projector_options": {"num_queries": 8}}},
+        "encoders": {
+            "vision": {
+                "options": {"feature_layer": -1, "tag": "plain text"},
+                "projector_options": {"num_queries": 8},
+            }
+        },
         "model": {"wrap": True},
         "llm": {"source": "org/name"},
     }
@@ -347,29 +436,46 @@ def test_spec_validation_and_round_trip_through_its_dict():
     raw = {
         "llm": {"source": "tiny", "tokenizer": "tiny"},
         "encoders": {
-            "vision": {"encoder": "clip", "preset": "tiny", "projector": "resampler", "projector_options": {"num_queries": 4},
-                       "options": {"feature_layer": -1},
-                       "callbacks": {"postprocess_module": {"name": "drop_prefix_tokens", "num_tokens": 1},
-                                     "preprocess": False}},
+            "vision": {
+                "encoder": "clip",
+                "preset": "tiny",
+                "projector": "resampler",
+                "projector_options": {"num_queries": 4},
+                "options": {"feature_layer": -1},
+                "callbacks": {
+                    "postprocess_module": {"name": "drop_prefix_tokens", "num_tokens": 1},
+                    "preprocess": False,
+                },
+            },
             "audio": {"encoder": "whisper", "checkpoint": "openai/whisper-tiny"},
         },
         "model": {"wrap": True},
-    }  # fmt: skip
+    }
     spec = spec_from_dict(raw, "x.toml")
     assert spec.encoders["vision"].callbacks == {
-        "postprocess_module": {"name": "drop_prefix_tokens", "params": {"num_tokens": 1}}, "preprocess": None}
+        "postprocess_module": {"name": "drop_prefix_tokens", "params": {"num_tokens": 1}},
+        "preprocess": None,
+    }
     assert spec.model.projector is None and spec.model.wrap is True
     again = spec_from_dict(spec.to_dict(), "x.toml")
     assert again.to_dict() == spec.to_dict()
     for bad, message in [
         ({**raw, "extra": {}}, "x.toml: extra: unknown key"),
-        ({**raw, "encoders": {"vision": {"encoder": "clip", "preset": "tiny", "checkpoint": "a"}}}, "checkpoint or preset, not both"),
-        ({**raw, "encoders": {"vision": {"encoder": "clip", "projector_options": {"num_querys": 2}}}},
-         "encoders.vision.projector_options.num_querys: unknown key; did you mean 'num_queries'?"),
-        ({**raw, "encoders": {"vision": {"encoder": "clip", "callbacks": {"middle": "x"}}}}, "encoders.vision.callbacks.middle"),
+        (
+            {**raw, "encoders": {"vision": {"encoder": "clip", "preset": "tiny", "checkpoint": "a"}}},
+            "checkpoint or preset, not both",
+        ),
+        (
+            {**raw, "encoders": {"vision": {"encoder": "clip", "projector_options": {"num_querys": 2}}}},
+            "encoders.vision.projector_options.num_querys: unknown key; did you mean 'num_queries'?",
+        ),
+        (
+            {**raw, "encoders": {"vision": {"encoder": "clip", "callbacks": {"middle": "x"}}}},
+            "encoders.vision.callbacks.middle",
+        ),
         ({**raw, "encoders": {"vision": {"preset": "tiny"}}}, "encoders.vision.encoder: missing"),
         ({**raw, "llm": {"source": 3}}, "llm.source: expected a string, got 3"),
-    ]:  # fmt: skip
+    ]:
         with pytest.raises(ConfigError) as info:
             spec_from_dict(bad, "x.toml")
         assert message in str(info.value)
@@ -381,8 +487,13 @@ def test_spec_validation_and_round_trip_through_its_dict():
 @pytest.mark.parametrize(
     "name, params",
     # Published parameter counts of the released models these presets copy.
-    [("llama3-8b", 8_030_261_248), ("qwen2-0.5b", 494_032_768), ("qwen2-7b", 7_615_616_512),
-     ("mistral-7b", 7_241_732_096), ("vicuna-7b", 6_738_415_616)],  # fmt: skip
+    [
+        ("llama3-8b", 8_030_261_248),
+        ("qwen2-0.5b", 494_032_768),
+        ("qwen2-7b", 7_615_616_512),
+        ("mistral-7b", 7_241_732_096),
+        ("vicuna-7b", 6_738_415_616),
+    ],
 )
 def test_llm_presets_have_the_released_models_parameter_counts(name, params):
     import torch
@@ -395,26 +506,41 @@ def test_llm_presets_have_the_released_models_parameter_counts(name, params):
     assert sum(p.numel() for p in model.parameters()) == params
 
 
-def clip_vision_params(hidden: int, layers: int, intermediate: int, image: int, patch: int, channels: int = 3) -> int:
+def clip_vision_params(
+    hidden: int, layers: int, intermediate: int, image: int, patch: int, channels: int = 3
+) -> int:
     """CLIPVisionModel by hand: patch conv (no bias), CLS, positions, pre-LN, layers, post-LN."""
     positions = (image // patch) ** 2 + 1
     embeddings = channels * patch * patch * hidden + hidden + positions * hidden
-    layer = 4 * (hidden * hidden + hidden) + 2 * 2 * hidden + (hidden * intermediate + intermediate) + (intermediate * hidden + hidden)
+    layer = (
+        4 * (hidden * hidden + hidden)
+        + 2 * 2 * hidden
+        + (hidden * intermediate + intermediate)
+        + (intermediate * hidden + hidden)
+    )
     return embeddings + 2 * hidden + layers * layer + 2 * hidden
 
 
-def llama_params(vocab: int, hidden: int, layers: int, intermediate: int, heads: int, kv_heads: int) -> dict[str, int]:
+def llama_params(
+    vocab: int, hidden: int, layers: int, intermediate: int, heads: int, kv_heads: int
+) -> dict[str, int]:
     head_dim = hidden // heads
     attention = 2 * hidden * hidden + 2 * hidden * kv_heads * head_dim  # q, o and k, v; no biases
     layer = attention + 3 * hidden * intermediate + 2 * hidden  # gate/up/down, two RMSNorms
     lora = 16 * ((hidden + hidden) * 2 + 2 * (hidden + kv_heads * head_dim) + 3 * (hidden + intermediate))
-    return {"embeddings": vocab * hidden, "lm_head": vocab * hidden, "layers": layers * layer + hidden,
-            "lora": layers * lora}  # fmt: skip
+    return {
+        "embeddings": vocab * hidden,
+        "lm_head": vocab * hidden,
+        "layers": layers * layer + hidden,
+        "lora": layers * lora,
+    }
 
 
 @needs_plugins
 def test_dry_run_of_clip_vit_l_336_and_llama3_8b_matches_a_hand_count(cli):
-    result = cli("assemble", "--llm", "llama3-8b", "-e", "vision=clip:preset=vit-l-14-336", "--dry-run", "--json")
+    result = cli(
+        "assemble", "--llm", "llama3-8b", "-e", "vision=clip:preset=vit-l-14-336", "--dry-run", "--json"
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     parts = {p["part"]: p["params"] for p in report["parts"]}
@@ -434,7 +560,10 @@ def test_dry_run_of_clip_vit_l_336_and_llama3_8b_matches_a_hand_count(cli):
     assert report["lora_params"] == llm["lora"]
     stages = {s["stage"]: s for s in report["stages"]}
     assert stages["align"]["trainable"] == projector
-    assert stages["lora"]["trainable"] == projector + llm["lora"] and stages["lora"]["params"] == total + llm["lora"]
+    assert (
+        stages["lora"]["trainable"] == projector + llm["lora"]
+        and stages["lora"]["params"] == total + llm["lora"]
+    )
     assert stages["finetune"]["trainable"] == total - vision and stages["full"]["trainable"] == total
     for s in stages.values():
         assert s["memory_bytes"] == 2 * s["params"] + 14 * s["trainable"]
@@ -442,21 +571,37 @@ def test_dry_run_of_clip_vit_l_336_and_llama3_8b_matches_a_hand_count(cli):
     assert table.exit_code == 0 and f"{total:,}" in table.stdout and "lora" in table.stdout
 
 
-@pytest.mark.skipif(importlib.util.find_spec("mmcore_plugin_eva02") is None, reason="needs mmcore-plugin-eva02")
+@pytest.mark.skipif(
+    importlib.util.find_spec("mmcore_plugin_eva02") is None, reason="needs mmcore-plugin-eva02"
+)
 @needs_plugins
 def test_projector_precedence_encoder_then_model_then_plugin_default(cli):
     def projectors(*args):
-        result = cli("assemble", "--llm", "tiny", "-e", "a=eva02:preset=tiny", "-e", "b=clip:preset=tiny", *args, "--dry-run", "--json")
+        result = cli(
+            "assemble",
+            "--llm",
+            "tiny",
+            "-e",
+            "a=eva02:preset=tiny",
+            "-e",
+            "b=clip:preset=tiny",
+            *args,
+            "--dry-run",
+            "--json",
+        )
         assert result.exit_code == 0, result.output
         return {p["part"]: p["type"] for p in json.loads(result.stdout)["parts"] if "type" in p}
 
     # eva02's plugin asks for a resampler; others get mlp2x_gelu
     assert projectors() == {"a.projector": "resampler", "b.projector": "mlp2x_gelu"}
     assert projectors("-p", "linear") == {"a.projector": "linear", "b.projector": "linear"}
-    assert projectors("-p", "linear", "-p", "b=mlp3x_silu") == {"a.projector": "linear", "b.projector": "mlp3x_silu"}
+    assert projectors("-p", "linear", "-p", "b=mlp3x_silu") == {
+        "a.projector": "linear",
+        "b.projector": "mlp3x_silu",
+    }
 
 
-# --- assemble -> test-run -> from_pretrained ------------------------------------------------------------------
+# --- assemble -> test-run -> from_pretrained ----------------------------------------------------------
 
 
 @needs_plugins
@@ -467,14 +612,32 @@ def test_assemble_test_run_from_pretrained_round_trip(cli, tmp_path):
     from mmcore.processing import MultimodalProcessor
 
     out = tmp_path / "models" / "tiny"
-    result = cli("assemble", "--llm", "tiny", "-e", "vision=clip:preset=tiny", "-e", "audio=whisper:preset=tiny",
-                 "-p", "audio=resampler", "--set", "encoders.audio.projector_options.num_queries=3", "-o", out, "--json")  # fmt: skip
+    result = cli(
+        "assemble",
+        "--llm",
+        "tiny",
+        "-e",
+        "vision=clip:preset=tiny",
+        "-e",
+        "audio=whisper:preset=tiny",
+        "-p",
+        "audio=resampler",
+        "--set",
+        "encoders.audio.projector_options.num_queries=3",
+        "-o",
+        out,
+        "--json",
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["random_weights"] is True
-    assert {"config.json", "model.safetensors", "tokenizer.json", "processor_config.json", "mmcore_assembly.json"} <= set(
-        report["files"]
-    )
+    assert {
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "processor_config.json",
+        "mmcore_assembly.json",
+    } <= set(report["files"])
     assert [p.name for p in out.parent.iterdir()] == ["tiny"]  # no staging directory left behind
 
     model = MultimodalModel.from_pretrained(out)
@@ -484,15 +647,23 @@ def test_assemble_test_run_from_pretrained_round_trip(cli, tmp_path):
     processor = MultimodalProcessor.from_pretrained(out, model)
     assert processor.token_ids == model.modality_token_ids == report["modality_token_ids"]
 
-    run = cli("test-run", out, "--device", "cpu", "--steps", "1", "--generate", "3", "--batch-size", "2", "--json")
+    run = cli(
+        "test-run", out, "--device", "cpu", "--steps", "1", "--generate", "3", "--batch-size", "2", "--json"
+    )
     assert run.exit_code == 0, run.output
     tr = json.loads(run.stdout)
     assert tr["ok"] and tr["processor"] and tr["device"] == "cpu" and tr["dtype"] == "float32"
     parts = {p["name"]: p for p in tr["parts"]}
     assert parts["audio"]["output_shape"] == [2, 3, 32] and parts["audio"]["num_tokens_ok"]
     assert parts["vision"]["tokens_per_item"] == [4, 4] and parts["vision"]["num_tokens_ok"]
-    assert parts["language_model"]["output_shape"] == [2, tr["sequence_length"], model.config.text_config.vocab_size]
-    assert parts["vision"]["trainable"] == sum(p.numel() for p in model.encoders["vision"].projector.parameters())
+    assert parts["language_model"]["output_shape"] == [
+        2,
+        tr["sequence_length"],
+        model.config.text_config.vocab_size,
+    ]
+    assert parts["vision"]["trainable"] == sum(
+        p.numel() for p in model.encoders["vision"].projector.parameters()
+    )
     assert parts["language_model"]["trainable"] == 0 and parts["language_model"]["grads_finite"] is None
     assert tr["train"]["loss_finite"] and tr["train"]["grads_finite"] and len(tr["train"]["losses"]) == 1
     assert tr["train"]["step_ms"] > 0 and tr["train"]["peak_memory_bytes"] > 0
@@ -503,7 +674,9 @@ def test_assemble_test_run_from_pretrained_round_trip(cli, tmp_path):
     assert table.exit_code == 0, table.output
     assert "ms/token" in table.stdout and "OK" in table.stdout
 
-    again = cli("assemble", "--llm", "tiny", "-e", "vision=clip:preset=tiny", "-o", out, "--overwrite", "--json")
+    again = cli(
+        "assemble", "--llm", "tiny", "-e", "vision=clip:preset=tiny", "-o", out, "--overwrite", "--json"
+    )
     assert again.exit_code == 0, again.output
     assert list(MultimodalModel.from_pretrained(out).encoders) == ["vision"]
     assert torch.is_grad_enabled()  # test-run's no_grad sections do not leak
@@ -523,7 +696,18 @@ def test_assemble_loads_a_local_llm_directory_or_only_its_config_with_random_ini
     key = "model.layers.0.mlp.down_proj.weight"
     saved = llm.state_dict()[key]
 
-    result = cli("assemble", "--llm", llm_dir, "-e", "vision=clip:preset=tiny", "-o", tmp_path / "real", "--dtype", "bf16", "--json")
+    result = cli(
+        "assemble",
+        "--llm",
+        llm_dir,
+        "-e",
+        "vision=clip:preset=tiny",
+        "-o",
+        tmp_path / "real",
+        "--dtype",
+        "bf16",
+        "--json",
+    )
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["random_weights"] is False
     model = MultimodalModel.from_pretrained(tmp_path / "real")
@@ -531,7 +715,17 @@ def test_assemble_loads_a_local_llm_directory_or_only_its_config_with_random_ini
     assert loaded.dtype == torch.bfloat16 and torch.equal(loaded, saved.to(torch.bfloat16))
     assert model.config.text_config.model_type == "qwen2"
 
-    result = cli("assemble", "--llm", llm_dir, "-e", "vision=clip:preset=tiny", "-o", tmp_path / "random", "--random-init", "--json")
+    result = cli(
+        "assemble",
+        "--llm",
+        llm_dir,
+        "-e",
+        "vision=clip:preset=tiny",
+        "-o",
+        tmp_path / "random",
+        "--random-init",
+        "--json",
+    )
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["random_weights"] is True
     random = MultimodalModel.from_pretrained(tmp_path / "random").get_base_language_model().state_dict()[key]
@@ -541,7 +735,8 @@ def test_assemble_loads_a_local_llm_directory_or_only_its_config_with_random_ini
 @needs_plugins
 def test_test_run_of_a_toml_spec_assembles_in_memory(cli, tmp_path):
     spec = tmp_path / "model.toml"
-    spec.write_text(textwrap.dedent("""
+    spec.write_text(
+        textwrap.dedent("""
         [llm]
         source = "tiny-qwen2"
 
@@ -553,8 +748,21 @@ def test_test_run_of_a_toml_spec_assembles_in_memory(cli, tmp_path):
         [model]
         projector = "linear"
         wrap = true
-        """))
-    result = cli("test-run", spec, "--device", "cpu", "--steps", "1", "--generate", "0", "--train", "finetune", "--json")
+        """)
+    )
+    result = cli(
+        "test-run",
+        spec,
+        "--device",
+        "cpu",
+        "--steps",
+        "1",
+        "--generate",
+        "0",
+        "--train",
+        "finetune",
+        "--json",
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["kind"] == "spec" and report["generate"] is None
@@ -580,7 +788,9 @@ def test_a_failed_save_leaves_no_directory_behind(cli, tmp_path, monkeypatch):
 
 @needs_plugins
 def test_full_size_llm_preset_needs_a_tokenizer_outside_dry_runs(cli, tmp_path):
-    line = assert_one_line_error(cli("assemble", "--llm", "qwen2-0.5b", "-e", "vision=clip:preset=tiny", "-o", tmp_path / "m"))
+    line = assert_one_line_error(
+        cli("assemble", "--llm", "qwen2-0.5b", "-e", "vision=clip:preset=tiny", "-o", tmp_path / "m")
+    )
     assert "llm.tokenizer" in line and "--tokenizer" in line and "--dry-run" in line
     assert not (tmp_path / "m").exists()
 

@@ -47,7 +47,12 @@ def _debug_requested(args: list[str]) -> tuple[bool, list[str]]:
     """Take ``--debug`` out of the arguments (before any ``--``), wherever the user put it."""
     end = args.index("--") if "--" in args else len(args)
     head, tail = args[:end], args[end:]
-    debug = "--debug" in head or os.environ.get("MMCORE_DEBUG", "").strip().lower() in ("1", "true", "yes", "on")
+    debug = "--debug" in head or os.environ.get("MMCORE_DEBUG", "").strip().lower() in (
+        "1",
+        "true",
+        "yes",
+        "on",
+    )
     return debug, [a for a in head if a != "--debug"] + tail
 
 
@@ -59,7 +64,13 @@ def error_line(message: str) -> str:
 class MMCoreGroup(TyperGroup):
     """The root command group: one-line errors with exit status 2, ``--debug`` for tracebacks."""
 
-    def main(self, args: Sequence[str] | None = None, prog_name: str | None = None, standalone_mode: bool = True, **extra: Any) -> Any:  # noqa: E501
+    def main(
+        self,
+        args: Sequence[str] | None = None,
+        prog_name: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:  # noqa: E501
         from typer import Abort
 
         try:
@@ -92,7 +103,9 @@ class MMCoreGroup(TyperGroup):
         return code
 
     @staticmethod
-    def _fail(line: str, debug: bool, standalone_mode: bool, exc: BaseException, code: int = USAGE_ERROR) -> int:
+    def _fail(
+        line: str, debug: bool, standalone_mode: bool, exc: BaseException, code: int = USAGE_ERROR
+    ) -> int:
         if debug:
             traceback.print_exception(type(exc), exc, exc.__traceback__)
         typer.echo(line, err=True)
@@ -122,8 +135,12 @@ def build_app(*, plugins: bool = True) -> typer.Typer:
 
     @app.callback()
     def _root(
-        version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
-        debug: bool = typer.Option(False, "--debug", help="Show tracebacks for errors (anywhere on the line)."),
+        version: bool = typer.Option(
+            False, "--version", callback=_version, is_eager=True, help="Print the version."
+        ),
+        debug: bool = typer.Option(
+            False, "--debug", help="Show tracebacks for errors (anywhere on the line)."
+        ),
     ) -> None:
         """Assemble multimodal LLMs from registered encoders, projectors and any HF causal LM."""
 

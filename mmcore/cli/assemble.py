@@ -18,7 +18,14 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import typer
 
-from mmcore.cli.output import console, human_bytes, human_count, library_progress_bars, print_json, print_table
+from mmcore.cli.output import (
+    console,
+    human_bytes,
+    human_count,
+    library_progress_bars,
+    print_json,
+    print_table,
+)
 from mmcore.errors import ConfigError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -40,7 +47,13 @@ def spec_from_cli(
     random_init: Optional[bool] = None,
 ) -> AssemblySpec:
     """The spec from a TOML file (optional) with the command-line flags applied on top."""
-    from mmcore.cli.spec import merge_tables, parse_encoder_flag, parse_set_flag, read_spec_file, spec_from_dict
+    from mmcore.cli.spec import (
+        merge_tables,
+        parse_encoder_flag,
+        parse_set_flag,
+        read_spec_file,
+        spec_from_dict,
+    )
 
     raw: dict[str, Any] = read_spec_file(spec_file) if spec_file is not None else {}
     origin = spec_file.name if spec_file is not None else "command line"
@@ -64,7 +77,9 @@ def spec_from_cli(
     for value in projectors or ():
         name, sep, projector = value.rpartition("=")
         if sep and (not name or not projector):
-            raise ConfigError(f"--projector {value!r}: expected TYPE (all encoders) or NAME=TYPE (one encoder)")
+            raise ConfigError(
+                f"--projector {value!r}: expected TYPE (all encoders) or NAME=TYPE (one encoder)"
+            )
         if sep:
             flags.setdefault("encoders", {}).setdefault(name, {})["projector"] = projector
         else:
@@ -80,27 +95,68 @@ def spec_from_cli(
 
 
 def assemble(
-    spec_file: Optional[Path] = typer.Argument(None, metavar="[SPEC]", help="TOML spec file (flags apply on top)."),
-    llm: Optional[str] = typer.Option(None, "--llm", help="LLM: a preset (mmcore list-llms), a hub id or a local directory."),
-    tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="Tokenizer hub id or directory ('tiny': the offline test tokenizer). Default: the LLM's."),
-    encoder: Optional[list[str]] = typer.Option(None, "--encoder", "-e", metavar="NAME=ENCODER[:SOURCE]", help="Add an encoder: NAME=ENCODER[:CHECKPOINT | :preset=PRESET], e.g. vision=clip:openai/clip-vit-large-patch14. Repeatable."),
-    projector: Optional[list[str]] = typer.Option(None, "--projector", "-p", metavar="[NAME=]TYPE", help="Projector type for every encoder (TYPE) or one (NAME=TYPE). Default mlp2x_gelu."),
-    assignments: Optional[list[str]] = typer.Option(None, "--set", "-s", metavar="KEY=VALUE", help="Set any spec key, e.g. encoders.vision.options.feature_layer=-1, encoders.vision.projector_options.num_queries=64. Repeatable."),
-    wrap: Optional[bool] = typer.Option(None, "--wrap/--no-wrap", help="Add <name_start>/<name_end> tokens around each item."),
-    random_init: bool = typer.Option(False, "--random-init", help="Random weights everywhere: presets as they are, checkpoints' configs only (no weight download)."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Model directory to write (must not exist unless --overwrite)."),
+    spec_file: Optional[Path] = typer.Argument(
+        None, metavar="[SPEC]", help="TOML spec file (flags apply on top)."
+    ),
+    llm: Optional[str] = typer.Option(
+        None, "--llm", help="LLM: a preset (mmcore list-llms), a hub id or a local directory."
+    ),
+    tokenizer: Optional[str] = typer.Option(
+        None,
+        "--tokenizer",
+        help="Tokenizer hub id or directory ('tiny': the offline test tokenizer). Default: the LLM's.",
+    ),
+    encoder: Optional[list[str]] = typer.Option(
+        None,
+        "--encoder",
+        "-e",
+        metavar="NAME=ENCODER[:SOURCE]",
+        help="Add an encoder: NAME=ENCODER[:CHECKPOINT | :preset=PRESET], "
+        "e.g. vision=clip:openai/clip-vit-large-patch14. Repeatable.",
+    ),
+    projector: Optional[list[str]] = typer.Option(
+        None,
+        "--projector",
+        "-p",
+        metavar="[NAME=]TYPE",
+        help="Projector type for every encoder (TYPE) or one (NAME=TYPE). Default mlp2x_gelu.",
+    ),
+    assignments: Optional[list[str]] = typer.Option(
+        None,
+        "--set",
+        "-s",
+        metavar="KEY=VALUE",
+        help="Set any spec key, e.g. encoders.vision.options.feature_layer=-1, "
+        "encoders.vision.projector_options.num_queries=64. Repeatable.",
+    ),
+    wrap: Optional[bool] = typer.Option(
+        None, "--wrap/--no-wrap", help="Add <name_start>/<name_end> tokens around each item."
+    ),
+    random_init: bool = typer.Option(
+        False,
+        "--random-init",
+        help="Random weights everywhere: presets as they are, checkpoints' configs only "
+        "(no weight download).",
+    ),
+    output: Optional[Path] = typer.Option(
+        None, "--output", "-o", help="Model directory to write (must not exist unless --overwrite)."
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output directory."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Build on the meta device and report parameters and memory; write nothing."),
-    dtype: str = typer.Option("auto", "--dtype", help="Weights dtype to save: auto (as built), fp32, bf16, fp16."),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="Build on the meta device and report parameters and memory; write nothing."
+    ),
+    dtype: str = typer.Option(
+        "auto", "--dtype", help="Weights dtype to save: auto (as built), fp32, bf16, fp16."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
     """Assemble encoders + projectors + an LLM into a model directory (or count it with --dry-run).
 
     Examples:
 
-      mmcore assemble --llm tiny --encoder vision=clip:preset=tiny --encoder audio=whisper:preset=tiny -o out/tiny
+      mmcore assemble --llm tiny -e vision=clip:preset=tiny -e audio=whisper:preset=tiny -o out/tiny
 
-      mmcore assemble --llm Qwen/Qwen2-0.5B --encoder vision=siglip:google/siglip-base-patch16-224 --projector vision=resampler -o out/siglip-qwen
+      mmcore assemble --llm Qwen/Qwen2-0.5B -e vision=siglip:google/siglip-base-patch16-224 -p resampler -o sq
 
       mmcore assemble --llm llama3-8b --encoder vision=clip:preset=vit-l-14-336 --dry-run
 
@@ -145,7 +201,9 @@ def assemble(
         print_json(report)
         return
     _print_parts(report["parts"], report["total_params"], title=f"Assembled {target}")
-    for note in built.notes + (["all weights are random (presets / --random-init)"] if built.random_weights else []):
+    for note in built.notes + (
+        ["all weights are random (presets / --random-init)"] if built.random_weights else []
+    ):
         console().print(f"note: {note}")
     console().print(f"next: mmcore test-run {output}")
 
@@ -164,7 +222,10 @@ def _torch_dtype(name: str) -> Any:
 
 def _check_target(target: Path, overwrite: bool) -> None:
     if target.exists() and not overwrite:
-        raise ConfigError(f"--output {str(target)!r} already exists; pass --overwrite to replace it, or choose another directory")
+        raise ConfigError(
+            f"--output {str(target)!r} already exists; pass --overwrite to replace it, "
+            "or choose another directory"
+        )
     if target.exists() and not target.is_dir():
         raise ConfigError(f"--output {str(target)!r} exists and is not a directory")
 
@@ -181,7 +242,11 @@ def write_model_dir(built: Any, spec: AssemblySpec, target: Path) -> None:
         built.tokenizer.save_pretrained(staging)
         if built.processor is not None:
             built.processor.save_pretrained(staging)
-        record = {"mmcore_version": __version__, "random_weights": built.random_weights, "spec": spec.to_dict()}
+        record = {
+            "mmcore_version": __version__,
+            "random_weights": built.random_weights,
+            "spec": spec.to_dict(),
+        }
         (staging / ASSEMBLY_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
         staging.chmod(0o777 & ~_umask())  # mkdtemp makes it private; a model directory is not
         _replace_dir(staging, target)
@@ -197,11 +262,19 @@ class _progress:
         self.total, self.quiet = total, quiet
 
     def __enter__(self):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            SpinnerColumn,
+            TextColumn,
+            TimeElapsedColumn,
+        )
 
         err = console(stderr=True)
         self.progress = Progress(
-            SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TimeElapsedColumn(),
             console=err, disable=self.quiet or not err.is_terminal, transient=False,
         )  # fmt: skip
         self.progress.__enter__()
@@ -236,7 +309,13 @@ def _dry_run(spec: AssemblySpec, as_json: bool) -> None:
         "Training stages (memory: bf16 weights + 14 B per trainable parameter; activations not included)",
         ["stage", "trains", "params", "trainable", "memory"],
         [
-            [s["stage"], s["trains"], human_count(s["params"]), human_count(s["trainable"]), human_bytes(s["memory_bytes"])]
+            [
+                s["stage"],
+                s["trains"],
+                human_count(s["params"]),
+                human_count(s["trainable"]),
+                human_bytes(s["memory_bytes"]),
+            ]
             for s in report["stages"]
         ],
     )

@@ -2,7 +2,8 @@
 (``assemble --dry-run``). Errors name the spec key they come from.
 
 >>> from mmcore.cli.spec import spec_from_dict
->>> spec = spec_from_dict({"llm": {"source": "tiny"}, "encoders": {"vision": {"encoder": "clip", "preset": "tiny"}}})
+>>> spec = spec_from_dict({"llm": {"source": "tiny"},
+...                         "encoders": {"vision": {"encoder": "clip", "preset": "tiny"}}})
 >>> built = build_from_spec(spec)            # doctest: +SKIP
 >>> built.model, built.tokenizer             # doctest: +SKIP
 """
@@ -69,7 +70,9 @@ def build_from_spec(spec: AssemblySpec, *, meta: bool = False, step: Step | None
     add_modality_tokens(built.tokenizer, model, wrap=spec.model.wrap)
     built.processor = make_processor(model, built.tokenizer)
     if built.processor is None:
-        built.notes.append("mmcore.processing is not available: the directory holds the tokenizer but no processor")
+        built.notes.append(
+            "mmcore.processing is not available: the directory holds the tokenizer but no processor"
+        )
     return built
 
 
@@ -135,21 +138,30 @@ def _build_encoder(spec: AssemblySpec, entry: EncoderEntry, width: int, meta: bo
             # Read the checkpoint's config only: random weights, nothing but the config downloaded.
             checkpoint = entry.checkpoint or (factory.spec.default_checkpoint if factory.spec else None)
             if checkpoint is None:
-                raise ConfigError(f"encoder {factory.name!r} has no default checkpoint; give a checkpoint or a preset")
+                raise ConfigError(
+                    f"encoder {factory.name!r} has no default checkpoint; give a checkpoint or a preset"
+                )
             recipe = factory.make_recipe(checkpoint=checkpoint, **entry.options)
             encoder = encoder_from_recipe(factory, recipe, callbacks=callbacks, device=device)
         else:
             encoder = build_encoder(
-                entry.encoder, entry.checkpoint, preset=entry.preset, callbacks=callbacks, device=device, **entry.options
+                entry.encoder,
+                entry.checkpoint,
+                preset=entry.preset,
+                callbacks=callbacks,
+                device=device,
+                **entry.options,
             )
     # The user's choice (this encoder's, then the model-wide one) beats the plugin's default projector.
     recipe = encoder.source["recipe"] if encoder.source else {}
-    projector_type = entry.projector or spec.model.projector or factory.default_projector(recipe) or DEFAULT_PROJECTOR
+    projector_type = (
+        entry.projector or spec.model.projector or factory.default_projector(recipe) or DEFAULT_PROJECTOR
+    )
     options = {"activation": spec.model.activation, **entry.projector_options}
     key = f"{path}.projector" if entry.projector is not None else "model.projector"
     if entry.projector_options:
         key = f"{path}.projector_options"
-    with _key(spec, key), (_meta_device() if meta else contextlib.nullcontext()):
+    with _key(spec, key), _meta_device() if meta else contextlib.nullcontext():
         encoder.projector = MultimodalProjector(
             MultimodalProjectorConfig(
                 projector_type=projector_type, in_features=encoder.output_width, out_features=width, **options
@@ -185,8 +197,9 @@ def load_tokenizer(spec: AssemblySpec) -> Any:
         preset = LLM_PRESETS.get(spec.llm.source)
         if preset is not None and preset.tokenizer is None:
             raise ConfigError(
-                f"{spec.origin}: llm.tokenizer: LLM preset {preset.name!r} has no tokenizer offline; pass --tokenizer "
-                f"with the matching model's hub id or directory, or --tokenizer {TINY_TOKENIZER} for a shape-and-speed "
+                f"{spec.origin}: llm.tokenizer: LLM preset {preset.name!r} has no tokenizer offline; pass "
+                f"--tokenizer with the matching model's hub id or directory, or --tokenizer {TINY_TOKENIZER} "
+                "for a shape-and-speed "
                 "test with meaningless text (or use --dry-run, which needs none)"
             )
         name = preset.tokenizer if preset is not None else spec.llm.source

@@ -78,7 +78,12 @@ def count_report(model: Any, *, placeholder_tokens: int = 0) -> dict[str, Any]:
     parts.append({"part": "language_model.layers", "params": llm_total - embed.numel() - head_params})
     total = encoders + projectors + llm_total
     lora = lora_parameters(llm)
-    trainable = {"align": projectors, "lora": projectors + lora, "finetune": projectors + llm_total, "full": total}
+    trainable = {
+        "align": projectors,
+        "lora": projectors + lora,
+        "finetune": projectors + llm_total,
+        "full": total,
+    }
     stages = []
     for stage, what in STAGES.items():
         params = total + (lora if stage == "lora" else 0)
@@ -94,7 +99,8 @@ def count_report(model: Any, *, placeholder_tokens: int = 0) -> dict[str, Any]:
     notes = [
         "memory = 2 B x params (bf16 weights) + 14 B x trainable (bf16 grad, fp32 master, Adam m and v); "
         "activations, KV cache and framework overhead not included (measure with `mmcore test-run`)",
-        f"language model counted at vocab_size {embed.shape[0]}; the {placeholder_tokens} modality token(s) add "
+        f"language model counted at vocab_size {embed.shape[0]}; the {placeholder_tokens} modality token(s) "
+        "add "
         f"up to {placeholder_tokens * width * rows} parameters if the tokenizer has no free ids",
     ]
     return {

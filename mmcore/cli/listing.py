@@ -23,8 +23,12 @@ def _registry() -> Any:
 
 
 def list_encoders(
-    pattern: Optional[str] = typer.Argument(None, help="Wildcard on the name, e.g. 'eva02*' ('plugin:*' with a colon)."),
-    modality: Optional[str] = typer.Option(None, "--modality", "-m", help="Only this modality: vision, audio, ..."),
+    pattern: Optional[str] = typer.Argument(
+        None, help="Wildcard on the name, e.g. 'eva02*' ('plugin:*' with a colon)."
+    ),
+    modality: Optional[str] = typer.Option(
+        None, "--modality", "-m", help="Only this modality: vision, audio, ..."
+    ),
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """List registered encoders.
@@ -55,7 +59,17 @@ def list_encoders(
     print_table(
         "Encoders",
         ["name", "modality", "plugin", "default checkpoint", "presets", "summary"],
-        [[r["name"], r["modality"], r["plugin"], r["default_checkpoint"], ", ".join(r["presets"]) or None, r["summary"]] for r in rows],
+        [
+            [
+                r["name"],
+                r["modality"],
+                r["plugin"],
+                r["default_checkpoint"],
+                ", ".join(r["presets"]) or None,
+                r["summary"],
+            ]
+            for r in rows
+        ],
         caption=None if rows else _empty_caption("encoders", pattern, modality),
     )
 
@@ -92,7 +106,11 @@ def list_projectors(
 
 def list_callbacks(
     pattern: Optional[str] = typer.Argument(None, help="Wildcard on the name."),
-    slot: Optional[str] = typer.Option(None, "--slot", help="Only callbacks for this slot: preprocess, postprocess_module, postprocess_projector."),
+    slot: Optional[str] = typer.Option(
+        None,
+        "--slot",
+        help="Only callbacks for this slot: preprocess, postprocess_module, postprocess_projector.",
+    ),
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """List registered encoder callbacks.
@@ -104,7 +122,13 @@ def list_callbacks(
       mmcore list-callbacks --slot postprocess_module --json
     """
     rows = [
-        {"name": s.name, "qualified_name": s.qualified_name, "plugin": s.plugin, "slots": list(s.slots), "summary": s.summary}
+        {
+            "name": s.name,
+            "qualified_name": s.qualified_name,
+            "plugin": s.plugin,
+            "slots": list(s.slots),
+            "summary": s.summary,
+        }
         for s in _registry().list_callbacks(pattern, slot)
     ]
     if as_json:
@@ -221,7 +245,9 @@ def plugins(
 
 
 def _registered_summary(registered: dict[str, list[str]]) -> str | None:
-    parts = [f"{len(names)} {kind}{'s' if len(names) != 1 else ''}" for kind, names in registered.items() if names]
+    parts = [
+        f"{len(names)} {kind}{'s' if len(names) != 1 else ''}" for kind, names in registered.items() if names
+    ]
     return ", ".join(parts) or None
 
 

@@ -133,7 +133,8 @@ class AssemblySpec:
                     table[key] = dict(getattr(e, key))
             if e.callbacks:
                 table["callbacks"] = {
-                    slot: (False if cb is None else {"name": cb["name"], **cb["params"]}) for slot, cb in e.callbacks.items()
+                    slot: (False if cb is None else {"name": cb["name"], **cb["params"]})
+                    for slot, cb in e.callbacks.items()
                 }
             encoders[name] = table
         llm = {"source": self.llm.source} | ({"tokenizer": self.llm.tokenizer} if self.llm.tokenizer else {})
@@ -148,7 +149,9 @@ def read_spec_file(path: str | Path) -> dict[str, Any]:
     """The raw tables of a TOML spec file; `ConfigError` if it is missing or not valid TOML."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"spec file {str(path)!r} does not exist" if not path.exists() else f"{str(path)!r} is not a file")
+        raise ConfigError(
+            f"spec file {str(path)!r} does not exist" if not path.exists() else f"{str(path)!r} is not a file"
+        )
     try:
         return tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
@@ -156,7 +159,7 @@ def read_spec_file(path: str | Path) -> dict[str, Any]:
 
 
 def parse_encoder_flag(value: str, encoder_names: frozenset[str] = frozenset()) -> tuple[str, dict[str, Any]]:
-    """``vision=clip:openai/clip-vit-large-patch14`` -> ``("vision", {"encoder": "clip", "checkpoint": ...})``.
+    """``vision=clip:openai/clip-vit-large-patch14`` -> ``("vision", {"encoder": "clip", "checkpoint": ..})``.
 
     ``ENCODER`` may be plugin-qualified (``clip:clip``) when that resolves to a registered encoder
     (``encoder_names`` holds the qualified names); ``preset=NAME`` selects a preset instead of a
@@ -166,7 +169,8 @@ def parse_encoder_flag(value: str, encoder_names: frozenset[str] = frozenset()) 
     name, rest = name.strip(), rest.strip()
     if not sep or not name or not rest or not rest.split(":")[0]:
         raise ConfigError(
-            f"--encoder {value!r}: expected {ENCODER_FLAG_FORMAT}, e.g. vision=clip:openai/clip-vit-large-patch14 "
+            f"--encoder {value!r}: expected {ENCODER_FLAG_FORMAT}, "
+            "e.g. vision=clip:openai/clip-vit-large-patch14 "
             "or audio=whisper:preset=tiny"
         )
     parts = rest.split(":")
@@ -178,7 +182,9 @@ def parse_encoder_flag(value: str, encoder_names: frozenset[str] = frozenset()) 
     if source.startswith("preset="):
         preset = source[len("preset=") :]
         if not preset:
-            raise ConfigError(f"--encoder {value!r}: 'preset=' needs a preset name, e.g. {name}={encoder}:preset=tiny")
+            raise ConfigError(
+                f"--encoder {value!r}: 'preset=' needs a preset name, e.g. {name}={encoder}:preset=tiny"
+            )
         table["preset"] = preset
     elif source:
         table["checkpoint"] = source
@@ -262,21 +268,36 @@ def spec_from_dict(raw: dict[str, Any], origin: str = "command line") -> Assembl
             raise _unknown_key(origin, key, key, _SECTIONS)
     llm_raw = _check_table(origin, "llm", raw.get("llm", {}), _LLM_KEYS)
     if not llm_raw.get("source", "").strip():
-        raise _fail(origin, "llm.source", "missing: say which language model (a preset such as 'tiny', a hub id or a directory; --llm)")
+        raise _fail(
+            origin,
+            "llm.source",
+            "missing: say which language model (a preset such as 'tiny', a hub id or a directory; --llm)",
+        )
     model = ModelOptions(**_check_table(origin, "model", raw.get("model", {}), _MODEL_KEYS))
     encoders_raw = raw.get("encoders", {})
     if not isinstance(encoders_raw, dict):
         raise _fail(origin, "encoders", f"expected tables [encoders.<name>], got {encoders_raw!r}")
     if not encoders_raw:
-        raise _fail(origin, "encoders", f"no encoders: add at least one [encoders.<name>] table (--encoder {ENCODER_FLAG_FORMAT})")
+        raise _fail(
+            origin,
+            "encoders",
+            f"no encoders: add at least one [encoders.<name>] table (--encoder {ENCODER_FLAG_FORMAT})",
+        )
     encoders = {name: _encoder_entry(origin, name, table) for name, table in encoders_raw.items()}
-    return AssemblySpec(LLMEntry(llm_raw["source"].strip(), llm_raw.get("tokenizer")), encoders, model, origin)
+    return AssemblySpec(
+        LLMEntry(llm_raw["source"].strip(), llm_raw.get("tokenizer")), encoders, model, origin
+    )
 
 
 def _encoder_entry(origin: str, name: str, table: Any) -> EncoderEntry:
     path = f"encoders.{name}"
     if not _MODALITY.match(name):
-        raise _fail(origin, path, "the name must start with a letter and hold only letters, digits and '_' (it names the <name> token)")
+        raise _fail(
+            origin,
+            path,
+            "the name must start with a letter and hold only letters, digits and '_' "
+            "(it names the <name> token)",
+        )
     table = _check_table(origin, path, table, _ENCODER_KEYS)
     if not table.get("encoder"):
         raise _fail(origin, f"{path}.encoder", "missing: say which registered encoder (mmcore list-encoders)")
@@ -302,7 +323,8 @@ def _encoder_entry(origin: str, name: str, table: Any) -> EncoderEntry:
         else:
             raise _fail(
                 origin, slot_path,
-                f"expected a callback name, a table {{ name = \"...\", <param> = ... }}, or false to remove it; got {value!r}",
+                "expected a callback name, a table { name = \"...\", <param> = ... }, or false to remove it; "
+                f"got {value!r}",
             )  # fmt: skip
     return EncoderEntry(
         name=name,
@@ -352,7 +374,11 @@ def resolve_names(spec: AssemblySpec) -> None:
             raise _fail(origin, key, str(exc)) from exc
     source = spec.llm.source
     if source not in LLM_PRESETS and looks_like_path(source) and not Path(source).expanduser().is_dir():
-        raise _fail(origin, "llm.source", f"{source!r} is not a directory (and not an LLM preset: {', '.join(LLM_PRESETS)})")
+        raise _fail(
+            origin,
+            "llm.source",
+            f"{source!r} is not a directory (and not an LLM preset: {', '.join(LLM_PRESETS)})",
+        )
 
 
 def looks_like_path(text: str) -> bool:

@@ -36,14 +36,24 @@ _ANSWER = " it is a short test ."
 
 
 def test_run(
-    target: Path = typer.Argument(..., metavar="MODEL_DIR|SPEC", help="A model directory (mmcore assemble -o) or a TOML spec."),
-    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda or cuda:N (default: cuda when available, else cpu)."),
+    target: Path = typer.Argument(
+        ..., metavar="MODEL_DIR|SPEC", help="A model directory (mmcore assemble -o) or a TOML spec."
+    ),
+    device: Optional[str] = typer.Option(
+        None, "--device", help="cpu, cuda or cuda:N (default: cuda when available, else cpu)."
+    ),
     dtype: str = typer.Option("auto", "--dtype", help="fp32, bf16, fp16 (auto: bf16 on CUDA, fp32 on CPU)."),
-    batch_size: int = typer.Option(2, "--batch-size", "-b", min=1, help="Samples per batch (each with one item per modality)."),
+    batch_size: int = typer.Option(
+        2, "--batch-size", "-b", min=1, help="Samples per batch (each with one item per modality)."
+    ),
     steps: int = typer.Option(3, "--steps", min=1, help="Timed training steps after one warm-up step."),
     generate: int = typer.Option(8, "--generate", min=0, help="New tokens to generate (0: skip generation)."),
-    train: str = typer.Option("align", "--train", help="What trains: align (projectors), finetune (projectors + LLM), full."),
-    optimizer: bool = typer.Option(True, "--optimizer/--no-optimizer", help="Include an AdamW step in each training step."),
+    train: str = typer.Option(
+        "align", "--train", help="What trains: align (projectors), finetune (projectors + LLM), full."
+    ),
+    optimizer: bool = typer.Option(
+        True, "--optimizer/--no-optimizer", help="Include an AdamW step in each training step."
+    ),
     seed: int = typer.Option(0, "--seed", help="Random seed for the dummy inputs."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
@@ -95,7 +105,10 @@ def _resolve_device(device: str | None) -> Any:
         raise ConfigError(f"--device {device!r}: expected cpu, cuda or cuda:N")
     if resolved.type == "cuda":
         if not torch.cuda.is_available():
-            raise ConfigError(f"--device {device}: no CUDA device is available (torch.cuda.is_available() is False); use --device cpu")
+            raise ConfigError(
+                f"--device {device}: no CUDA device is available (torch.cuda.is_available() is False); "
+                "use --device cpu"
+            )
         if resolved.index is not None and resolved.index >= torch.cuda.device_count():
             raise ConfigError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s)")
     return resolved
@@ -166,7 +179,9 @@ def run(
     trainable = _set_stage(model, train)
 
     # warm-up step, then a forward pass with per-part timing hooks
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6) if optimizer else None
+    opt = (
+        torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6) if optimizer else None
+    )
     model.train()
     _train_step(model, batch, inputs, opt, timer)
     part_times = _timed_parts(model, batch, inputs, timer)
@@ -201,7 +216,11 @@ def run(
         {"name": "language_model", "kind": "llm", **part_times.get("language_model", {})}
     ]
     for part in parts:
-        keys = [f"{part['name']}.module", f"{part['name']}.projector"] if part["kind"] == "encoder" else ["language_model"]
+        keys = (
+            [f"{part['name']}.module", f"{part['name']}.projector"]
+            if part["kind"] == "encoder"
+            else ["language_model"]
+        )
         part["params"] = sum(trainable[k][1] for k in keys)
         part["trainable"] = sum(trainable[k][0] for k in keys)
         finite = [grads[k]["grads_finite"] for k in keys if grads[k]["grads_finite"] is not None]
@@ -289,7 +308,8 @@ def _encoder_inputs(model: Any, batch_size: int, device: Any, dtype: Any) -> tup
         source = encoder.source or {}
         if source.get("kind") != "plugin":
             raise ConfigError(
-                f"encoder {name!r} was not built by a plugin, so there are no dummy inputs for it; test-run needs "
+                f"encoder {name!r} was not built by a plugin, so there are no dummy inputs for it; "
+                "test-run needs "
                 "models assembled from registered encoders (mmcore assemble)"
             )
         factory = factory_for_source(name, source)
@@ -326,10 +346,14 @@ def _tokens_per_item(features: Any, batch_size: int, name: str) -> list[int]:
         return [int(f.shape[0]) for f in features]
     if features.dim() == 3:
         return [int(features.shape[1])] * int(features.shape[0])
-    raise ConfigError(f"encoder {name!r}: features of shape {tuple(features.shape)}; expected (items, tokens, width)")
+    raise ConfigError(
+        f"encoder {name!r}: features of shape {tuple(features.shape)}; expected (items, tokens, width)"
+    )
 
 
-def _text_batch(model: Any, tokenizer: Any, processor: Any, counts: dict, batch_size: int, device: Any) -> dict:
+def _text_batch(
+    model: Any, tokenizer: Any, processor: Any, counts: dict, batch_size: int, device: Any
+) -> dict:
     """One sample per batch row: prompt, one placeholder run per modality, answer; labels = ids."""
     import torch
 
@@ -373,7 +397,9 @@ def _set_stage(model: Any, stage: str) -> dict[str, tuple[int, int]]:
     return model.set_trainable(spec)
 
 
-def _train_step(model: Any, batch: dict, inputs: dict, opt: Any, timer: _Timer, check_grads: bool = False) -> dict:
+def _train_step(
+    model: Any, batch: dict, inputs: dict, opt: Any, timer: _Timer, check_grads: bool = False
+) -> dict:
     t0 = timer.now()
     out = model(**batch, encoder_inputs=inputs)
     t1 = timer.now()
@@ -410,7 +436,10 @@ def _grad_check(model: Any) -> dict[str, dict[str, Any]]:
         # gradient: counted apart, not as a failure.
         with_grad = [p for p in trainable if p.grad is not None]
         finite = all(bool(torch.isfinite(p.grad).all()) for p in with_grad) if with_grad else None
-        report[key] = {"grads_finite": finite, "without_grad": sum(p.numel() for p in trainable if p.grad is None)}
+        report[key] = {
+            "grads_finite": finite,
+            "without_grad": sum(p.numel() for p in trainable if p.grad is None),
+        }
     return report
 
 
@@ -455,7 +484,9 @@ def _shape(output: Any) -> Any:
     return type(output).__name__
 
 
-def _generate(model: Any, batch: dict, inputs: dict, tokenizer: Any, new_tokens: int, timer: _Timer) -> dict[str, Any]:
+def _generate(
+    model: Any, batch: dict, inputs: dict, tokenizer: Any, new_tokens: int, timer: _Timer
+) -> dict[str, Any]:
     """Greedy generation of exactly ``new_tokens`` tokens, timed token by token through a streamer
     (``generate`` hands it the prompt, then each new token, copied to the host: a sync point)."""
     import torch
@@ -495,7 +526,9 @@ def _generate(model: Any, batch: dict, inputs: dict, tokenizer: Any, new_tokens:
         "decode_ms_per_token": round(decode_s / (new_tokens - 1) * 1e3, 3) if new_tokens > 1 else None,
         "total_ms": round(total_s * 1e3, 3),
         "prefill_tokens_per_s": round(batch_size * prompt / prefill_s, 1),
-        "decode_tokens_per_s": round(batch_size * (new_tokens - 1) / decode_s, 1) if new_tokens > 1 and decode_s > 0 else None,
+        "decode_tokens_per_s": round(batch_size * (new_tokens - 1) / decode_s, 1)
+        if new_tokens > 1 and decode_s > 0
+        else None,
         "peak_memory_bytes": timer.peak(),
     }
 
@@ -509,7 +542,8 @@ def _print_report(report: dict[str, Any]) -> None:
     train = report["train"]
     gen = report["generate"]
     title = (
-        f"test-run {report['target']} on {report['device_name']} ({report['dtype']}), batch {report['batch_size']}, "
+        f"test-run {report['target']} on {report['device_name']} ({report['dtype']}), "
+        f"batch {report['batch_size']}, "
         f"sequence {report['sequence_length']}"
     )
     rows = []
@@ -520,16 +554,19 @@ def _print_report(report: dict[str, Any]) -> None:
         elif tokens is not None:
             tokens = tokens[0]
         rows.append([
-            part["name"] + (f": {part['encoder'].rpartition(':')[2]} + {part['projector']}" if part.get("encoder") else ""),
+            part["name"] + _encoder_label(part),
             human_count(part["params"]),
             human_count(part["trainable"]),
             part.get("output_shape"),
             part.get("forward_ms"),
             tokens,
             {True: "yes", False: "NO", None: "-"}[part["grads_finite"]]
-            + (f" ({human_count(part['trainable_without_grad'])} unused)" if part["trainable_without_grad"] else ""),
+            + (f" ({human_count(part['trainable_without_grad'])} unused)" if part["trainable_without_grad"]
+               else ""),
         ])  # fmt: skip
-    print_table(title, ["part", "params", "trainable", "output shape", "fwd ms", "tokens/item", "grads ok"], rows)
+    print_table(
+        title, ["part", "params", "trainable", "output shape", "fwd ms", "tokens/item", "grads ok"], rows
+    )
     step_rows = [
         ["forward", f"{train['forward_ms']} ms"],
         ["backward", f"{train['backward_ms']} ms"],
@@ -544,15 +581,28 @@ def _print_report(report: dict[str, Any]) -> None:
     if gen is not None:
         step_rows += [
             ["generated", f"{gen['new_tokens']} tokens, output {gen['output_shape']}"],
-            ["prefill (to the first token)", f"{gen['prefill_ms']} ms, {gen['prefill_tokens_per_s']} tokens/s"],
-            ["decode", f"{gen['decode_ms_per_token']} ms/token, {gen['decode_tokens_per_s']} tokens/s"
-             if gen["decode_tokens_per_s"] is not None else "-"],
+            [
+                "prefill (to the first token)",
+                f"{gen['prefill_ms']} ms, {gen['prefill_tokens_per_s']} tokens/s",
+            ],
+            [
+                "decode",
+                f"{gen['decode_ms_per_token']} ms/token, {gen['decode_tokens_per_s']} tokens/s"
+                if gen["decode_tokens_per_s"] is not None
+                else "-",
+            ],
             ["peak memory (generate)", human_bytes(gen["peak_memory_bytes"])],
         ]
     memory = "CUDA max allocated" if report["memory_kind"] == "cuda_max_allocated" else "process peak RSS"
-    print_table(f"Training ({train['stage']}: {train['trains']}), {report['steps']} timed steps after 1 warm-up",
-                ["", ""], step_rows, caption=f"memory: {memory}")  # fmt: skip
-    console().print("OK" if report["ok"] else "FAILED: non-finite loss or gradient, or a plugin's token count is wrong")
+    title = f"Training ({train['stage']}: {train['trains']}), {report['steps']} timed steps after a warm-up"
+    print_table(title, ["", ""], step_rows, caption=f"memory: {memory}")
+    console().print(
+        "OK" if report["ok"] else "FAILED: non-finite loss or gradient, or a plugin's token count is wrong"
+    )
+
+
+def _encoder_label(part: dict[str, Any]) -> str:
+    return f": {part['encoder'].rpartition(':')[2]} + {part['projector']}" if part.get("encoder") else ""
 
 
 def register(app: typer.Typer) -> None:
