@@ -28,6 +28,7 @@ from mmcore.errors import MMCoreError
 COMMAND_MODULES = ("listing", "assemble", "testrun", "train")
 
 USAGE_ERROR = 2
+_TRUE = ("1", "true", "yes", "on")
 
 HELP = """Assemble multimodal LLMs from registered encoders, projectors and any HF causal LM.
 
@@ -47,12 +48,7 @@ def _debug_requested(args: list[str]) -> tuple[bool, list[str]]:
     """Take ``--debug`` out of the arguments (before any ``--``), wherever the user put it."""
     end = args.index("--") if "--" in args else len(args)
     head, tail = args[:end], args[end:]
-    debug = "--debug" in head or os.environ.get("MMCORE_DEBUG", "").strip().lower() in (
-        "1",
-        "true",
-        "yes",
-        "on",
-    )
+    debug = "--debug" in head or os.environ.get("MMCORE_DEBUG", "").strip().lower() in _TRUE
     return debug, [a for a in head if a != "--debug"] + tail
 
 
@@ -70,7 +66,7 @@ class MMCoreGroup(TyperGroup):
         prog_name: str | None = None,
         standalone_mode: bool = True,
         **extra: Any,
-    ) -> Any:  # noqa: E501
+    ) -> Any:
         from typer import Abort
 
         try:

@@ -41,13 +41,10 @@ def build_from_spec(spec: AssemblySpec, *, meta: bool = False, step: Step | None
     counting parameters of full-size combinations instantly. ``step(description)`` is called before
     each stage (progress display).
     """
-    import torch
-
     from mmcore.modeling.multimodal import MultimodalModel
 
     step = step or (lambda _: None)
     resolve_names(spec)
-    device = torch.device("meta") if meta else contextlib.nullcontext()
     step(f"language model {spec.llm.source}")
     llm, llm_random = _build_llm(spec, meta)
     width = llm.get_input_embeddings().embedding_dim
@@ -58,7 +55,7 @@ def build_from_spec(spec: AssemblySpec, *, meta: bool = False, step: Step | None
         encoders[name], enc_random = _build_encoder(spec, entry, width, meta)
         random_weights = random_weights and enc_random
     step("model")
-    with device:  # every encoder comes with its projector (see _build_encoder)
+    with _on_meta(meta):  # every encoder comes with its projector (see _build_encoder)
         model = MultimodalModel(encoders, llm)
     built = Built(model, random_weights=random_weights)
     if meta:
@@ -85,15 +82,28 @@ def _key(spec: AssemblySpec, path: str, loading: str | None = None) -> Iterator[
     except MMCoreError as exc:
         if str(exc).startswith(f"{spec.origin}: "):
             raise
-        raise type(exc)(f"{spec.origin}: {path}: {exc}") from exc
+        message = f"{spec.origin}: {path}: {exc}"
+        try:
+            keyed = type(exc)(message)
+        except TypeError:  # a subclass with its own constructor
+            keyed = ConfigError(message)
+        raise keyed from exc
     except (OSError, ValueError) as exc:  # hub/file loading: missing repo, offline, bad config
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         what = f"cannot load {loading!r}: " if loading else ""
         raise ConfigError(f"{spec.origin}: {path}: {what}{first}") from exc
 
 
-def _build_llm(spec: AssemblySpec, meta: bool) -> tuple[Any, bool]:
+def _on_meta(meta: bool) -> Any:
+    """``torch.device("meta")`` as a context (parameters created inside allocate nothing), or a no-op."""
+    if not meta:
+        return contextlib.nullcontext()
     import torch
+
+    return torch.device("meta")
+
+
+def _build_llm(spec: AssemblySpec, meta: bool) -> tuple[Any, bool]:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     source = spec.llm.source
@@ -104,7 +114,7 @@ def _build_llm(spec: AssemblySpec, meta: bool) -> tuple[Any, bool]:
             config, random = AutoConfig.from_pretrained(_path_or_id(source), trust_remote_code=False), True
         else:
             return AutoModelForCausalLM.from_pretrained(_path_or_id(source), trust_remote_code=False), False
-        with torch.device("meta") if meta else contextlib.nullcontext():
+        with _on_meta(meta):
             return AutoModelForCausalLM.from_config(config, trust_remote_code=False), random
 
 
@@ -161,19 +171,13 @@ def _build_encoder(spec: AssemblySpec, entry: EncoderEntry, width: int, meta: bo
     key = f"{path}.projector" if entry.projector is not None else "model.projector"
     if entry.projector_options:
         key = f"{path}.projector_options"
-    with _key(spec, key), _meta_device() if meta else contextlib.nullcontext():
+    with _key(spec, key), _on_meta(meta):
         encoder.projector = MultimodalProjector(
             MultimodalProjectorConfig(
                 projector_type=projector_type, in_features=encoder.output_width, out_features=width, **options
             )
         )
     return encoder, random_weights
-
-
-def _meta_device() -> Any:
-    import torch
-
-    return torch.device("meta")
 
 
 def _callback(record: dict[str, Any] | None) -> Any:
@@ -199,8 +203,7 @@ def load_tokenizer(spec: AssemblySpec) -> Any:
             raise ConfigError(
                 f"{spec.origin}: llm.tokenizer: LLM preset {preset.name!r} has no tokenizer offline; pass "
                 f"--tokenizer with the matching model's hub id or directory, or --tokenizer {TINY_TOKENIZER} "
-                "for a shape-and-speed "
-                "test with meaningless text (or use --dry-run, which needs none)"
+                "for a shape-and-speed test with meaningless text (or use --dry-run, which needs none)"
             )
         name = preset.tokenizer if preset is not None else spec.llm.source
         key = "llm.source"
