@@ -667,6 +667,7 @@ def test_assemble_test_run_from_pretrained_round_trip(cli, tmp_path):
     assert parts["language_model"]["trainable"] == 0 and parts["language_model"]["grads_finite"] is None
     assert tr["train"]["loss_finite"] and tr["train"]["grads_finite"] and len(tr["train"]["losses"]) == 1
     assert tr["train"]["step_ms"] > 0 and tr["train"]["peak_memory_bytes"] > 0
+    assert tr["peak_memory_bytes"] == max(tr["train"]["peak_memory_bytes"], tr["generate"]["peak_memory_bytes"])
     assert tr["generate"]["output_shape"] == [2, tr["sequence_length"] + 3]
     assert tr["generate"]["prefill_tokens_per_s"] > 0 and tr["generate"]["decode_tokens_per_s"] > 0
 

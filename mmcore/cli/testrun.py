@@ -241,7 +241,10 @@ def run(
         "parts": parts,
         "train": train_report,
         "generate": gen_report,
-        "peak_memory_bytes": timer.overall_peak(),
+        "peak_memory_bytes": max(
+            [m for m in (train_peak, gen_report and gen_report["peak_memory_bytes"]) if m is not None],
+            default=None,
+        ),
         "processor": processor is not None,
         "ok": ok,
     }
@@ -271,9 +274,6 @@ class _Timer:
         if self.cuda:
             return int(self.torch.cuda.max_memory_allocated(self.device))
         return _peak_rss()
-
-    def overall_peak(self) -> int | None:
-        return self.peak()
 
 
 def _peak_rss() -> int | None:
@@ -309,8 +309,7 @@ def _encoder_inputs(model: Any, batch_size: int, device: Any, dtype: Any) -> tup
         if source.get("kind") != "plugin":
             raise ConfigError(
                 f"encoder {name!r} was not built by a plugin, so there are no dummy inputs for it; "
-                "test-run needs "
-                "models assembled from registered encoders (mmcore assemble)"
+                "test-run needs models assembled from registered encoders (mmcore assemble)"
             )
         factory = factory_for_source(name, source)
         recipe = source.get("recipe") or {}
@@ -323,7 +322,7 @@ def _encoder_inputs(model: Any, batch_size: int, device: Any, dtype: Any) -> tup
         }  # fmt: skip
         with torch.no_grad():
             features = encoder(**moved)
-        per_item = _tokens_per_item(features, batch_size, name)
+        per_item = _tokens_per_item(features, name)
         flatten_features(features, name)  # checks the features' shape as the merge will
         inputs[name], counts[name] = moved, per_item
         matches = predicted == per_item
@@ -341,7 +340,7 @@ def _encoder_inputs(model: Any, batch_size: int, device: Any, dtype: Any) -> tup
     return inputs, counts, parts, ok
 
 
-def _tokens_per_item(features: Any, batch_size: int, name: str) -> list[int]:
+def _tokens_per_item(features: Any, name: str) -> list[int]:
     if isinstance(features, (list, tuple)):
         return [int(f.shape[0]) for f in features]
     if features.dim() == 3:
