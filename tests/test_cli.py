@@ -174,6 +174,25 @@ def test_plugins_shows_a_failed_plugin_with_its_reason(monkeypatch):
     assert rows["broken"]["state"] == "failed" and "boom at registration" in rows["broken"]["reason"]
 
 
+@needs_plugins
+def test_plugins_shows_a_disabled_plugin_and_its_encoders_disappear(monkeypatch):
+    from mmcore import plugins
+
+    monkeypatch.setenv("MMCORE_DISABLE_PLUGINS", "whisper")
+    plugins.reset()
+    try:
+        app = cli_app.build_app()
+        rows = {r["name"]: r for r in json.loads(CliRunner().invoke(app, ["plugins", "--json"]).stdout)}
+        encoders = json.loads(CliRunner().invoke(app, ["list-encoders", "--json"]).stdout)
+        info = CliRunner().invoke(app, ["plugins", "info", "whisper"])
+    finally:
+        plugins.reset()
+    assert rows["whisper"]["state"] == "disabled" and "MMCORE_DISABLE_PLUGINS" in rows["whisper"]["reason"]
+    assert rows["whisper"]["distribution"] == "mmcore-plugin-whisper" and rows["clip"]["state"] == "loaded"
+    assert "whisper" not in {e["name"] for e in encoders} and "clip" in {e["name"] for e in encoders}
+    assert info.exit_code == 0 and "disabled" in info.stdout
+
+
 def test_plugin_commands_appear_in_help_and_run(cli):
     help_text = cli("--help").stdout
     assert "toy-hello" in help_text
@@ -667,7 +686,9 @@ def test_assemble_test_run_from_pretrained_round_trip(cli, tmp_path):
     assert parts["language_model"]["trainable"] == 0 and parts["language_model"]["grads_finite"] is None
     assert tr["train"]["loss_finite"] and tr["train"]["grads_finite"] and len(tr["train"]["losses"]) == 1
     assert tr["train"]["step_ms"] > 0 and tr["train"]["peak_memory_bytes"] > 0
-    assert tr["peak_memory_bytes"] == max(tr["train"]["peak_memory_bytes"], tr["generate"]["peak_memory_bytes"])
+    assert tr["peak_memory_bytes"] == max(
+        tr["train"]["peak_memory_bytes"], tr["generate"]["peak_memory_bytes"]
+    )
     assert tr["generate"]["output_shape"] == [2, tr["sequence_length"] + 3]
     assert tr["generate"]["prefill_tokens_per_s"] > 0 and tr["generate"]["decode_tokens_per_s"] > 0
 
