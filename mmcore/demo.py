@@ -46,7 +46,7 @@ class Settings:
     eval_per_class: int = 12
     batch_size: int = 16
     align_steps: int = 50
-    tune_steps: int = 1500
+    tune_steps: int = 1800
     align_lr: float = 1e-3
     tune_lr: float = 1e-3
     tune_projector_lr: float | None = None
@@ -69,7 +69,7 @@ def draw_shape(shape: str, color: str, rng: random.Random, size: int = 56) -> An
     image = Image.new("RGB", (size, size), background)
     draw = ImageDraw.Draw(image)
     fill = tuple(max(0, min(255, c + rng.randint(-25, 25))) for c in COLORS[color])
-    radius = size * rng.uniform(0.26, 0.4)
+    radius = size * rng.uniform(0.3, 0.42)
     cx, cy = size / 2 + rng.uniform(-0.1, 0.1) * size, size / 2 + rng.uniform(-0.1, 0.1) * size
     box = (cx - radius, cy - radius, cx + radius, cy + radius)
     if shape == "circle":

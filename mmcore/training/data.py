@@ -98,6 +98,10 @@ def save_wav(path: str | Path, waveform: torch.Tensor, sampling_rate: int) -> No
         fh.writeframes(pcm.numpy().tobytes())
 
 
+#: JSONL media key -> loader of one file.
+LOADERS = {"image": load_image, "audio": load_audio}
+
+
 def to_messages(conversations: Sequence[Mapping[str, Any]], markers: Mapping[str, str], counts: Mapping[str, int]) -> list[dict[str, str]]:
     """LLaVA turns -> chat ``messages``, each ``<key>`` marker replaced by its modality's placeholder;
     items without markers go to the start of the first user turn."""
@@ -149,6 +153,9 @@ class ConversationDataset(torch.utils.data.Dataset):
         self.records = list(records)
         self.root = Path(root) if root is not None else Path.cwd()
         self.media_keys = dict(media_keys or DEFAULT_MEDIA_KEYS)
+        unknown = sorted(set(self.media_keys) - set(LOADERS))
+        if unknown:
+            raise DataFormatError(f"media keys {unknown} unknown; supported: {', '.join(LOADERS)}")
 
     def __len__(self) -> int:
         return len(self.records)
@@ -162,23 +169,39 @@ class ConversationDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         record = self.records[index]
-        sample: dict[str, Any] = {}
-        counts = {}
-        for key, modality in self.media_keys.items():
-            paths = self._paths(record, key)
-            counts[f"<{key}>"] = len(paths)
-            if not paths:
-                continue
-            missing = [str(p) for p in paths if not p.is_file()]
-            if missing:
-                raise DataFormatError(f"sample {record.get('id', index)!r}: missing {key} file(s) {missing}")
-            if key == "audio" or modality == "audio":
-                sample[modality] = [load_audio(p) for p in paths]
-            else:
-                sample[modality] = [load_image(p) for p in paths]
+        name = record.get("id", index)
+        paths = {key: self._paths(record, key) for key in self.media_keys}
         markers = {f"<{key}>": placeholder_token(modality) for key, modality in self.media_keys.items()}
-        sample["messages"] = to_messages(record["conversations"], markers, counts)
+        try:
+            messages = to_messages(record["conversations"], markers, {f"<{k}>": len(v) for k, v in paths.items()})
+        except DataFormatError as exc:
+            raise DataFormatError(f"sample {name!r}: {exc}") from exc
+        sample: dict[str, Any] = {"messages": messages}
+        for key, modality in self.media_keys.items():
+            missing = [str(p) for p in paths[key] if not p.is_file()]
+            if missing:
+                raise DataFormatError(f"sample {name!r}: missing {key} file(s) {missing}")
+            items = []
+            for path in paths[key]:
+                try:
+                    items.append(LOADERS[key](path))
+                except (OSError, ValueError, EOFError, wave.Error) as exc:
+                    raise DataFormatError(f"sample {name!r}: cannot read {key} file {str(path)!r} ({exc})") from exc
+            if items:
+                sample[modality] = items
         return sample
+
+    def check_modalities(self, modalities: Sequence[str]) -> None:
+        """`DataFormatError` when a record has items for a modality not in ``modalities`` (the model's)."""
+        for key, modality in self.media_keys.items():
+            if modality in modalities:
+                continue
+            used = next((r.get("id", i) for i, r in enumerate(self.records) if r.get(key)), None)
+            if used is not None:
+                raise DataFormatError(
+                    f"sample {used!r} has {key!r} items, mapped to modality {modality!r}, but the model's encoders "
+                    f"are {list(modalities)}; map the key to one of them (media_keys / --media {key}=NAME)"
+                )
 
     def modality_key(self, index: int) -> str:
         """The sample's set of modalities, as a group key (``"audio+vision"``, ``"text"``)."""

@@ -20,8 +20,9 @@ import math
 import random
 import shutil
 import time
-from collections.abc import Callable, Mapping
-from contextlib import nullcontext
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -152,7 +153,8 @@ class _Checkpoints:
             staging.mkdir(parents=True)
         _barrier(self.info)
         model_sd, optim_sd = get_state_dict(model, optimizer)
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(staging))
+        with _single_process_quiet(self.info):
+            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(staging))
         rng = {"python": random.getstate(), "torch": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state()
@@ -163,8 +165,8 @@ class _Checkpoints:
             (staging / "trainer_state.json").write_text(json.dumps({**state, "step": step}, indent=1))
             shutil.rmtree(final, ignore_errors=True)
             staging.rename(final)
-            for old in sorted(p for p in self.root.glob("step-*") if p != final)[: -self.keep or None]:
-                if self.keep > 0:
+            if self.keep > 0:
+                for old in sorted(self.root.glob("step-*"))[: -self.keep]:
                     shutil.rmtree(old, ignore_errors=True)
         _barrier(self.info)
         return final
@@ -175,7 +177,8 @@ class _Checkpoints:
 
         model_sd, optim_sd = get_state_dict(model, optimizer)
         state = {"model": model_sd, "optim": optim_sd}
-        dcp.load(state, checkpoint_id=str(path))
+        with _single_process_quiet(self.info):
+            dcp.load(state, checkpoint_id=str(path))
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
         rng_file = path / f"rng-{self.info.rank}.pt"
@@ -186,6 +189,16 @@ class _Checkpoints:
             if "cuda" in rng and torch.cuda.is_available():
                 torch.cuda.set_rng_state(rng["cuda"])
         return json.loads((path / "trainer_state.json").read_text())
+
+
+@contextmanager
+def _single_process_quiet(info: DistInfo) -> Iterator[None]:
+    """torch.distributed.checkpoint warns that it "assumes a single process" when no process group
+    exists; in a single-process run that is exactly the intent."""
+    with warnings.catch_warnings():
+        if not info.distributed:
+            warnings.filterwarnings("ignore", message=".*assuming the intent is to .* in a single process")
+        yield
 
 
 def _as_tuple(value: Any) -> Any:
