@@ -57,7 +57,7 @@ class Settings:
     @classmethod
     def quick(cls, **overrides: Any) -> Settings:
         """A shortened run for tests: fewer samples and steps; learns well above chance, not to 90 %."""
-        return cls(**{"train_per_class": 16, "eval_per_class": 4, "align_steps": 40, "tune_steps": 120, **overrides})
+        return cls(**{"train_per_class": 16, "eval_per_class": 4, "align_steps": 20, "tune_steps": 300, **overrides})
 
 
 # -- synthetic data -------------------------------------------------------------------------------------
