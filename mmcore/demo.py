@@ -37,6 +37,7 @@ SAMPLING_RATE = 16000
 IMAGE_PROMPT = "<image>\nWhat is in the picture?"
 AUDIO_PROMPT = "<audio>\nWhat do you hear?"
 
+
 @dataclass
 class Settings:
     """Sizes and schedule of one demo run."""
@@ -57,7 +58,9 @@ class Settings:
     @classmethod
     def quick(cls, **overrides: Any) -> Settings:
         """A shortened run for tests: fewer samples and steps; learns well above chance, not to 90 %."""
-        return cls(**{"train_per_class": 16, "eval_per_class": 4, "align_steps": 20, "tune_steps": 300, **overrides})
+        return cls(
+            **{"train_per_class": 16, "eval_per_class": 4, "align_steps": 20, "tune_steps": 300, **overrides}
+        )
 
 
 # -- synthetic data -------------------------------------------------------------------------------------
@@ -94,7 +97,9 @@ def synth_sound(kind: str, rng: random.Random, seconds: float = 0.2) -> Any:
         freqs = [rng.uniform(low, high)]
     t = torch.arange(int(SAMPLING_RATE * seconds), dtype=torch.float64) / SAMPLING_RATE
     wave = sum(torch.sin(2 * math.pi * f * t + rng.uniform(0, 2 * math.pi)) for f in freqs) / len(freqs)
-    noise = torch.randn(t.shape, generator=torch.Generator().manual_seed(rng.randrange(2**31)), dtype=torch.float64)
+    noise = torch.randn(
+        t.shape, generator=torch.Generator().manual_seed(rng.randrange(2**31)), dtype=torch.float64
+    )
     return (wave * rng.uniform(0.4, 0.8) + 0.001 * noise).float()
 
 
@@ -141,7 +146,10 @@ def build_model(llm_width: int) -> tuple[Any, Any]:
     from mmcore.testing import tiny_llm, tiny_tokenizer
 
     tokenizer = tiny_tokenizer()
-    encoders = {"vision": build_encoder("clip", preset="tiny"), "audio": build_encoder("whisper", preset="tiny")}
+    encoders = {
+        "vision": build_encoder("clip", preset="tiny"),
+        "audio": build_encoder("whisper", preset="tiny"),
+    }
     llm = tiny_llm(vocab_size=len(tokenizer), hidden_size=llm_width)
     model = MultimodalModel(encoders, llm, init_projector_type="mlp2x_gelu")
     add_modality_tokens(tokenizer, model)
@@ -168,7 +176,13 @@ def caption(model: Any, processor: Any, samples: Sequence[dict[str, Any]], batch
             **{modality: [s[modality] for s in chunk]},
         )
         with torch.no_grad():
-            generated = model.generate(**batch, max_new_tokens=8, do_sample=False, eos_token_id=stop, pad_token_id=tokenizer.pad_token_id)
+            generated = model.generate(
+                **batch,
+                max_new_tokens=8,
+                do_sample=False,
+                eos_token_id=stop,
+                pad_token_id=tokenizer.pad_token_id,
+            )
         width = batch["input_ids"].shape[1]
         for row in generated:
             text = tokenizer.decode(row[width:], skip_special_tokens=True)
@@ -220,7 +234,9 @@ def run(settings: Settings, workdir: Path, console: Any) -> dict[str, float]:
         "random weights, and the offline tiny tokenizer"
     )
     collator = MultimodalCollator(processor)
-    common = dict(batch_size=settings.batch_size, warmup_ratio=0.05, log_every=50, seed=settings.seed, device="cpu")
+    common = dict(
+        batch_size=settings.batch_size, warmup_ratio=0.05, log_every=50, seed=settings.seed, device="cpu"
+    )
     tune_stage = "lora" if settings.lora else "finetune"
     stages = [
         ("align", settings.align_steps, settings.align_lr, None),
@@ -249,7 +265,12 @@ def run(settings: Settings, workdir: Path, console: Any) -> dict[str, float]:
     for modality, pairs in results.items():
         accuracy[modality] = sum(ref == got for ref, got in pairs) / len(pairs)
         ok = "green" if accuracy[modality] >= settings.target else "red"
-        table.add_row(modality, str(len(pairs)), f"[{ok}]{100 * accuracy[modality]:.1f} %[/]", f"{100 / classes[modality]:.1f} %")
+        table.add_row(
+            modality,
+            str(len(pairs)),
+            f"[{ok}]{100 * accuracy[modality]:.1f} %[/]",
+            f"{100 / classes[modality]:.1f} %",
+        )
     console.print(table)
     examples = Table(title="examples")
     for column in ("modality", "reference", "generated"):
@@ -268,7 +289,9 @@ def run(settings: Settings, workdir: Path, console: Any) -> dict[str, float]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mmcore.demo", description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="a shortened run (tests): learns, but not to 90 %%")
+    parser.add_argument(
+        "--quick", action="store_true", help="a shortened run (tests): learns, but not to 90 %%"
+    )
     parser.add_argument("--lora", action="store_true", help="second stage LoRA instead of full finetuning")
     parser.add_argument("--output", type=Path, help="keep the data and trained model in this directory")
     parser.add_argument("--seed", type=int, default=0)
@@ -285,12 +308,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             accuracy = run(settings, Path(tmp), console)
     worst = min(accuracy.values())
     if args.quick:
-        console.print(f"[bold]quick run[/]: lowest accuracy {100 * worst:.1f} % (the full demo aims at {100 * settings.target:.0f} %)")
+        console.print(
+            f"[bold]quick run[/]: lowest accuracy {100 * worst:.1f} % (the full demo aims at {100 * settings.target:.0f} %)"
+        )
         return 0
     if worst < settings.target:
-        console.print(f"[red]demo FAILED[/]: a modality is below {100 * settings.target:.0f} % held-out accuracy")
+        console.print(
+            f"[red]demo FAILED[/]: a modality is below {100 * settings.target:.0f} % held-out accuracy"
+        )
         return 1
-    console.print(f"[green]demo OK[/]: every modality at or above {100 * settings.target:.0f} % held-out accuracy")
+    console.print(
+        f"[green]demo OK[/]: every modality at or above {100 * settings.target:.0f} % held-out accuracy"
+    )
     return 0
 
 

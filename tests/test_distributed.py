@@ -45,7 +45,14 @@ def run_job(script, output, batch_size, stage, nproc):
     if nproc == 1:
         command = [sys.executable, str(script)]
     else:
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(script)]
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            str(script),
+        ]
     done = subprocess.run(
         [*command, str(output), str(batch_size), stage], env=env, capture_output=True, text=True, timeout=300
     )
@@ -75,4 +82,6 @@ def test_two_processes_with_fsdp2_match_one_process(tmp_path, stage):
     from mmcore.testing import tiny_multimodal_model
 
     fresh = tiny_multimodal_model()[0].state_dict()
-    assert any(".projector." in k and not torch.equal(one[k], fresh[k]) for k in one if k in fresh)  # it trained
+    assert any(
+        ".projector." in k and not torch.equal(one[k], fresh[k]) for k in one if k in fresh
+    )  # it trained

@@ -45,7 +45,10 @@ def test_stages_choose_what_trains_and_report_it(tiny):
     assert names and all(".projector." in n for n in names)
     assert {n.split(".")[1] for n in names} == {"vision", "audio"}
     assert report.as_dict()["parts"]["language_model"]["trainable"] == 0
-    assert report.as_dict()["parts"]["vision.projector"]["trainable"] == report.as_dict()["parts"]["vision.projector"]["total"]
+    assert (
+        report.as_dict()["parts"]["vision.projector"]["trainable"]
+        == report.as_dict()["parts"]["vision.projector"]["total"]
+    )
 
     apply_stage(model, "finetune")
     names = trainable_names(model)
@@ -75,7 +78,11 @@ def test_lora_stage_trains_adapters_and_projectors_only(tiny):
     assert names == {n for n in names if "lora_" in n or ".projector." in n}
     assert any(n.startswith("language_model.") and "lora_" in n for n in names)
     assert any(n.startswith("encoders.vision.module.") and "lora_" in n for n in names)
-    assert 0 < report.as_dict()["parts"]["language_model"]["trainable"] < report.as_dict()["parts"]["language_model"]["total"]
+    assert (
+        0
+        < report.as_dict()["parts"]["language_model"]["trainable"]
+        < report.as_dict()["parts"]["language_model"]["total"]
+    )
     again = apply_stage(model, "lora", lora_r=4)  # the adapters are reused, not stacked
     assert again.as_dict()["parts"]["language_model"] == report.as_dict()["parts"]["language_model"]
 
@@ -121,7 +128,11 @@ def test_lora_model_saves_to_one_directory_reloads_and_merges(tmp_path, family):
         reference = model(**batch).logits
 
     model.save_pretrained(tmp_path / "lora")
-    assert sorted(p.name for p in (tmp_path / "lora").iterdir()) == ["config.json", "generation_config.json", "model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "lora").iterdir()) == [
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+    ]
     saved = json.loads((tmp_path / "lora" / "config.json").read_text())
     assert saved["peft_config"]["default"]["r"] == 4
     assert saved["encoders"]["vision"]["peft_config"]["default"]["r"] == 4
@@ -184,7 +195,9 @@ def test_collator_masks_the_prompt_and_placeholders(plugin_model):
     learned = [tokenizer.decode([t for t in row.tolist() if t != -100]) for row in batch["labels"]]
     assert learned == [" a red circle\n red\n", " a chord\n"]
     ids = processor.token_ids
-    assert (batch["input_ids"] == ids["vision"]).sum() == 4 and (batch["input_ids"] == ids["audio"]).sum() == 10
+    assert (batch["input_ids"] == ids["vision"]).sum() == 4 and (
+        batch["input_ids"] == ids["audio"]
+    ).sum() == 10
     assert not torch.isin(batch["labels"], torch.tensor(list(ids.values()))).any()
     assert (batch["labels"][batch["attention_mask"] == 0] == -100).all()
     assert torch.isfinite(model(**batch).loss)
@@ -235,11 +248,25 @@ def test_bad_data_errors_name_the_problem(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"conversations": []}\nnot json\n')
     with pytest.raises(DataFormatError, match=r"bad.jsonl:2: not valid JSON"):
         read_jsonl(tmp_path / "bad.jsonl")
-    records = [{"id": "x", "image": "missing.png", "conversations": [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "y"}]}]
+    records = [
+        {
+            "id": "x",
+            "image": "missing.png",
+            "conversations": [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "y"}],
+        }
+    ]
     with pytest.raises(DataFormatError, match=r"sample 'x': missing image file"):
         ConversationDataset(records, root=tmp_path)[0]
-    two_markers = [{"id": "z", "image": "i.png", "conversations": [{"from": "human", "value": "<image><image>"}, {"from": "gpt", "value": "y"}]}]
-    with pytest.raises(DataFormatError, match="sample 'z': 2 <image> markers in the conversation but 1 items given"):
+    two_markers = [
+        {
+            "id": "z",
+            "image": "i.png",
+            "conversations": [{"from": "human", "value": "<image><image>"}, {"from": "gpt", "value": "y"}],
+        }
+    ]
+    with pytest.raises(
+        DataFormatError, match="sample 'z': 2 <image> markers in the conversation but 1 items given"
+    ):
         ConversationDataset(two_markers, root=tmp_path)[0]
     (tmp_path / "i.png").write_bytes(b"not a png")
     with pytest.raises(DataFormatError, match="sample 'x': cannot read image file"):
@@ -253,7 +280,9 @@ def test_sampler_gives_each_step_one_modality_and_splits_it_across_ranks():
     groups = [rng.choice(["vision", "audio", "audio+vision"]) for _ in range(60)]
     lengths = [rng.randint(5, 50) for _ in range(60)]
     single = GroupedBatchSampler(groups, lengths, batch_size=4, seed=3)
-    ranks = [GroupedBatchSampler(groups, lengths, batch_size=2, world_size=2, rank=r, seed=3) for r in range(2)]
+    ranks = [
+        GroupedBatchSampler(groups, lengths, batch_size=2, world_size=2, rank=r, seed=3) for r in range(2)
+    ]
     for epoch in (0, 1):
         for sampler in (single, *ranks):
             sampler.set_epoch(epoch)
@@ -281,9 +310,21 @@ class TokenSamples(torch.utils.data.Dataset):
         for i in range(n):
             text = torch.randint(5, 300, (3 + i % 5,), generator=g).tolist()
             if i % 2 == 0:
-                self.items.append(dict(ids=[1] + [self.ids["vision"]] * 4 + text, pixel_values=torch.randn(IMG, generator=g), key="vision"))
+                self.items.append(
+                    dict(
+                        ids=[1] + [self.ids["vision"]] * 4 + text,
+                        pixel_values=torch.randn(IMG, generator=g),
+                        key="vision",
+                    )
+                )
             else:
-                self.items.append(dict(ids=[1] + [self.ids["audio"]] * 10 + text, input_features=torch.randn(1, 8, 20, generator=g), key="audio"))
+                self.items.append(
+                    dict(
+                        ids=[1] + [self.ids["audio"]] * 10 + text,
+                        input_features=torch.randn(1, 8, 20, generator=g),
+                        key="audio",
+                    )
+                )
 
     def __len__(self):
         return len(self.items)
@@ -304,7 +345,9 @@ class TokenSamples(torch.utils.data.Dataset):
         for row, x in enumerate(items):
             ids[row, : len(x["ids"])] = torch.tensor(x["ids"])
             mask[row, : len(x["ids"])] = 1
-        labels = ids.masked_fill(mask == 0, -100).masked_fill(torch.isin(ids, torch.tensor(list(self.ids.values()))), -100)
+        labels = ids.masked_fill(mask == 0, -100).masked_fill(
+            torch.isin(ids, torch.tensor(list(self.ids.values()))), -100
+        )
         batch = dict(input_ids=ids, attention_mask=mask, labels=labels)
         for key in ("pixel_values", "input_features"):
             if key in items[0]:

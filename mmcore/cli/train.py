@@ -20,36 +20,60 @@ def train_command(
     target: Path = typer.Argument(
         ..., metavar="SPEC|MODEL_DIR", help="A TOML assembly spec or a model directory (mmcore assemble -o)."
     ),
-    data: Path = typer.Option(..., "--data", help="JSONL of LLaVA-style conversations with image/audio paths."),
+    data: Path = typer.Option(
+        ..., "--data", help="JSONL of LLaVA-style conversations with image/audio paths."
+    ),
     stage: str = typer.Option("finetune", "--stage", help="align | finetune | full | lora."),
-    output: Path = typer.Option(Path("mmcore-train"), "--output", "-o", help="Checkpoints and the final model go here."),
+    output: Path = typer.Option(
+        Path("mmcore-train"), "--output", "-o", help="Checkpoints and the final model go here."
+    ),
     steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Optimizer steps (default: --epochs)."),
-    epochs: float = typer.Option(1.0, "--epochs", min=0.0, help="Passes over the data, when --steps is not given."),
-    batch_size: int = typer.Option(4, "--batch-size", "-b", min=1, help="Samples per process per micro-batch."),
+    epochs: float = typer.Option(
+        1.0, "--epochs", min=0.0, help="Passes over the data, when --steps is not given."
+    ),
+    batch_size: int = typer.Option(
+        4, "--batch-size", "-b", min=1, help="Samples per process per micro-batch."
+    ),
     grad_accum: int = typer.Option(1, "--grad-accum", min=1, help="Micro-batches per optimizer step."),
     lr: float = typer.Option(2e-5, "--lr", help="Learning rate (everything but the projectors)."),
-    projector_lr: Optional[float] = typer.Option(None, "--projector-lr", help="Projectors' learning rate (default: --lr)."),
+    projector_lr: Optional[float] = typer.Option(
+        None, "--projector-lr", help="Projectors' learning rate (default: --lr)."
+    ),
     weight_decay: float = typer.Option(0.0, "--weight-decay", help="AdamW weight decay (matrices only)."),
     warmup_ratio: float = typer.Option(0.03, "--warmup-ratio", help="Share of the steps spent warming up."),
-    scheduler: str = typer.Option("cosine", "--scheduler", help="cosine | linear | constant | constant_with_warmup."),
+    scheduler: str = typer.Option(
+        "cosine", "--scheduler", help="cosine | linear | constant | constant_with_warmup."
+    ),
     max_grad_norm: float = typer.Option(1.0, "--max-grad-norm", help="Gradient clipping (0: off)."),
     log_every: int = typer.Option(10, "--log-every", min=1, help="Print the mean loss every N steps."),
-    save_every: int = typer.Option(0, "--save-every", min=0, help="Checkpoint every N steps (0: only the final save)."),
+    save_every: int = typer.Option(
+        0, "--save-every", min=0, help="Checkpoint every N steps (0: only the final save)."
+    ),
     keep_checkpoints: int = typer.Option(2, "--keep-checkpoints", min=0, help="Checkpoints kept (0: all)."),
-    resume: bool = typer.Option(True, "--resume/--no-resume", help="Resume from the latest checkpoint in OUTPUT."),
+    resume: bool = typer.Option(
+        True, "--resume/--no-resume", help="Resume from the latest checkpoint in OUTPUT."
+    ),
     seed: int = typer.Option(0, "--seed"),
     lora_r: int = typer.Option(8, "--lora-r", min=1, help="LoRA rank (stage lora)."),
     lora_alpha: Optional[int] = typer.Option(None, "--lora-alpha", help="LoRA alpha (default: 2 x rank)."),
     lora_dropout: float = typer.Option(0.0, "--lora-dropout"),
-    lora_encoders: bool = typer.Option(False, "--lora-encoders", help="Stage lora: adapters on the encoders too."),
-    train_on: str = typer.Option("assistant", "--train-on", help="assistant (answers only) | all (every text token)."),
+    lora_encoders: bool = typer.Option(
+        False, "--lora-encoders", help="Stage lora: adapters on the encoders too."
+    ),
+    train_on: str = typer.Option(
+        "assistant", "--train-on", help="assistant (answers only) | all (every text token)."
+    ),
     media: Optional[list[str]] = typer.Option(
         None, "--media", help="JSONL key=modality, e.g. image=vision (default) or audio=speech; repeatable."
     ),
     mixed_precision: str = typer.Option("auto", "--mixed-precision", help="auto | bf16 | fp16 | no."),
-    activation_checkpointing: bool = typer.Option(False, "--activation-checkpointing", help="Recompute activations."),
+    activation_checkpointing: bool = typer.Option(
+        False, "--activation-checkpointing", help="Recompute activations."
+    ),
     workers: int = typer.Option(0, "--workers", min=0, help="DataLoader worker processes."),
-    device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)."),
+    device: Optional[str] = typer.Option(
+        None, "--device", help="cpu or cuda (default: cuda when available)."
+    ),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
     """Train a multimodal model on JSONL conversations.
@@ -103,7 +127,7 @@ def train_command(
     collator = MultimodalCollator(processor, train_on=train_on)
     with library_progress_bars():
         result = train(model, dataset, collator, config, processor=processor, console=console(stderr=True))
-    if result.model_dir is not None:
+    if result.model_dir is not None and result.rank == 0:
         typer.echo(str(result.model_dir))
 
 

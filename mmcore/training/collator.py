@@ -50,7 +50,9 @@ class MultimodalCollator:
         if train_on not in ("assistant", "all"):
             raise ConfigError(f"train_on must be 'assistant' or 'all', got {train_on!r}")
         if not getattr(processor.tokenizer, "is_fast", False):
-            raise ConfigError("MultimodalCollator needs a fast tokenizer (it maps turns to tokens by character offsets)")
+            raise ConfigError(
+                "MultimodalCollator needs a fast tokenizer (it maps turns to tokens by character offsets)"
+            )
         self.processor = processor
         self.train_on = train_on
         self.padding_side = padding_side
@@ -68,7 +70,9 @@ class MultimodalCollator:
         modalities = self.processor.modalities
         unknown = sorted({k for s in samples for k in s} - {"messages", "text", *modalities})
         if unknown:
-            raise ConfigError(f"sample keys {unknown} are neither messages/text nor a modality of {modalities}")
+            raise ConfigError(
+                f"sample keys {unknown} are neither messages/text nor a modality of {modalities}"
+            )
         flat = {m: [item for s in samples for item in (s.get(m) or [])] for m in modalities}
         flat = {m: items for m, items in flat.items() if items}
         inputs, counts = self.processor.process_items(flat, processor_kwargs=self.processor_kwargs)
@@ -104,7 +108,11 @@ class MultimodalCollator:
         if "messages" in sample:
             messages = [self.processor._flatten_message(m, index) for m in sample["messages"]]
             text = tokenizer.apply_chat_template(messages, tokenize=False)
-            spans = self._assistant_spans(messages, text, index) if self.train_on == "assistant" else [(0, len(text))]
+            spans = (
+                self._assistant_spans(messages, text, index)
+                if self.train_on == "assistant"
+                else [(0, len(text))]
+            )
             add_special = False
         elif "text" in sample:
             text, spans, add_special = str(sample["text"]), [(0, len(str(sample["text"])))], True
@@ -123,10 +131,14 @@ class MultimodalCollator:
             else:
                 labels.append(IGNORE)
         if not any(label != IGNORE and label not in placeholders for label in labels):
-            raise ConfigError(f"sample {index}: no token is left to learn from (all are prompt or placeholders)")
+            raise ConfigError(
+                f"sample {index}: no token is left to learn from (all are prompt or placeholders)"
+            )
         return ids, labels
 
-    def _assistant_spans(self, messages: list[dict[str, Any]], text: str, index: int) -> list[tuple[int, int]]:
+    def _assistant_spans(
+        self, messages: list[dict[str, Any]], text: str, index: int
+    ) -> list[tuple[int, int]]:
         """Character spans of ``text`` that assistant turns add: from the end of the prompt with the
         generation prompt to the end of the conversation including that turn."""
         tokenizer = self.processor.tokenizer
@@ -134,7 +146,9 @@ class MultimodalCollator:
         for turn, message in enumerate(messages):
             if message.get("role") != "assistant":
                 continue
-            before = tokenizer.apply_chat_template(messages[:turn], tokenize=False, add_generation_prompt=True)
+            before = tokenizer.apply_chat_template(
+                messages[:turn], tokenize=False, add_generation_prompt=True
+            )
             after = tokenizer.apply_chat_template(messages[: turn + 1], tokenize=False)
             if not (after.startswith(before) and text.startswith(after)):
                 raise ConfigError(

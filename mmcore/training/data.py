@@ -16,7 +16,6 @@ and ``gpt``/``assistant`` are accepted; ``system`` too.
 from __future__ import annotations
 
 import json
-import math
 import random
 import wave
 from collections.abc import Iterator, Mapping, Sequence
@@ -102,14 +101,18 @@ def save_wav(path: str | Path, waveform: torch.Tensor, sampling_rate: int) -> No
 LOADERS = {"image": load_image, "audio": load_audio}
 
 
-def to_messages(conversations: Sequence[Mapping[str, Any]], markers: Mapping[str, str], counts: Mapping[str, int]) -> list[dict[str, str]]:
+def to_messages(
+    conversations: Sequence[Mapping[str, Any]], markers: Mapping[str, str], counts: Mapping[str, int]
+) -> list[dict[str, str]]:
     """LLaVA turns -> chat ``messages``, each ``<key>`` marker replaced by its modality's placeholder;
     items without markers go to the start of the first user turn."""
     messages = []
     for turn in conversations:
         role = ROLES.get(str(turn.get("from", turn.get("role", ""))).lower())
         if role is None:
-            raise DataFormatError(f"unknown conversation role in {dict(turn)!r}; expected human/gpt (or user/assistant, system)")
+            raise DataFormatError(
+                f"unknown conversation role in {dict(turn)!r}; expected human/gpt (or user/assistant, system)"
+            )
         text = str(turn.get("value", turn.get("content", "")))
         for marker, placeholder in markers.items():
             text = text.replace(marker, placeholder)
@@ -173,7 +176,9 @@ class ConversationDataset(torch.utils.data.Dataset):
         paths = {key: self._paths(record, key) for key in self.media_keys}
         markers = {f"<{key}>": placeholder_token(modality) for key, modality in self.media_keys.items()}
         try:
-            messages = to_messages(record["conversations"], markers, {f"<{k}>": len(v) for k, v in paths.items()})
+            messages = to_messages(
+                record["conversations"], markers, {f"<{k}>": len(v) for k, v in paths.items()}
+            )
         except DataFormatError as exc:
             raise DataFormatError(f"sample {name!r}: {exc}") from exc
         sample: dict[str, Any] = {"messages": messages}
@@ -186,7 +191,9 @@ class ConversationDataset(torch.utils.data.Dataset):
                 try:
                     items.append(LOADERS[key](path))
                 except (OSError, ValueError, EOFError, wave.Error) as exc:
-                    raise DataFormatError(f"sample {name!r}: cannot read {key} file {str(path)!r} ({exc})") from exc
+                    raise DataFormatError(
+                        f"sample {name!r}: cannot read {key} file {str(path)!r} ({exc})"
+                    ) from exc
             if items:
                 sample[modality] = items
         return sample
@@ -211,7 +218,9 @@ class ConversationDataset(torch.utils.data.Dataset):
 
     def length(self, index: int) -> int:
         """A cheap length estimate for grouping: characters of the conversation (media unopened)."""
-        return sum(len(str(t.get("value", t.get("content", "")))) for t in self.records[index]["conversations"])
+        return sum(
+            len(str(t.get("value", t.get("content", "")))) for t in self.records[index]["conversations"]
+        )
 
 
 class GroupedBatchSampler(torch.utils.data.Sampler[list[int]]):
@@ -270,7 +279,9 @@ class GroupedBatchSampler(torch.utils.data.Sampler[list[int]]):
                 indices = [
                     i
                     for start in range(0, len(indices), mega)
-                    for i in sorted(indices[start : start + mega], key=lambda i: self.lengths[i], reverse=True)
+                    for i in sorted(
+                        indices[start : start + mega], key=lambda i: self.lengths[i], reverse=True
+                    )
                 ]
             batches += [indices[s : s + size] for s in range(0, len(indices) - size + 1, size)]
         rng.shuffle(batches)
@@ -288,10 +299,8 @@ class GroupedBatchSampler(torch.utils.data.Sampler[list[int]]):
         """From a dataset with ``modality_key(i)`` / ``length(i)`` (as `ConversationDataset`); one
         group and no length grouping for a dataset without them."""
         n = len(dataset)
-        groups = [dataset.modality_key(i) for i in range(n)] if hasattr(dataset, "modality_key") else ["all"] * n
+        groups = (
+            [dataset.modality_key(i) for i in range(n)] if hasattr(dataset, "modality_key") else ["all"] * n
+        )
         lengths = [dataset.length(i) for i in range(n)] if hasattr(dataset, "length") else None
         return cls(groups, lengths, batch_size, **kwargs)
-
-
-def steps_per_epoch(sampler: GroupedBatchSampler, grad_accum: int) -> int:
-    return max(1, math.floor(len(sampler) / grad_accum))

@@ -73,7 +73,9 @@ def init_distributed(device: str | None = None) -> DistInfo:
     else:
         where = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if kind == "cuda" else "gloo", device_id=where if kind == "cuda" else None)
+        dist.init_process_group(
+            backend="nccl" if kind == "cuda" else "gloo", device_id=where if kind == "cuda" else None
+        )
     return DistInfo(rank, world_size, local_rank, where)
 
 

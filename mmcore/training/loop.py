@@ -23,7 +23,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -97,12 +97,14 @@ class TrainConfig:
 @dataclass
 class TrainResult:
     """What a run did: ``losses`` as ``(step, global mean loss)`` per step, the last step, where the
-    final model went (None when not saved), and the step it resumed from (0: a fresh start)."""
+    final model went (None when not saved), the step it resumed from (0: a fresh start), and this
+    process's rank (0 in a single-process run)."""
 
     losses: list[tuple[int, float]] = field(default_factory=list)
     step: int = 0
     model_dir: Path | None = None
     resumed_from: int = 0
+    rank: int = 0
 
 
 def _precision(name: str, device: torch.device) -> str:
@@ -112,7 +114,9 @@ def _precision(name: str, device: torch.device) -> str:
 
 
 def _to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    return {
+        k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()
+    }
 
 
 def _all_reduce(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
@@ -142,7 +146,9 @@ class _Checkpoints:
         done = sorted(p for p in self.root.glob("step-*") if (p / "trainer_state.json").is_file())
         return done[-1] if done else None
 
-    def save(self, step: int, model: nn.Module, optimizer: Any, scheduler: Any, state: dict[str, Any]) -> Path:
+    def save(
+        self, step: int, model: nn.Module, optimizer: Any, scheduler: Any, state: dict[str, Any]
+    ) -> Path:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
@@ -248,14 +254,18 @@ def _train(model, dataset, collator, config, processor, info, console, say) -> T
     )
     say(report)
     if config.activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.to(info.device)
     model.train()
     precision = _precision(config.mixed_precision, info.device)
     autocast = nullcontext()
     if info.distributed:
         units = shard(model, mixed_precision=precision)
-        say(f"FSDP2 over {info.world_size} processes: " + ", ".join(f"{k} {v}" for k, v in units.items()) + " units")
+        say(
+            f"FSDP2 over {info.world_size} processes: "
+            + ", ".join(f"{k} {v}" for k, v in units.items())
+            + " units"
+        )
     elif precision != "no":
         dtype = torch.bfloat16 if precision == "bf16" else torch.float16
         autocast = torch.autocast(info.device.type, dtype=dtype)
@@ -270,15 +280,23 @@ def _train(model, dataset, collator, config, processor, info, console, say) -> T
         seed=config.seed,
         group_by_modality=config.group_by_modality,
     )
-    per_epoch = max(1, len(sampler) // config.grad_accum)
+    if len(sampler) < config.grad_accum:
+        raise ConfigError(
+            f"one epoch holds {len(sampler)} batches, fewer than grad_accum={config.grad_accum}; "
+            "lower grad_accum or the batch size"
+        )
+    per_epoch = len(sampler) // config.grad_accum
     total = config.max_steps or max(1, math.ceil(config.epochs * per_epoch))
     scheduler = transformers.get_scheduler(
-        config.scheduler, optimizer, num_warmup_steps=round(config.warmup_ratio * total), num_training_steps=total
+        config.scheduler,
+        optimizer,
+        num_warmup_steps=round(config.warmup_ratio * total),
+        num_training_steps=total,
     )
     checkpoints = _Checkpoints(output, info, config.keep_checkpoints)
     global_batch = config.batch_size * info.world_size * config.grad_accum
     state = {"epoch": 0, "batch_in_epoch": 0, "global_batch": global_batch}
-    result = TrainResult()
+    result = TrainResult(rank=info.rank)
     step = 0
     latest = checkpoints.latest() if config.resume else None
     if latest is not None:
@@ -350,7 +368,7 @@ def _optimizer_step(model, micro, optimizer, scheduler, config, info, autocast) 
         if is_sharded(model):
             model.set_requires_gradient_sync(index == len(micro) - 1)
         with autocast:
-            out = model(**_to_device(batch, device), num_items_in_batch=items)
+            out = model(**_to_device(batch, device), num_items_in_batch=items, use_cache=False)
         # The data-parallel reduction averages over ranks; the loss already is a share of the global sum.
         (out.loss * info.world_size).backward()
         total += out.loss.detach().float()
@@ -370,7 +388,14 @@ def _optimizer_step(model, micro, optimizer, scheduler, config, info, autocast) 
 
 
 def _progress(console: Any, enabled: bool) -> Any:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     return Progress(
         TextColumn("[bold]{task.description}"),
@@ -384,7 +409,9 @@ def _progress(console: Any, enabled: bool) -> Any:
     )
 
 
-def save_model(model: nn.Module, path: Path, info: DistInfo | None = None, processor: Any = None) -> Path | None:
+def save_model(
+    model: nn.Module, path: Path, info: DistInfo | None = None, processor: Any = None
+) -> Path | None:
     """Save ``model`` (sharded or not) as one HF directory at ``path``, from rank 0; ``processor`` too.
     Every rank must call it (gathering a sharded model is collective)."""
     info = info or DistInfo()
@@ -395,7 +422,3 @@ def save_model(model: nn.Module, path: Path, info: DistInfo | None = None, proce
             processor.save_pretrained(path)
     _barrier(info)
     return path
-
-
-def config_dict(config: TrainConfig) -> dict[str, Any]:
-    return asdict(config)

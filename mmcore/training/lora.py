@@ -33,7 +33,13 @@ def _peft() -> Any:
 def linear_names(module: nn.Module) -> list[str]:
     """The (leaf) names of every ``nn.Linear`` inside ``module``: a LoRA target list that works for
     any encoder, transformers or timm (PEFT's ``"all-linear"`` needs a transformers model)."""
-    return sorted({name.rsplit(".", 1)[-1] for name, sub in module.named_modules() if isinstance(sub, nn.Linear) and name})
+    return sorted(
+        {
+            name.rsplit(".", 1)[-1]
+            for name, sub in module.named_modules()
+            if isinstance(sub, nn.Linear) and name
+        }
+    )
 
 
 def has_lora(model: nn.Module) -> bool:
@@ -65,13 +71,17 @@ def add_lora(
         wrapped = peft.get_peft_model(model.language_model, config)
         _adopt_language_model(model, wrapped)
     else:
-        model.config.peft_config = {n: _jsonable(c.to_dict()) for n, c in model.language_model.peft_config.items()}
+        model.config.peft_config = {
+            n: _jsonable(c.to_dict()) for n, c in model.language_model.peft_config.items()
+        }
     _only_adapters_train(model.language_model)
 
     names = list(model.encoders) if encoders is True else list(encoders or [])
     for name in names:
         if name not in model.encoders:
-            raise ConfigError(f"no encoder {name!r} to add LoRA to; the encoders are {sorted(model.encoders)}")
+            raise ConfigError(
+                f"no encoder {name!r} to add LoRA to; the encoders are {sorted(model.encoders)}"
+            )
         module = model.encoders[name].module
         if getattr(module, "peft_config", None) is None:
             targets = linear_names(module) if target_modules == "all-linear" else target_modules

@@ -59,7 +59,9 @@ class StageReport:
     def __rich__(self) -> Any:
         from rich.table import Table
 
-        table = Table(title=f"stage {self.stage!r}: trainable parameters", caption="; ".join(self.notes) or None)
+        table = Table(
+            title=f"stage {self.stage!r}: trainable parameters", caption="; ".join(self.notes) or None
+        )
         table.add_column("part")
         table.add_column("trainable", justify="right")
         table.add_column("total", justify="right")
@@ -114,7 +116,9 @@ def apply_stage(
         options = dict(r=lora_r, alpha=lora_alpha, dropout=lora_dropout, target_modules=lora_target_modules)
         add_lora(model, encoders=lora_on_encoders, **options)
         model.set_trainable(projectors)
-        notes.append(f"LoRA r={lora_r} on the language model" + (" and the encoders" if lora_on_encoders else ""))
+        notes.append(
+            f"LoRA r={lora_r} on the language model" + (" and the encoders" if lora_on_encoders else "")
+        )
     return stage_report(model, stage, notes)
 
 
