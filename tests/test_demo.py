@@ -10,7 +10,19 @@ pytest.importorskip("mmcore_plugin_whisper")
 from mmcore import demo  # noqa: E402
 
 
-def test_quick_demo_learns_well_above_chance(tmp_path):
+@pytest.fixture
+def one_thread():
+    """Tiny matrices gain little from a second thread, and under ``pytest -n 2`` on two cores a
+    second one per worker oversubscribes the CPU (OpenMP threads then wait on each other)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_quick_demo_learns_well_above_chance(tmp_path, one_thread):
     console = Console(record=True, width=120)
     accuracy = demo.run(demo.Settings.quick(), tmp_path, console)
     chance = {"vision": 1 / (len(demo.COLORS) * len(demo.SHAPES)), "audio": 1 / len(demo.SOUNDS)}
