@@ -26,6 +26,7 @@ JOB = textwrap.dedent(
     from test_training import TokenSamples
     from mmcore.testing import tiny_multimodal_model
     from mmcore.training import TrainConfig, train
+    from mmcore.training.distributed import close_distributed
 
     output, batch_size, stage = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     model, _ = tiny_multimodal_model()
@@ -36,6 +37,7 @@ JOB = textwrap.dedent(
     if int(os.environ.get("RANK", "0")) == 0:
         with open(os.path.join(output, "losses.json"), "w") as fh:
             json.dump(result.losses, fh)
+    close_distributed()
     """
 )
 

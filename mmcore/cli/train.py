@@ -105,6 +105,7 @@ def train_command(
     from mmcore.cli.output import console, library_progress_bars
     from mmcore.cli.testrun import load_target
     from mmcore.training import ConversationDataset, MultimodalCollator, TrainConfig, train
+    from mmcore.training.distributed import close_distributed
 
     config = TrainConfig(
         output_dir=str(output), stage=stage, max_steps=steps, epochs=epochs, batch_size=batch_size,
@@ -125,8 +126,13 @@ def train_command(
         processor = MultimodalProcessor.from_model(model, tokenizer)
     dataset.check_modalities(processor.modalities)
     collator = MultimodalCollator(processor, train_on=train_on)
-    with library_progress_bars():
-        result = train(model, dataset, collator, config, processor=processor, console=console(stderr=True))
+    try:
+        with library_progress_bars():
+            result = train(
+                model, dataset, collator, config, processor=processor, console=console(stderr=True)
+            )
+    finally:
+        close_distributed()
     if result.model_dir is not None and result.rank == 0:
         typer.echo(str(result.model_dir))
 

@@ -29,6 +29,7 @@ _LAZY = {
     "read_jsonl": "mmcore.training.data",
     "shard": "mmcore.training.distributed",
     "init_distributed": "mmcore.training.distributed",
+    "close_distributed": "mmcore.training.distributed",
     "TrainConfig": "mmcore.training.loop",
     "TrainResult": "mmcore.training.loop",
     "train": "mmcore.training.loop",

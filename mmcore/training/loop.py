@@ -34,12 +34,12 @@ from mmcore.errors import ConfigError
 from mmcore.training.data import GroupedBatchSampler
 from mmcore.training.distributed import (
     DistInfo,
-    close_distributed,
     full_state_dict,
     init_distributed,
     is_sharded,
     shard,
 )
+from mmcore.training.lora import has_lora
 from mmcore.training.stages import apply_stage, param_groups
 
 CHECKPOINTS = "checkpoints"
@@ -225,6 +225,10 @@ def train(
 
     ``processor`` (anything with ``save_pretrained``, e.g. the `MultimodalProcessor` or tokenizer)
     is saved beside the final model. Returns a `TrainResult`.
+
+    Under ``torchrun`` it joins the process group (`init_distributed`) and shards the model with FSDP2
+    in place; the group stays up, so stages can follow one another in the same processes (``lora``
+    only on a model that had its adapters before sharding). Call `close_distributed` at the end.
     """
     from rich.console import Console
 
@@ -232,10 +236,7 @@ def train(
     info = init_distributed(config.device)
     console = console or Console(stderr=True)
     say = console.print if info.is_main else (lambda *a, **k: None)
-    try:
-        return _train(model, dataset, collator, config, processor, info, console, say)
-    finally:
-        close_distributed()
+    return _train(model, dataset, collator, config, processor, info, console, say)
 
 
 def _train(model, dataset, collator, config, processor, info, console, say) -> TrainResult:
@@ -244,6 +245,10 @@ def _train(model, dataset, collator, config, processor, info, console, say) -> T
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     output = Path(config.output_dir)
+    if is_sharded(model) and config.stage == "lora" and not has_lora(model):
+        raise ConfigError(
+            "LoRA cannot be added to a model FSDP already sharded; train from the saved model instead"
+        )
     report = apply_stage(
         model,
         config.stage,
@@ -255,17 +260,19 @@ def _train(model, dataset, collator, config, processor, info, console, say) -> T
     say(report)
     if config.activation_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    model.to(info.device)
+    if not is_sharded(model):
+        model.to(info.device)
     model.train()
     precision = _precision(config.mixed_precision, info.device)
     autocast = nullcontext()
     if info.distributed:
-        units = shard(model, mixed_precision=precision)
-        say(
-            f"FSDP2 over {info.world_size} processes: "
-            + ", ".join(f"{k} {v}" for k, v in units.items())
-            + " units"
-        )
+        if not is_sharded(model):  # a second stage in the same processes keeps the sharding
+            units = shard(model, mixed_precision=precision)
+            say(
+                f"FSDP2 over {info.world_size} processes: "
+                + ", ".join(f"{k} {v}" for k, v in units.items())
+                + " units"
+            )
     elif precision != "no":
         dtype = torch.bfloat16 if precision == "bf16" else torch.float16
         autocast = torch.autocast(info.device.type, dtype=dtype)
