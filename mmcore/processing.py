@@ -56,6 +56,7 @@ from typing import Any
 import torch
 from transformers import BatchFeature
 
+from mmcore._files import swap_into
 from mmcore.errors import (
     ConfigError,
     EncoderInputError,
@@ -652,7 +653,7 @@ class MultimodalProcessor:
             (staging / PROCESSOR_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
             entries = sorted(staging.iterdir(), key=lambda p: p.name == PROCESSOR_CONFIG)
             for entry in entries:
-                _move_into(entry, target / entry.name)
+                swap_into(entry, target / entry.name)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
@@ -886,18 +887,3 @@ def _load_saved_processor(modality: str, record: Mapping[str, Any], root: Path) 
     if cls is None or not hasattr(cls, "from_pretrained"):
         raise SerializationError(f"{modality!r}: saved processor class {path!r} is not a transformers class")
     return cls.from_pretrained(str(root / record["subfolder"]))
-
-
-def _move_into(source: Path, target: Path) -> None:
-    """Rename ``source`` onto ``target``; a directory already there is swapped out, then removed."""
-    if source.is_dir() and target.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-        os.replace(target, old / target.name)
-        try:
-            os.replace(source, target)
-        except BaseException:
-            os.replace(old / target.name, target)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-        return
-    os.replace(source, target)

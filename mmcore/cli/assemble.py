@@ -233,7 +233,7 @@ def _check_target(target: Path, overwrite: bool) -> None:
 def write_model_dir(built: Any, spec: AssemblySpec, target: Path) -> None:
     """Write model, tokenizer, processor and the spec into ``target`` atomically (temp dir + rename)."""
     from mmcore import __version__
-    from mmcore.modeling.multimodal import _replace_dir
+    from mmcore._files import swap_into
 
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
@@ -249,7 +249,7 @@ def write_model_dir(built: Any, spec: AssemblySpec, target: Path) -> None:
         }
         (staging / ASSEMBLY_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
         staging.chmod(0o777 & ~_umask())  # mkdtemp makes it private; a model directory is not
-        _replace_dir(staging, target)
+        swap_into(staging, target)  # --overwrite: the new directory replaces the old one whole
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -24,6 +24,7 @@ from transformers.utils import logging
 
 import transformers
 from mmcore.builtin.callbacks import SLOTS, build_callback, record_callback
+from mmcore._files import swap_into
 from mmcore.errors import (
     ConfigError,
     EncoderInputError,
@@ -602,23 +603,13 @@ _MODEL_FILES = ("config.json", "generation_config.json", "model*.safetensors*", 
 
 
 def _replace_dir(staging: Path, target: Path) -> None:
-    if not target.exists():
-        os.replace(staging, target)
-        return
-    for entry in target.iterdir():
+    for entry in target.iterdir() if target.exists() else ():
         if any(fnmatch.fnmatch(entry.name, pattern) for pattern in _MODEL_FILES):
             continue
         if not (staging / entry.name).exists():
             copy = shutil.copytree if entry.is_dir() else shutil.copy2
             copy(entry, staging / entry.name)
-    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-    os.replace(target, old / target.name)
-    try:
-        os.replace(staging, target)
-    except BaseException:
-        os.replace(old / target.name, target)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
+    swap_into(staging, target)
 
 
 def _record_source(encoder: ModalEncoderModule) -> dict[str, Any]:
