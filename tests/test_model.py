@@ -70,6 +70,29 @@ def test_placeholder_ids_outside_vocabulary_work():
     assert out.logits.shape[:2] == (1, 7)
 
 
+def test_text_only_forward_gives_the_language_model_its_ids():
+    """With nothing to merge (a text prompt, every decode step), the LLM embeds the ids itself; an
+    out-of-vocabulary placeholder id is replaced by 0, in-vocabulary ones are embedded as tokens."""
+    model = two_vision_towers().eval()
+    seen = []
+    hook = model.language_model.register_forward_pre_hook(lambda m, a, kw: seen.append(kw), with_kwargs=True)
+    ids = torch.tensor([[5, 500, 7, 501, 6]])
+    with torch.no_grad():
+        out = model(input_ids=ids)
+        ref = model.language_model(input_ids=torch.tensor([[5, 0, 7, 0, 6]]))
+    hook.remove()
+    assert seen[0].get("inputs_embeds") is None
+    assert torch.equal(seen[0]["input_ids"], torch.tensor([[5, 0, 7, 0, 6]]))
+    assert torch.equal(out.logits, ref.logits)
+    model.set_modality_token_ids({"clip": 7, "siglip": 501})  # clip's id inside the vocabulary
+    seen.clear()
+    hook = model.language_model.register_forward_pre_hook(lambda m, a, kw: seen.append(kw), with_kwargs=True)
+    with torch.no_grad():
+        model(input_ids=torch.tensor([[5, 7, 8, 501, 6]]))
+    hook.remove()
+    assert torch.equal(seen[0]["input_ids"], torch.tensor([[5, 7, 8, 0, 6]]))
+
+
 def test_callback_order_and_outputs_as_tuple_or_model_output():
     events = []
     clip = tiny_clip_vision()

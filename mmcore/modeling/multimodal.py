@@ -426,6 +426,9 @@ class MultimodalModel(PreTrainedModel, GenerationMixin):
         self, kwargs: dict[str, Any], encoder_inputs: Mapping[str, Mapping[str, Any]] | None = None
     ) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
         """Split call kwargs into per-encoder inputs and the rest (for the LLM)."""
+        if not encoder_inputs:  # the common text-only case (every decode step) in one set test
+            if all(arg not in kwargs for encoder in self.encoders.values() for arg in encoder.input_map):
+                return {}, dict(kwargs)
         encoder_inputs = dict(encoder_inputs or {})
         unknown = set(encoder_inputs) - set(self.encoders)
         if unknown:
@@ -493,7 +496,15 @@ class MultimodalModel(PreTrainedModel, GenerationMixin):
             raise TokenIdError(
                 f"no placeholder token id for {sorted(missing)}; call set_modality_token_ids(...) first"
             )
-        if inputs_embeds is None:
+        vocab = getattr(self.get_input_embeddings(), "num_embeddings", None)
+        training = self.training and torch.is_grad_enabled()
+        if input_ids is not None and inputs_embeds is None and not features and labels is None and not training:
+            # Text only (every decode step): nothing to merge, so the language model embeds the ids
+            # itself, as it would alone; only placeholder ids outside its vocabulary need replacing.
+            for token_id in token_ids.values():
+                if vocab is None or token_id >= vocab:
+                    input_ids = input_ids.masked_fill(input_ids == token_id, 0)
+        elif inputs_embeds is None:
             if input_ids is None:
                 raise ConfigError("pass input_ids or inputs_embeds")
             masks = placeholder_masks(input_ids, {m: token_ids[m] for m in self.encoders if m in token_ids})
@@ -503,7 +514,6 @@ class MultimodalModel(PreTrainedModel, GenerationMixin):
             # Only placeholders about to be replaced by features (or ids outside the vocabulary) are
             # masked for the lookup; any other placeholder, e.g. one the model generated during decode,
             # is embedded as the token it is, as HF's LLaVA does.
-            vocab = getattr(self.get_input_embeddings(), "num_embeddings", None)
             embed_mask = None
             for modality, mask in masks.items():
                 if modality in features or vocab is None or token_ids[modality] >= vocab:
@@ -515,10 +525,10 @@ class MultimodalModel(PreTrainedModel, GenerationMixin):
                 labels = labels.masked_fill(any_mask, -100)
         elif features:
             raise ConfigError("modality inputs need input_ids (to find the placeholders), not inputs_embeds")
-        if self.training and torch.is_grad_enabled():
+        if training:
             inputs_embeds = inputs_embeds + self._untouched_encoders_zero(set(features))
         return self.language_model(
-            inputs_embeds=inputs_embeds,
+            **({"input_ids": input_ids} if inputs_embeds is None else {"inputs_embeds": inputs_embeds}),
             attention_mask=attention_mask,
             position_ids=position_ids,
             past_key_values=past_key_values,
