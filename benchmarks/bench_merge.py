@@ -38,7 +38,7 @@ import time
 import types
 import warnings
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 
 import torch
 from rich.console import Console

@@ -31,7 +31,25 @@ _LAZY = {
     "PLUGIN_API_VERSION": "mmcore.hookspecs",
 }
 
-__all__ = sorted([*_LAZY, "__version__"])
+__all__ = [
+    "PLUGIN_API_VERSION",
+    "EncoderFactory",
+    "ModalEncoderModule",
+    "MultimodalConfig",
+    "MultimodalModel",
+    "MultimodalProcessor",
+    "MultimodalProjector",
+    "MultimodalProjectorConfig",
+    "__version__",
+    "add_modality_tokens",
+    "build_encoder",
+    "callbacks",
+    "errors",
+    "expand_placeholders",
+    "get_factory",
+    "hookimpl",
+    "merge_modality_features",
+]
 
 
 def __getattr__(name: str) -> Any:
@@ -49,14 +67,13 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover
-    from mmcore import errors
-    from mmcore import callbacks
+    from mmcore import callbacks, errors
     from mmcore.factory import EncoderFactory, build_encoder, get_factory
     from mmcore.hookspecs import PLUGIN_API_VERSION, hookimpl
     from mmcore.modeling.configuration import MultimodalConfig
     from mmcore.modeling.encoder import ModalEncoderModule
     from mmcore.modeling.merge import expand_placeholders, merge_modality_features
     from mmcore.modeling.multimodal import MultimodalModel
-    from mmcore.processing import MultimodalProcessor
     from mmcore.modeling.projector import MultimodalProjector, MultimodalProjectorConfig
     from mmcore.modeling.tokens import add_modality_tokens
+    from mmcore.processing import MultimodalProcessor

@@ -30,6 +30,7 @@ def test_every_public_name_resolves():
 
     for name in mmcore.__all__:
         assert getattr(mmcore, name) is not None, name
+    assert sorted(mmcore.__all__) == sorted([*mmcore._LAZY, "__version__"])  # the list names every lazy one
 
 
 def test_unknown_attribute_raises_attribute_error():

@@ -8,7 +8,13 @@ from mmcore import ModalEncoderModule, MultimodalModel, MultimodalProjector, Mul
 from mmcore.callbacks import SelectFeatureLayer
 from mmcore.errors import EncoderInputError, TokenIdError, TrainableSpecError, WidthMismatchError
 from mmcore.modeling.tokens import add_modality_tokens
-from mmcore.testing import tiny_clip_vision, tiny_llm, tiny_siglip_vision, tiny_tokenizer, tiny_whisper_encoder
+from mmcore.testing import (
+    tiny_clip_vision,
+    tiny_llm,
+    tiny_siglip_vision,
+    tiny_tokenizer,
+    tiny_whisper_encoder,
+)
 
 IMG = (1, 3, 28, 28)  # one tiny image -> 4 tokens (CLS dropped)
 AUD = (1, 8, 20)  # one tiny clip -> 10 tokens

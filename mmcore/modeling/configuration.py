@@ -18,8 +18,6 @@ be passed again to ``from_pretrained(encoders=...)``.
 
 from __future__ import annotations
 
-from typing import Any
-
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 

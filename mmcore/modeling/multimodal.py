@@ -18,13 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers.utils import logging
 
-import transformers
-from mmcore.builtin.callbacks import SLOTS, build_callback, record_callback
 from mmcore._files import swap_into
+from mmcore.builtin.callbacks import SLOTS, build_callback, record_callback
 from mmcore.errors import (
     ConfigError,
     EncoderInputError,
