@@ -331,6 +331,37 @@ def test_gradient_checkpointing_plain_module_and_timm():
     assert conv[0].weight.grad is not None and vit.patch_embed.proj.weight.grad is not None
 
 
+def test_concurrent_encoders_equal_the_sequential_path(tiny, monkeypatch):
+    """``concurrent_encoders`` launches every encoder after the first on its own stream (no-ops
+    on CPU, so the numbers must be exactly those of the sequential path), and only with two or more."""
+    model, _ = tiny
+    model.train()
+    ids = torch.tensor([ids_with(model, 5, ("vision", 4), 6, ("audio", 10), 7)])
+    inputs = dict(input_ids=ids, pixel_values=torch.randn(IMG), input_features=torch.randn(AUD), labels=ids)
+    loss = model(**inputs).loss
+    loss.backward()
+    reference = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    entered, real_stream = [], torch.cpu.stream
+
+    def stream(side):
+        entered.append(side)
+        return real_stream(side)
+
+    monkeypatch.setattr(torch.cpu, "stream", stream)
+    model.config.concurrent_encoders = True
+    concurrent = model(**inputs).loss
+    assert len(entered) == 1  # two encoders: the second on a side stream
+    concurrent.backward()
+    assert torch.equal(concurrent, loss)
+    assert set(reference) == {n for n, p in model.named_parameters() if p.grad is not None}
+    for name, grad in reference.items():
+        assert torch.equal(dict(model.named_parameters())[name].grad, grad), name
+    model(input_ids=torch.tensor([ids_with(model, 5, ("vision", 4), 6)]), pixel_values=torch.randn(IMG))
+    assert len(entered) == 1  # one encoder: nothing to overlap, no stream
+
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
 def test_llm_families(family):
     tok = tiny_tokenizer()

@@ -35,6 +35,8 @@ class MultimodalConfig(PreTrainedConfig):
         modality_wrap_token_ids: modality -> ``[start_id, end_id]`` wrapped around each item's run.
         peft_config: the LLM's PEFT adapter config when it was wrapped by ``peft.get_peft_model``.
         merge_check: placeholder/feature count check (see `merge_modality_features`).
+        concurrent_encoders: run the encoders of one call on separate device streams, so that on a GPU
+            towers too small to fill it overlap (see `MultimodalModel.encode`). Off by default.
     """
 
     model_type = "mmcore"
@@ -46,6 +48,7 @@ class MultimodalConfig(PreTrainedConfig):
     modality_wrap_token_ids: dict | None = None
     peft_config: dict | None = None
     merge_check: str = "auto"
+    concurrent_encoders: bool = False
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):

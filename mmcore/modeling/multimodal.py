@@ -464,10 +464,48 @@ class MultimodalModel(PreTrainedModel, GenerationMixin):
         return selected, rest
 
     def encode(self, encoder_inputs: Mapping[str, Mapping[str, Any]]) -> dict[str, torch.Tensor]:
-        """Run the encoders that have inputs; modality -> ``(total_tokens, llm_width)`` features."""
+        """Run the encoders that have inputs; modality -> ``(total_tokens, llm_width)`` features.
+
+        With ``config.concurrent_encoders`` and more than one encoder in the call, each encoder after
+        the first runs on its own device stream (see `_encode_on_streams`).
+        """
+        if self.config.concurrent_encoders and len(encoder_inputs) > 1 and not torch.compiler.is_compiling():
+            return self._encode_on_streams(encoder_inputs)
         return {
             name: flatten_features(self.encoders[name](**inputs), name) for name, inputs in encoder_inputs.items()
         }
+
+    def _encode_on_streams(self, encoder_inputs: Mapping[str, Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        """Launch independent encoders on separate streams so that, on a GPU, towers too small to fill
+        it overlap. The first encoder runs on the current stream, every other one on a fresh side
+        stream that first waits for the current one (the inputs are ready); the current stream waits
+        for all of them before the merge. Autograd runs each op's backward on the stream its forward
+        ran on and orders the streams itself. Features made on a side stream are recorded on the
+        current one, so the caching allocator does not hand their memory back to the side stream
+        while the merge may still read it. On CPU, streams are no-ops and this is the sequential path.
+        """
+        tensors = (v for inputs in encoder_inputs.values() for v in inputs.values() if isinstance(v, torch.Tensor))
+        device = next(tensors, None)
+        device = device.device if device is not None else next(self.parameters()).device
+        backend = torch.get_device_module(device)  # torch.cuda, torch.xpu, ...; torch.cpu's are no-ops
+        main = backend.current_stream(device)
+        names = list(encoder_inputs)
+        sides = {name: backend.Stream() if device.type == "cpu" else backend.Stream(device) for name in names[1:]}
+        for stream in sides.values():
+            stream.wait_stream(main)
+        features = {}
+        for name in names:
+            stream = sides.get(name)
+            if stream is None:
+                features[name] = flatten_features(self.encoders[name](**encoder_inputs[name]), name)
+                continue
+            with backend.stream(stream):
+                features[name] = flatten_features(self.encoders[name](**encoder_inputs[name]), name)
+        for name, stream in sides.items():
+            main.wait_stream(stream)
+            if device.type != "cpu":
+                features[name].record_stream(main)
+        return features
 
     def forward(
         self,
