@@ -3,7 +3,10 @@
 Implementations, all given the same ``input_ids``, text embeddings and flattened features:
 
 - ``mmcore (eager)`` / ``mmcore (async)``: `mmcore.modeling.merge.merge_modality_features`, with
-  ``check="eager"`` (counts read on the host) and ``check="async"`` (device-side assert).
+  ``check="eager"`` (counts read on the host) and ``check="async"`` (device-side assert), writing the
+  feature rows in place into the embeddings as `MultimodalModel` does (``inplace=True``).
+- ``mmcore (copy)``: the same with ``check="eager"`` into a new tensor (``inplace=False``, the default
+  for callers that do not own the embeddings).
 - ``per-sample loop``: the LLaVA ``prepare_inputs_labels_for_multimodal`` / OmniLMM way: for each
   sample, ``torch.where`` finds the placeholder positions, ``.tolist()`` brings them to Python, and the
   sample is rebuilt by ``torch.cat`` of text slices and feature slices; the samples are stacked.
@@ -11,7 +14,9 @@ Implementations, all given the same ``input_ids``, text embeddings and flattened
   function from the installed transformers) then ``inputs_embeds.masked_scatter(mask, features)``,
   once per modality, as multi-modality HF models do.
 
-Before timing, all outputs and all gradients are checked to be bit-identical. Times are medians of
+Each implementation gets a fresh copy of the embeddings, made outside the timed region, as a model's
+merge gets the embedding lookup's output. Before timing, all outputs and all gradients are checked to
+be bit-identical. Times are medians of
 ``--repeats`` runs after ``--warmup`` runs. Host syncs are counted per implementation, separately for
 the forward and the backward, by recording the ops each pass dispatches.
 
@@ -68,10 +73,10 @@ SYNC_COLUMNS = (
 # The implementations
 
 
-def mmcore_merge(check: str) -> Callable:
+def mmcore_merge(check: str, inplace: bool) -> Callable:
     def merge(embeds, input_ids, features):
         masks = placeholder_masks(input_ids, {m: TOKEN_IDS[m] for m in features})
-        return merge_modality_features(embeds, masks, features, check=check)
+        return merge_modality_features(embeds, masks, features, check=check, inplace=inplace)
 
     return merge
 
@@ -126,8 +131,9 @@ def hf_masked_scatter_merge(embeds, input_ids, features):
 
 
 IMPLEMENTATIONS: dict[str, Callable] = {
-    "mmcore (eager)": mmcore_merge("eager"),
-    "mmcore (async)": mmcore_merge("async"),
+    "mmcore (eager)": mmcore_merge("eager", inplace=True),
+    "mmcore (async)": mmcore_merge("async", inplace=True),
+    "mmcore (copy)": mmcore_merge("eager", inplace=False),
     "per-sample loop": loop_merge,
     "HF masked_scatter": hf_masked_scatter_merge,
 }
@@ -183,7 +189,7 @@ def make_inputs(args, input_ids, device, dtype):
 def forward_backward(fn, embeds, input_ids, features, grad_out):
     embeds = embeds.detach().requires_grad_()
     features = {m: f.detach().requires_grad_() for m, f in features.items()}
-    out = fn(embeds, input_ids, features)
+    out = fn(embeds.clone(), input_ids, features)  # a fresh non-leaf, as an embedding lookup is
     out.backward(grad_out)
     return out.detach(), embeds.grad, {m: f.grad for m, f in features.items()}
 
@@ -267,8 +273,9 @@ class CudaSyncWarnings:
 def count_syncs(fn, embeds, input_ids, features, grad_out) -> dict[str, dict[str, int]]:
     embeds = embeds.detach().requires_grad_()
     features = {m: f.detach().requires_grad_() for m, f in features.items()}
+    lookup = embeds.clone()
     with CudaSyncWarnings(embeds.device) as fcuda, FunctionRecorder() as fcalls, OpRecorder() as fops:
-        out = fn(embeds, input_ids, features)
+        out = fn(lookup, input_ids, features)
     with CudaSyncWarnings(embeds.device) as bcuda, FunctionRecorder() as bcalls, OpRecorder() as bops:
         out.backward(grad_out)
     result = {
@@ -286,14 +293,17 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_it(step: Callable[[], None], device, warmup: int, repeats: int) -> dict[str, float]:
+def time_it(step: Callable, setup: Callable, device, warmup: int, repeats: int) -> dict[str, float]:
+    """Median etc. of ``step(setup())``; ``setup`` runs outside the timed region."""
     for _ in range(warmup):
-        step()
+        step(setup())
     _synchronize(device)
     times = []
     for _ in range(repeats):
+        state = setup()
+        _synchronize(device)
         start = time.perf_counter()
-        step()
+        step(state)
         _synchronize(device)
         times.append(time.perf_counter() - start)
     q = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
@@ -306,22 +316,32 @@ def time_it(step: Callable[[], None], device, warmup: int, repeats: int) -> dict
 
 
 def measure(fn, embeds, input_ids, features, grad_out, device, warmup, repeats) -> dict[str, dict]:
-    def forward():
+    """Every implementation gets a fresh copy of the embeddings, made untimed: in a model the merge
+    takes the embedding lookup's output, a new tensor of its own (which mmcore writes into)."""
+
+    def lookup():
         with torch.no_grad():
-            fn(embeds, input_ids, features)
+            return embeds.clone()
+
+    def forward(fresh):
+        with torch.no_grad():
+            fn(fresh, input_ids, features)
 
     leaf_embeds = embeds.detach().requires_grad_()
     leaf_features = {m: f.detach().requires_grad_() for m, f in features.items()}
 
-    def forward_backward_step():
+    def tracked_lookup():
         leaf_embeds.grad = None
         for f in leaf_features.values():
             f.grad = None
-        fn(leaf_embeds, input_ids, leaf_features).backward(grad_out)
+        return leaf_embeds.clone()
+
+    def forward_backward_step(fresh):
+        fn(fresh, input_ids, leaf_features).backward(grad_out)
 
     return {
-        "forward": time_it(forward, device, warmup, repeats),
-        "forward_backward": time_it(forward_backward_step, device, warmup, repeats),
+        "forward": time_it(forward, lookup, device, warmup, repeats),
+        "forward_backward": time_it(forward_backward_step, tracked_lookup, device, warmup, repeats),
     }
 
 

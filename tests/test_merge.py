@@ -83,6 +83,27 @@ def test_gradients_reach_the_right_feature_rows():
     assert torch.equal(embeds.grad[masks["vision"]], torch.zeros_like(embeds.grad[masks["vision"]]))
 
 
+@pytest.mark.parametrize("check", ["eager", "async"])
+def test_in_place_merge_writes_the_given_tensor_with_the_same_values_and_gradients(check):
+    ids, embeds, feats = batch()
+    masks = placeholder_masks(ids, {"vision": V, "audio": A})
+    weights = torch.randn(2, 11, 8)
+    results = []
+    for inplace in (False, True):
+        leaf = embeds.clone().requires_grad_()
+        flat = {m: flatten_features(f, m).requires_grad_() for m, f in feats.items()}
+        lookup = leaf * 1.0  # stands for a fresh embedding lookup: not a leaf, owned by the caller
+        merged = merge_modality_features(lookup, masks, flat, check, inplace=inplace)
+        assert (merged is lookup) == inplace
+        assert torch.equal(lookup[~(masks["vision"] | masks["audio"])], embeds[~(masks["vision"] | masks["audio"])])
+        (merged * weights).sum().backward()
+        results.append((merged.detach(), leaf.grad, flat["vision"].grad, flat["audio"].grad))
+    for copied, in_place in zip(*results):
+        assert torch.equal(copied, in_place)
+    with pytest.raises(RuntimeError, match="leaf Variable that requires grad"):
+        merge_modality_features(embeds.clone().requires_grad_(), masks, flat, check, inplace=True)
+
+
 class OpRecorder(TorchDispatchMode):
     def __init__(self):
         super().__init__()
@@ -98,10 +119,12 @@ def test_no_host_sync_in_forward_or_backward():
     ids, embeds, feats = batch()
     flat = {m: flatten_features(f, m).requires_grad_() for m, f in feats.items()}
     masks = placeholder_masks(ids, {"vision": V, "audio": A})
-    with OpRecorder() as rec:
-        merge_modality_features(embeds, masks, flat, check="async").sum().backward()
-    syncing = [op for op in rec.ops if op.split(".")[1] in ("_local_scalar_dense", "nonzero", "masked_select", "item")]
-    assert rec.ops and not syncing, syncing
+    for inplace in (False, True):
+        lookup = embeds.clone().requires_grad_() * 1.0
+        with OpRecorder() as rec:
+            merge_modality_features(lookup, masks, flat, check="async", inplace=inplace).sum().backward()
+        syncing = [op for op in rec.ops if op.split(".")[1] in ("_local_scalar_dense", "nonzero", "masked_select", "item")]
+        assert rec.ops and not syncing, syncing
 
 
 def test_expand_placeholders_expands_and_wraps_in_order():

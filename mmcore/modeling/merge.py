@@ -2,7 +2,8 @@
 
 The merge is vectorized and free of host syncs: each modality's placeholder positions come from
 ``nonzero_static`` (its size, the number of feature rows, is known on the host), and one
-``index_put`` writes all rows of all modalities. Its backward is an ``index`` gather for the
+``index_put`` writes all rows of all modalities (in place into a fresh embedding lookup, so only the
+feature rows are written). Its backward is an ``index`` gather for the
 features and an ``index_put`` of zeros for the text embeddings, and autograd keeps only the integer
 positions for it; neither calls ``nonzero`` the way ``masked_scatter``'s backward does.
 
@@ -44,6 +45,7 @@ def merge_modality_features(
     masks: Mapping[str, torch.Tensor],
     features: Mapping[str, torch.Tensor],
     check: str = "auto",
+    inplace: bool = False,
 ) -> torch.Tensor:
     """Write ``features[m]`` rows, in order, at the positions where ``masks[m]`` is set.
 
@@ -56,6 +58,10 @@ def merge_modality_features(
             `PlaceholderMismatchError` with both numbers (reads the counts on the host); ``async``
             asserts on the device without waiting (no host sync; on CUDA a failure is a device-side
             assert); ``off`` trusts the caller; ``auto`` is ``eager`` on CPU, ``async`` elsewhere.
+        inplace: write the rows into ``inputs_embeds`` itself and return it, instead of a copy. Only
+            the feature rows are written, not the whole ``(batch, seq, width)`` tensor again. For a
+            tensor the caller owns, such as a fresh embedding lookup (what `MultimodalModel` does);
+            autograd refuses it on a leaf that requires grad.
     """
     if not features:
         return inputs_embeds
@@ -81,6 +87,10 @@ def merge_modality_features(
         return inputs_embeds
     # index_put rather than index_copy: its autograd keeps only the index for backward, where
     # index_copy also keeps the feature rows (a full (rows, width) copy per step).
+    if inplace:
+        # (batch, position) indices into the 3-d tensor itself: an in-place write through a flat view
+        # would make autograd's view-rebase copy the whole gradient once more in the backward.
+        return inputs_embeds.index_put_((index // seq, index % seq), table)
     merged = inputs_embeds.reshape(batch * seq, width).index_put((index,), table)
     return merged.view(batch, seq, width)
 

@@ -558,7 +558,13 @@ class MultimodalModel(PreTrainedModel, GenerationMixin):
                     embed_mask = mask if embed_mask is None else embed_mask | mask
             text_ids = input_ids.masked_fill(embed_mask, 0) if embed_mask is not None else input_ids
             inputs_embeds = self.get_input_embeddings()(text_ids)
-            inputs_embeds = merge_modality_features(inputs_embeds, masks, features, self.config.merge_check)
+            # The lookup is a fresh tensor this call owns: write the feature rows into it rather than
+            # copying all of it. Not when it is a view (an unusual embedding module), nor a leaf that
+            # requires grad (HF's enable_input_require_grads hook makes it one under frozen embeddings).
+            owned = inputs_embeds._base is None and not (inputs_embeds.is_leaf and inputs_embeds.requires_grad)
+            inputs_embeds = merge_modality_features(
+                inputs_embeds, masks, features, self.config.merge_check, inplace=owned
+            )
             if labels is not None and any_mask is not None:
                 labels = labels.masked_fill(any_mask, -100)
         elif features:
