@@ -362,7 +362,7 @@ class MultimodalProcessor:
             pad_to_multiple_of=pad_to_multiple_of,
             return_tensors=return_tensors,
         )
-        data.update(self._place_encoder_inputs(encoder_inputs))
+        data.update(self.model_kwargs(encoder_inputs))
         return MultimodalBatch(data)
 
     def _texts(
@@ -391,7 +391,7 @@ class MultimodalProcessor:
         for i, conversation in enumerate(conversations):
             rendered.append(
                 self.tokenizer.apply_chat_template(
-                    [self._flatten_message(msg, i) for msg in conversation],
+                    [self.flatten_message(msg, i) for msg in conversation],
                     tokenize=False,
                     add_generation_prompt=add_generation_prompt,
                     **dict(chat_template_kwargs or {}),
@@ -399,8 +399,11 @@ class MultimodalProcessor:
             )
         return rendered, True
 
-    def _flatten_message(self, message: Any, sample: int) -> dict[str, Any]:
-        """A message whose content is a list of parts becomes one string with placeholders."""
+    def flatten_message(self, message: Any, sample: int = 0) -> dict[str, Any]:
+        """One chat message whose content is a list of parts (``{"type": "text", "text": ...}`` or
+        ``{"type": "image"}`` for a modality's token name) -> the same message with one string of
+        content, one placeholder per item part; a string content is returned as it is. ``sample``
+        only numbers the error message."""
         if not isinstance(message, Mapping) or "content" not in message:
             raise ConfigError(
                 f"sample {sample}: each message must be a mapping with 'role' and 'content', got {message!r}"
@@ -578,8 +581,10 @@ class MultimodalProcessor:
             out["labels"] = torch.tensor(padded, dtype=torch.long) if return_tensors == "pt" else padded
         return out
 
-    def _place_encoder_inputs(self, inputs: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
-        """Top-level keyword arguments where they route unambiguously; ``encoder_inputs`` otherwise."""
+    def model_kwargs(self, inputs: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+        """Processed items of each modality (modality -> ``{input name: tensor}``) -> the keyword
+        arguments of the model's forward: top-level (``pixel_values=``) where the name routes to one
+        encoder unambiguously, under ``encoder_inputs={modality: {...}}`` otherwise."""
         owners: dict[str, list[str]] = {}
         for m, processed in inputs.items():
             for key in processed:

@@ -335,6 +335,11 @@ def test_chat_template_with_placeholders_inside_messages():
     assert processor.decode(from_string["input_ids"][0]).endswith("assistant:")
     with pytest.raises(ConfigError, match="unknown message part"):
         processor(messages=[{"role": "user", "content": [{"type": "video"}]}])
+    # the building block a collator uses: parts -> one string with the modality's token
+    assert processor.flatten_message(as_parts[0]) == {"role": "user", "content": "<vision> what is this ?"}
+    assert processor.flatten_message(as_string[0]) == as_string[0]
+    with pytest.raises(ConfigError, match="sample 3: each message must be a mapping"):
+        processor.flatten_message("hello", sample=3)
 
 
 # -- padding ----------------------------------------------------------------------------------------------------
@@ -437,6 +442,12 @@ def test_inputs_with_the_same_name_go_through_encoder_inputs():
     )
     assert "pixel_values" not in batch
     assert batch["encoder_inputs"]["vision2"]["pixel_values"].mean() == pytest.approx(1.0)
+    # model_kwargs is the routing on its own: a name two encoders take goes under encoder_inputs
+    pixels, features = torch.zeros(1, 3, 32, 32), torch.zeros(1, 8, 20)
+    routed = processor.model_kwargs({"vision": {"pixel_values": pixels}, "audio": {"input_features": features}})
+    assert routed["pixel_values"] is pixels and routed["input_features"] is features
+    routed = processor.model_kwargs({"vision": {"pixel_values": pixels}, "vision2": {"pixel_values": pixels}})
+    assert set(routed) == {"encoder_inputs"} and set(routed["encoder_inputs"]) == {"vision", "vision2"}
     assert batch["input_features"].shape == (1, 8, 20)  # audio's name is its own: stays top-level
     batch = batch.to(torch.float64)
     assert batch["encoder_inputs"]["vision"]["pixel_values"].dtype == torch.float64

@@ -98,7 +98,7 @@ class MultimodalCollator:
             pad_to_multiple_of=self.pad_to_multiple_of,
             return_tensors="pt",
         )
-        batch.update(self.processor._place_encoder_inputs(inputs))
+        batch.update(self.processor.model_kwargs(inputs))
         return dict(batch)
 
     def tokenize(self, sample: Mapping[str, Any], index: int = 0) -> tuple[list[int], list[int]]:
@@ -106,7 +106,7 @@ class MultimodalCollator:
         at placeholders (for expansion) and -100 wherever the loss must not look."""
         tokenizer = self.processor.tokenizer
         if "messages" in sample:
-            messages = [self.processor._flatten_message(m, index) for m in sample["messages"]]
+            messages = [self.processor.flatten_message(m, index) for m in sample["messages"]]
             text = tokenizer.apply_chat_template(messages, tokenize=False)
             spans = (
                 self._assistant_spans(messages, text, index)
