@@ -1,7 +1,8 @@
 """The ``siglip`` encoder factory: a transformers ``SiglipVisionModel`` and its ``SiglipImageProcessor``.
 
 A recipe holds the ``SiglipVisionConfig`` (as a dict), the image processor's config and the options;
-from it everything rebuilds offline. SigLIP has no CLS token: every token is a patch. Options:
+from it everything rebuilds offline (see `mmcore.hf_vision`, which does the work). SigLIP has no CLS
+token: every token is a patch. Options:
 
 - ``feature_layer`` (default ``-1``, the last encoder layer before the final layer norm, as
   LLaVA-OneVision uses SigLIP): the hidden state the projector gets; a list of layers concatenates
@@ -17,231 +18,36 @@ from it everything rebuilds offline. SigLIP has no CLS token: every token is a p
 
 from __future__ import annotations
 
-import json
-import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
-import torch
-from PIL import Image
-from transformers import PretrainedConfig, SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
+from transformers import SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
 
-from mmcore.callbacks import SelectFeatureLayer
-from mmcore.errors import ConfigError, EncoderInputError
-from mmcore.factory import EncoderFactory
+from mmcore.hf_vision import TransformersVisionFactory
 from mmcore_plugin_siglip.presets import IMAGE_MEAN, IMAGE_STD, PRESETS
 
-#: Bump when the recipe layout changes.
-RECIPE_VERSION = 1
 
-
-class SiglipFactory(EncoderFactory):
+class SiglipFactory(TransformersVisionFactory):
     """Builds SigLIP vision towers from a hub id, a local directory (a ``SiglipVisionModel`` or a whole
     ``SiglipModel`` checkpoint) or a preset."""
 
+    model_class = SiglipVisionModel
+    config_class = SiglipVisionConfig
+    image_processor_class = SiglipImageProcessor
+    model_type = "siglip_vision_model"
+    whole_model_type = "siglip"
+    family = "SigLIP"
     presets = {name: preset["summary"] for name, preset in PRESETS.items()}
+    preset_configs = {name: preset["config"] for name, preset in PRESETS.items()}
     options = {"feature_layer": -1, "keep_head": False}
 
-    # -- recipe ------------------------------------------------------------------------------------
-    def make_recipe(
-        self, checkpoint: str | None = None, preset: str | None = None, **options: Any
-    ) -> dict[str, Any]:
-        if (checkpoint is None) == (preset is None):
-            raise ConfigError(f"encoder {self.name!r}: pass exactly one of checkpoint or preset")
-        opts = self.check_options(options)
-        if preset is not None:
-            self.check_preset(preset)
-            config = SiglipVisionConfig(**PRESETS[preset]["config"])
-            processor = _default_processor_config(config.image_size)
-        else:
-            config = self._checkpoint_config(checkpoint)
-            processor = self._checkpoint_processor_config(checkpoint, config.image_size)
-        opts = self._check_option_values(opts, config)
-        config.vision_use_head = opts["keep_head"]
-        return {
-            "version": RECIPE_VERSION,
-            "preset": preset,
-            "checkpoint": checkpoint,
-            "config": _config_dict(config),
-            "processor": processor,
-            "options": opts,
-        }
+    def configure(self, config: SiglipVisionConfig, options: Mapping[str, Any]) -> None:
+        config.vision_use_head = options["keep_head"]
 
-    def _checkpoint_config(self, checkpoint: str) -> SiglipVisionConfig:
-        try:
-            raw, _ = PretrainedConfig.get_config_dict(checkpoint)
-        except OSError as exc:
-            raise ConfigError(
-                f"encoder {self.name!r}: cannot read the config of checkpoint {checkpoint!r} "
-                f"(expected a hub id or a local directory with config.json): {exc}"
-            ) from exc
-        model_type = raw.get("model_type")
-        if model_type == "siglip":  # a whole SiglipModel: take its vision half
-            raw = raw.get("vision_config") or {}
-        elif model_type != "siglip_vision_model":
-            raise ConfigError(
-                f"encoder {self.name!r}: checkpoint {checkpoint!r} is not a SigLIP model: expected "
-                f"config.json model_type 'siglip' or 'siglip_vision_model', got {model_type!r}"
-            )
-        return SiglipVisionConfig.from_dict(raw)
-
-    def _checkpoint_processor_config(self, checkpoint: str, image_size: int) -> dict[str, Any]:
-        try:
-            return _processor_dict(SiglipImageProcessor.from_pretrained(checkpoint))
-        except OSError as exc:
-            # A vision tower saved alone has no preprocessor_config.json; SigLIP's preprocessing is a
-            # square resize and [-1, 1] scaling, at the model's own resolution.
-            warnings.warn(
-                f"encoder {self.name!r}: checkpoint {checkpoint!r} has no readable image processor config "
-                f"({' '.join(str(exc).split())[:200]}); using SigLIP preprocessing at {image_size} px",
-                stacklevel=3,
-            )
-            return _default_processor_config(image_size)
-
-    def _check_option_values(self, opts: dict[str, Any], config: SiglipVisionConfig) -> dict[str, Any]:
-        layer = opts["feature_layer"]
-        if isinstance(layer, tuple):
-            layer = list(layer)
-        layers = layer if isinstance(layer, list) else [layer]
-        n = config.num_hidden_layers
-        if layer is not None and (
-            not layers
-            or not all(isinstance(i, int) and not isinstance(i, bool) and -(n + 1) <= i <= n for i in layers)
-        ):
-            raise ConfigError(
-                f"encoder {self.name!r}: feature_layer must be None, an int or a non-empty list of ints "
-                f"indexing the {n + 1} hidden states (embeddings + {n} layers: {-(n + 1)}..{n}), "
-                f"got {opts['feature_layer']!r}"
-            )
-        if not isinstance(opts["keep_head"], bool):
-            raise ConfigError(
-                f"encoder {self.name!r}: keep_head must be True or False, got {opts['keep_head']!r}"
-            )
-        return {**opts, "feature_layer": layer}
-
-    # -- module ------------------------------------------------------------------------------------
-    def build_module(self, recipe: Mapping[str, Any], checkpoint: str | None = None) -> SiglipVisionModel:
-        """``SiglipVisionModel.from_pretrained(checkpoint)`` (a whole SiglipModel checkpoint loads its vision
-        half), or random weights without a checkpoint. Under ``torch.device("meta")`` nothing is read."""
-        config = _config(recipe, self.name)
-        if checkpoint is None or torch.get_default_device().type == "meta":
-            return SiglipVisionModel._from_config(config)
-        return SiglipVisionModel.from_pretrained(checkpoint, config=config, dtype=torch.get_default_dtype())
-
-    def output_width(self, recipe: Mapping[str, Any]) -> int:
-        layer = _options(recipe)["feature_layer"]
-        return _config(recipe, self.name).hidden_size * (len(layer) if isinstance(layer, list) else 1)
-
-    def input_names(self, recipe: Mapping[str, Any]) -> Sequence[str]:
-        return ("pixel_values",)
-
-    def default_callbacks(self, recipe: Mapping[str, Any]) -> dict[str, Any]:
-        layer = _options(recipe)["feature_layer"]
-        return (
-            {}
-            if layer is None
-            else {"postprocess_module": SelectFeatureLayer(layer=layer, drop_prefix_tokens=0)}
+    def default_processor(self, image_size: int) -> SiglipImageProcessor:
+        """SigLIP's preprocessing: a square resize and [-1, 1] scaling, at the model's own resolution."""
+        return SiglipImageProcessor(
+            size={"height": image_size, "width": image_size},
+            image_mean=list(IMAGE_MEAN),
+            image_std=list(IMAGE_STD),
         )
-
-    # -- inputs ------------------------------------------------------------------------------------
-    def processor(self, recipe: Mapping[str, Any]) -> SiglipItemProcessor:
-        config = recipe.get("processor") or _default_processor_config(_config(recipe, self.name).image_size)
-        return SiglipItemProcessor(config)
-
-    def num_tokens(self, recipe: Mapping[str, Any], inputs: Mapping[str, Any]) -> list[int]:
-        """One token per patch of each item's ``pixel_values``."""
-        pixel_values = inputs.get("pixel_values")
-        if pixel_values is None or len(pixel_values.shape) != 4:
-            got = "nothing" if pixel_values is None else f"shape {tuple(pixel_values.shape)}"
-            raise EncoderInputError(
-                f"encoder {self.name!r}: num_tokens needs pixel_values (batch, 3, H, W), got {got}"
-            )
-        patch = _config(recipe, self.name).patch_size
-        height, width = pixel_values.shape[-2:]
-        return [(height // patch) * (width // patch)] * pixel_values.shape[0]
-
-    def dummy_inputs(self, recipe: Mapping[str, Any], batch_size: int = 1) -> dict[str, Any]:
-        config = _config(recipe, self.name)
-        return {
-            "pixel_values": torch.randn(batch_size, config.num_channels, config.image_size, config.image_size)
-        }
-
-    def dummy_items(self, recipe: Mapping[str, Any], n: int = 1) -> list[Image.Image]:
-        """``n`` random RGB images of varied sizes and aspect ratios (the processor resizes them)."""
-        rng = np.random.default_rng(0)
-        sizes = [(37, 23), (20, 45), (64, 48), (17, 17)]
-        return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in (sizes * n)[:n]]
-
-
-class SiglipItemProcessor:
-    """``processor(items) -> {"pixel_values": Tensor (N, 3, H, W)}`` for PIL images or HWC ``uint8``
-    numpy arrays (a single item is accepted too); wraps ``transformers.SiglipImageProcessor``."""
-
-    def __init__(self, config: Mapping[str, Any]):
-        #: the transformers processor (``save_pretrained`` it to ship it with a model).
-        self.image_processor = SiglipImageProcessor.from_dict(dict(config))
-
-    def __repr__(self) -> str:
-        return f"SiglipItemProcessor({self.image_processor.size})"
-
-    def __call__(self, items: Any) -> dict[str, torch.Tensor]:
-        if isinstance(items, (Image.Image, np.ndarray)):
-            items = [items]
-        images = [_to_image(item, i) for i, item in enumerate(items)]
-        if not images:
-            raise EncoderInputError("siglip processor: got no images")
-        return {"pixel_values": self.image_processor(images=images, return_tensors="pt")["pixel_values"]}
-
-
-def _to_image(item: Any, index: int) -> Image.Image:
-    if isinstance(item, Image.Image):
-        return item
-    if (
-        isinstance(item, np.ndarray)
-        and item.dtype == np.uint8
-        and (item.ndim == 2 or (item.ndim == 3 and item.shape[-1] in (1, 3, 4)))
-    ):
-        # Through PIL, so a tiny image's channel axis is never guessed.
-        return Image.fromarray(item[..., 0] if item.ndim == 3 and item.shape[-1] == 1 else item)
-    what = (
-        f"array of dtype {item.dtype} and shape {item.shape}"
-        if isinstance(item, np.ndarray)
-        else type(item).__name__
-    )
-    raise EncoderInputError(
-        f"siglip processor: item {index} must be a PIL image or an (H, W, 3) uint8 numpy array, got {what}"
-    )
-
-
-def _default_processor_config(image_size: int) -> dict[str, Any]:
-    processor = SiglipImageProcessor(
-        size={"height": image_size, "width": image_size},
-        image_mean=list(IMAGE_MEAN),
-        image_std=list(IMAGE_STD),
-    )
-    return _processor_dict(processor)
-
-
-def _processor_dict(processor: SiglipImageProcessor) -> dict[str, Any]:
-    # Through its JSON form (enums become ints, tuples lists): the recipe lives in config.json.
-    return json.loads(processor.to_json_string())
-
-
-def _config_dict(config: SiglipVisionConfig) -> dict[str, Any]:
-    d = json.loads(config.to_json_string(use_diff=False))
-    # The module's dtype follows torch's default (or from_pretrained's dtype=), not the checkpoint's.
-    for key in ("dtype", "torch_dtype", "transformers_version", "_name_or_path"):
-        d.pop(key, None)
-    return d
-
-
-def _config(recipe: Mapping[str, Any], name: str) -> SiglipVisionConfig:
-    config = recipe.get("config")
-    if not isinstance(config, Mapping):
-        raise ConfigError(f"encoder {name!r}: the recipe has no 'config' mapping: {dict(recipe)!r}")
-    return SiglipVisionConfig.from_dict(dict(config))
-
-
-def _options(recipe: Mapping[str, Any]) -> dict[str, Any]:
-    return {**SiglipFactory.options, **(recipe.get("options") or {})}
