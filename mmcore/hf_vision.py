@@ -24,8 +24,8 @@ A third tower is a few lines (the ``dinov2`` model type has no whole-model varia
         model_class, config_class, image_processor_class = Dinov2Model, Dinov2Config, BitImageProcessor
         model_type, family = "dinov2", "DINOv2"
         presets = {"tiny": "2 layers, width 32, 28 px"}
-        preset_configs = {"tiny": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                       num_attention_heads=4, patch_size=14, image_size=28)}
+        preset_configs = {"tiny": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                       patch_size=14, image_size=28)}
 
         def prefix_tokens(self, config):
             return 1  # the CLS token
