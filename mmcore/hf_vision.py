@@ -34,8 +34,10 @@ A third tower is a few lines (the ``dinov2`` model type has no whole-model varia
             return BitImageProcessor(size={"shortest_edge": image_size},
                                      crop_size={"height": image_size, "width": image_size})
 
-Unlike `mmcore.factory`, this module imports torch and transformers: import it from a plugin's
-factory module (loaded lazily), never from its entry module.
+Unlike `mmcore.factory`, this module imports torch, transformers and Pillow (which transformers'
+image processors need anyway; a plugin built on it lists ``pillow`` in its dependencies, as the
+``clip`` and ``siglip`` plugins do): import it from a plugin's factory module (loaded lazily), never
+from its entry module.
 """
 
 from __future__ import annotations
