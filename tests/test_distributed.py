@@ -32,7 +32,7 @@ JOB = textwrap.dedent(
     model, _ = tiny_multimodal_model()
     data = TokenSamples(model, n=16)
     config = TrainConfig(output_dir=output, stage=stage, max_steps=4, batch_size=batch_size, lr=1e-3, warmup_ratio=0.0,
-                         progress=False, log_every=1, device="cpu", lora_r=4)
+                         progress=False, log_every=1, device="cpu", lora_r=4, save_every=4)
     result = train(model, data, data.collate, config, console=Console(stderr=True, width=200))
     if int(os.environ.get("RANK", "0")) == 0:
         with open(os.path.join(output, "losses.json"), "w") as fh:
@@ -83,6 +83,15 @@ def test_two_processes_with_fsdp2_match_one_process(tmp_path, stage):
         torch.testing.assert_close(two[key], one[key], atol=TOLERANCE, rtol=0, msg=key)
     from mmcore.testing import tiny_multimodal_model
 
+    # checkpoints: the frozen weights' fingerprint, summed over both ranks' shards, equals one process's
+    states = [json.loads((tmp_path / run / "checkpoints" / "step-0000004" / "trainer_state.json").read_text())
+              for run in ("one", "two")]  # fmt: skip
+    assert states[0]["trainable"] == states[1]["trainable"]
+    prints = [state["frozen_fingerprint"] for state in states]
+    assert prints[0] and prints[0].keys() == prints[1].keys()
+    for name, (total, squares) in prints[0].items():
+        assert prints[1][name][1] == pytest.approx(squares, rel=1e-5), name
+        assert prints[1][name][0] == pytest.approx(total, rel=1e-4, abs=1e-4 * squares**0.5), name
     fresh = tiny_multimodal_model()[0].state_dict()
     assert any(
         ".projector." in k and not torch.equal(one[k], fresh[k]) for k in one if k in fresh

@@ -4,6 +4,7 @@ loop (resume), transformers.Trainer, and the ``mmcore train`` command."""
 import json
 import math
 import random
+import re
 
 import pytest
 import torch
@@ -403,6 +404,37 @@ def test_loop_resumes_from_a_checkpoint_exactly(tmp_path):
         run(tmp_path / "b", grad_accum=2)
     _, fresh, _ = run(tmp_path / "b", steps=2, resume=False)
     assert fresh.resumed_from == 0 and len(fresh.losses) == 2
+
+
+def test_checkpoints_hold_what_trains_and_resuming_checks_the_frozen_weights(tmp_path):
+    from torch.distributed.checkpoint import FileSystemReader
+
+    def run(steps, stage="align", perturb=None, resume=True):
+        model, _ = tiny_multimodal_model()
+        if perturb is not None:
+            with torch.no_grad():
+                dict(model.named_parameters())[perturb].add_(0.01)
+        data = TokenSamples(model, n=8)
+        config = TrainConfig(output_dir=str(tmp_path), stage=stage, max_steps=steps, batch_size=2, lr=1e-2,
+                             save_every=2, progress=False, save_final=False, device="cpu", resume=resume)  # fmt: skip
+        return model, train(model, data, data.collate, config, console=quiet())
+
+    model, _ = run(2)
+    checkpoint = tmp_path / "checkpoints" / "step-0000002"
+    stored = {k.removeprefix("model.") for k in FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata if k.startswith("model.")}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".projector." in n for n in trainable)
+    assert stored == trainable  # align: the projectors only, no frozen LLM or encoder weights
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    assert set(state["frozen_fingerprint"]) == {n for n, p in model.named_parameters() if not p.requires_grad}
+
+    _, result = run(4)  # the same model: resumes, and the frozen weights are the model's own
+    assert result.resumed_from == 2
+    frozen = next(n for n, p in model.named_parameters() if not p.requires_grad and "language_model" in n)
+    with pytest.raises(ConfigError, match=f"other frozen weights: '{re.escape(frozen)}' differs"):
+        run(6, perturb=frozen)
+    with pytest.raises(ConfigError, match="this run trains .* resume with the same stage"):
+        run(6, stage="finetune")
 
 
 def test_loop_saves_a_final_model_that_loads(tmp_path):

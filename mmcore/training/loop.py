@@ -6,10 +6,12 @@ so N ranks with batch B train exactly as one process with batch N*B does; gradie
 FSDP2 (`mmcore.training.distributed.shard`) when distributed; then clipping, AdamW (projector and
 other learning rates apart, `param_groups`) and the LR schedule.
 
-Checkpoints (``save_every`` steps) go to ``<output_dir>/checkpoints/step-NNNNNNN``: the model and
-optimizer as a sharded ``torch.distributed.checkpoint`` (any world size can load it), the scheduler,
-the position in the data and every rank's RNG states. A new run with the same ``output_dir``
-resumes from the latest one. The final model goes to ``<output_dir>/model`` (one HF directory;
+Checkpoints (``save_every`` steps) go to ``<output_dir>/checkpoints/step-NNNNNNN``: the trainable
+parameters and their optimizer state as a sharded ``torch.distributed.checkpoint`` (any world size
+can load it), the scheduler, the position in the data and every rank's RNG states. Frozen weights
+are not written again at every checkpoint (an align stage's checkpoint of an 8B LLM holds the
+projectors, not 16 GB); a fingerprint of them is, and resuming checks that the model it resumes
+holds the same frozen weights. A new run with the same ``output_dir`` resumes from the latest one. The final model goes to ``<output_dir>/model`` (one HF directory;
 with LoRA it holds the adapters and the projectors, see `mmcore.training.lora`).
 """
 
@@ -150,7 +152,7 @@ class _Checkpoints:
         self, step: int, model: nn.Module, optimizer: Any, scheduler: Any, state: dict[str, Any]
     ) -> Path:
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
         final = self.root / f"step-{step:07d}"
         staging = self.root / f".step-{step:07d}.partial"
@@ -158,7 +160,8 @@ class _Checkpoints:
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir(parents=True)
         _barrier(self.info)
-        model_sd, optim_sd = get_state_dict(model, optimizer)
+        frozen = _frozen_fingerprint(model, self.info)
+        model_sd, optim_sd = get_state_dict(model, optimizer, options=StateDictOptions(ignore_frozen_params=True))
         with _single_process_quiet(self.info):
             dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(staging))
         rng = {"python": random.getstate(), "torch": torch.get_rng_state()}
@@ -168,7 +171,9 @@ class _Checkpoints:
         _barrier(self.info)
         if self.info.is_main:
             torch.save(scheduler.state_dict(), staging / "scheduler.pt")
-            (staging / "trainer_state.json").write_text(json.dumps({**state, "step": step}, indent=1))
+            trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+            record = {**state, "step": step, "trainable": trainable, "frozen_fingerprint": frozen}
+            (staging / "trainer_state.json").write_text(json.dumps(record, indent=1))
             shutil.rmtree(final, ignore_errors=True)
             staging.rename(final)
             if self.keep > 0:
@@ -179,13 +184,19 @@ class _Checkpoints:
 
     def load(self, path: Path, model: nn.Module, optimizer: Any, scheduler: Any) -> dict[str, Any]:
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-        model_sd, optim_sd = get_state_dict(model, optimizer)
+        saved = json.loads((path / "trainer_state.json").read_text())
+        _check_same_model(path, saved, model, _frozen_fingerprint(model, self.info))
+        options = StateDictOptions(ignore_frozen_params=True)
+        model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
         state = {"model": model_sd, "optim": optim_sd}
         with _single_process_quiet(self.info):
             dcp.load(state, checkpoint_id=str(path))
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        set_state_dict(
+            model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+            options=StateDictOptions(ignore_frozen_params=True, strict=False),  # the frozen ones stay
+        )  # fmt: skip
         scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
         rng_file = path / f"rng-{self.info.rank}.pt"
         if rng_file.is_file():  # a different world size: ranks without a saved state keep their seed
@@ -194,7 +205,63 @@ class _Checkpoints:
             torch.set_rng_state(rng["torch"])
             if "cuda" in rng and torch.cuda.is_available():
                 torch.cuda.set_rng_state(rng["cuda"])
-        return json.loads((path / "trainer_state.json").read_text())
+        return saved
+
+
+def _frozen_fingerprint(model: nn.Module, info: DistInfo) -> dict[str, list[float]]:
+    """Frozen parameter name -> ``[sum, sum of squares]`` over the whole tensor (every rank's shard):
+    a few numbers per tensor, cheap to compute at a checkpoint, that a different initialisation or
+    another checkpoint moves far beyond summation-order noise."""
+    names, sharded, stats = [], [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            continue
+        is_shard = hasattr(param, "to_local") and any(p.is_shard() for p in param.placements)
+        local = (param.to_local() if hasattr(param, "to_local") else param).detach().reshape(-1).float()
+        names.append(name)
+        sharded.append(is_shard)
+        stats.append(torch.stack([local.sum(), torch.dot(local, local)]).double())
+    if not names:
+        return {}
+    values = torch.stack(stats)
+    if info.world_size > 1 and any(sharded):
+        import torch.distributed as dist
+
+        mask = torch.tensor(sharded, device=values.device).unsqueeze(1)
+        total = torch.where(mask, values, torch.zeros_like(values))
+        dist.all_reduce(total)
+        values = torch.where(mask, total, values)
+    return {name: [float(a), float(b)] for name, (a, b) in zip(names, values.cpu().tolist())}
+
+
+def _check_same_model(path: Path, saved: Mapping[str, Any], model: nn.Module, frozen: Mapping[str, list[float]]) -> None:
+    """A checkpoint holds only what trains: resuming needs the same trainable parameters, and frozen
+    weights equal to those of the run that wrote it (the same model, the same stage)."""
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    if "trainable" in saved and saved["trainable"] != trainable:
+        theirs, ours = set(saved["trainable"]), set(trainable)
+        example = sorted((theirs - ours) or (ours - theirs) or theirs)[0]
+        raise ConfigError(
+            f"checkpoint {path} trained {len(theirs)} parameter tensors, this run trains {len(ours)} "
+            f"(e.g. {example!r} is in one and not the other): resume with the same stage and model, "
+            "or start a new output dir"
+        )
+    expected = saved.get("frozen_fingerprint") or {}
+    sizes = {name: p.numel() for name, p in model.named_parameters()}
+    for name, (total, squares) in expected.items():
+        got = frozen.get(name)
+        if got is None:
+            raise ConfigError(f"checkpoint {path} expects a frozen parameter {name!r} this model does not have")
+        # float32 sums of the same values in another order (another world size) agree to ~1e-6 of
+        # the sum of squares, and of sqrt(n x sum of squares) for the plain sum (its bound, by Cauchy-Schwarz)
+        squares_tol = 1e-4 * max(squares, got[1]) + 1e-30
+        total_tol = 1e-4 * (sizes[name] * max(squares, got[1])) ** 0.5 + 1e-30
+        if abs(got[1] - squares) > squares_tol or abs(got[0] - total) > total_tol:
+            raise ConfigError(
+                f"checkpoint {path} was written with other frozen weights: {name!r} differs from the "
+                "model this run starts from; checkpoints hold only what trains, so resume from the model "
+                "the interrupted run started from (same directory, or the same spec and --seed)"
+            )
 
 
 @contextmanager
