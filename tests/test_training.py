@@ -502,3 +502,19 @@ def test_train_command_trains_resumes_and_saves(tmp_path, plugin_model):
 
     bad = runner.invoke(app, [*common, "--stage", "pretrain"])
     assert bad.exit_code == 2 and "--stage 'pretrain'" in bad.output
+
+    # From a spec of random-weight presets: --seed makes the model the same in every run, so an
+    # interrupted run resumes (checkpoints hold only what trains; the frozen weights are rebuilt)
+    spec = tmp_path / "model.toml"
+    spec.write_text(
+        '[llm]\nsource = "tiny"\n[encoders.vision]\nencoder = "clip"\npreset = "tiny"\n'
+        '[encoders.audio]\nencoder = "whisper"\npreset = "tiny"\n'
+    )
+    from_spec = ["train", str(spec), "--data", str(data), "--stage", "align", "-o", str(tmp_path / "spec-run"),
+                 "--batch-size", "2", "--save-every", "2", "--no-progress", "--device", "cpu"]  # fmt: skip
+    assert runner.invoke(app, [*from_spec, "--steps", "2"]).exit_code == 0
+    resumed = runner.invoke(app, [*from_spec, "--steps", "3"])
+    assert resumed.exit_code == 0, resumed.output
+    assert "resumed from" in resumed.output
+    other_seed = runner.invoke(app, [*from_spec, "--steps", "4", "--seed", "1"])
+    assert other_seed.exit_code == 2 and "other frozen weights" in other_seed.output

@@ -53,7 +53,7 @@ def train_command(
     resume: bool = typer.Option(
         True, "--resume/--no-resume", help="Resume from the latest checkpoint in OUTPUT."
     ),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = typer.Option(0, "--seed", help="Seeds the data order, dropout and a spec's random-weight parts."),
     lora_r: int = typer.Option(8, "--lora-r", min=1, help="LoRA rank (stage lora)."),
     lora_alpha: Optional[int] = typer.Option(None, "--lora-alpha", help="LoRA alpha (default: 2 x rank)."),
     lora_dropout: float = typer.Option(0.0, "--lora-dropout"),
@@ -118,6 +118,9 @@ def train_command(
     )  # fmt: skip
     config.check()
     dataset = ConversationDataset(data, media_keys=media_keys)
+    # Seeded before a spec is built, so its random-weight parts are the same in every run with this
+    # --seed: a resumed run rebuilds the frozen weights the checkpoint's fingerprint expects.
+    torch.manual_seed(seed)
     with library_progress_bars():
         model, tokenizer, processor, _ = load_target(target, torch.float32)
     if processor is None:
