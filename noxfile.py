@@ -40,7 +40,12 @@ def demo(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """Benchmarks (docs/performance.md): ratios against references in one process, never tests."""
+    """Benchmarks (docs/performance.md): ratios against references in one process, never tests.
+
+    Arguments after ``--`` go to the merge and model benchmarks, which take the same ``--device`` and
+    ``--dtype`` (``fp32``/``bf16`` or ``float32``/``bfloat16``): ``nox -s bench -- --device cuda --dtype bf16``.
+    """
     _install(session, *PLUGINS)
-    for script in ("bench_cli.py", "bench_merge.py", "bench_model.py"):
+    session.run("python", "benchmarks/bench_cli.py")
+    for script in ("bench_merge.py", "bench_model.py"):
         session.run("python", f"benchmarks/{script}", *session.posargs)

@@ -54,6 +54,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import mmcore
 from mmcore.modeling.merge import merge_modality_features, placeholder_masks
 
+DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # bench_model's spellings
 IMAGE_ID, AUDIO_ID = 32000, 32001  # placeholder ids, outside the random text ids below
 TOKEN_IDS = {"vision": IMAGE_ID, "audio": AUDIO_ID}
 
@@ -521,7 +522,7 @@ def parse_args(argv=None):
     p.add_argument("--audio-clips", type=int, default=2, help="audio clips in every other sample (run 2)")
     p.add_argument("--audio-tokens", type=int, default=64)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--dtype", default="float32", choices=tuple(DTYPE_NAMES) + tuple(DTYPE_NAMES.values()))
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=7)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -536,7 +537,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    dtype = getattr(torch, args.dtype)
+    dtype = getattr(torch, DTYPE_NAMES.get(args.dtype, args.dtype))
     stream = sys.stderr if args.json == "-" else sys.stdout
     # wide enough for the tables when piped to a file (rich falls back to 80 columns there)
     console = Console(file=stream, width=None if stream.isatty() else 170)

@@ -1,0 +1,69 @@
+"""The benchmark scripts run, on tiny sizes, and what they report that does not depend on the
+machine holds: identical outputs (each script asserts it before timing), host-sync counts, memory
+kept for backward. Timings are never asserted (docs/performance.md has them)."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+@pytest.fixture(autouse=True)
+def keep_torch_threads():
+    threads = torch.get_num_threads()  # the merge benchmark sets its own
+    yield
+    torch.set_num_threads(threads)
+
+
+def load(name):
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_merge_benchmark_counts_syncs_and_makes_none_in_the_backward(tmp_path):
+    out = tmp_path / "merge.json"
+    args = ["--batch", "4", "--seq", "64", "--hidden", "16", "--image-tokens", "8", "--audio-tokens", "4",
+            "--warmup", "0", "--repeats", "2", "--threads", "1", "--json", str(out)]  # fmt: skip
+    assert load("bench_merge").main(args) == 0
+    report = json.loads(out.read_text())
+    assert [s["name"] for s in report["scenarios"]] == ["vision", "vision+audio"]
+    for scenario in report["scenarios"]:
+        impls = scenario["implementations"]
+        assert set(impls) == {"mmcore (eager)", "mmcore (async)", "mmcore (copy)", "per-sample loop", "HF masked_scatter"}
+        for name in ("mmcore (eager)", "mmcore (async)", "mmcore (copy)"):
+            assert impls[name]["host_syncs"]["backward"]["total"] == 0, name
+        assert impls["mmcore (async)"]["host_syncs"]["forward"]["total"] == 0
+        eager = impls["mmcore (eager)"]["host_syncs"]["forward"]
+        assert eager["tolist"] == eager["total"] == 1  # the counts, read once for the error message
+        # the loop: one nonzero and one tolist per sample per modality present
+        samples_x_modalities = 4 * len(scenario["items"])
+        assert impls["per-sample loop"]["host_syncs"]["forward"]["total"] == 2 * samples_x_modalities
+        assert impls["HF masked_scatter"]["host_syncs"]["backward"]["masked_scatter_backward"] == len(scenario["items"])
+    assert all(t["met"] for t in report["targets"] if "host syncs" in t["target"])
+
+
+def test_model_benchmark_keeps_what_llava_keeps_for_backward(tmp_path):
+    out = tmp_path / "model.json"
+    args = ["--batch", "1", "--seq", "96", "--new-tokens", "3", "--warmup", "0", "--repeats", "1",
+            "--only", "step,memory,generate,encoders", "--json", str(out)]  # fmt: skip
+    rows = {row["what"]: row for row in load("bench_model").main(args)}
+    assert json.loads(out.read_text())["rows"]
+    saved = rows["saved for backward (align)"]
+    # mmcore keeps two int64 position vectors for the merge, LLaVA a bool mask: bytes, not MiB, apart
+    assert saved["reference"] > 0 and abs(saved["mmcore"] - saved["reference"]) < 16 * 1024
+    assert rows["saved by the frozen vision tower"]["mmcore"] == 0
+    for what in ("train step (align)", "train step (finetune)", "greedy decode (3 tokens, batch 1)", "encode vision+audio vs sum alone"):
+        assert rows[what]["ratio"] > 0, what
+
+
+def test_cli_benchmark_imports_nothing_heavy(tmp_path):
+    out = tmp_path / "cli.json"
+    result = load("bench_cli").main(["--repeats", "2", "--json", str(out)])
+    assert result["heavy_imports"] == []
+    assert set(result["commands"]) == {"mmcore list-encoders", "mmcore list-encoders --json", 'python -c "import torch"', "python -c pass"}
