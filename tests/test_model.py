@@ -3,6 +3,8 @@
 import pytest
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from mmcore import ModalEncoderModule, MultimodalModel, MultimodalProjector, MultimodalProjectorConfig
 from mmcore.callbacks import SelectFeatureLayer
@@ -359,6 +361,68 @@ def test_concurrent_encoders_equal_the_sequential_path(tiny, monkeypatch):
         assert torch.equal(dict(model.named_parameters())[name].grad, grad), name
     model(input_ids=torch.tensor([ids_with(model, 5, ("vision", 4), 6)]), pixel_values=torch.randn(IMG))
     assert len(entered) == 1  # one encoder: nothing to overlap, no stream
+
+
+
+class SyncRecorder(TorchDispatchMode):
+    """Ops whose result the host waits for on an accelerator: as dispatched aten ops, plus
+    ``Tensor.tolist``/``item`` caught at the Python level (on CPU ``tolist`` dispatches nothing)."""
+
+    OPS = ("_local_scalar_dense", "nonzero", "masked_select", "item", "is_nonzero")
+
+    def __init__(self):
+        super().__init__()
+        self.syncs = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if str(func).split(".")[1] in self.OPS:
+            self.syncs.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+class ToListRecorder(TorchFunctionMode):
+    def __init__(self, into):
+        super().__init__()
+        self.into = into
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") == "tolist":
+            self.into.append("tolist")
+        return func(*args, **(kwargs or {}))
+
+
+def count_syncs(fn):
+    recorder = SyncRecorder()
+    with recorder, ToListRecorder(recorder.syncs):
+        fn()
+    return sorted(recorder.syncs)
+
+
+def test_no_host_sync_beyond_the_language_models_own(tiny):
+    """With the device-side count check (the default on GPU), a training step and a generation make
+    exactly the host syncs the bare language model makes on the same text: mmcore adds none."""
+    model, _ = tiny
+    model.config.merge_check = "async"
+    llm = model.language_model
+    ids = torch.tensor([ids_with(model, 5, ("vision", 4), 6, ("audio", 10), 7), ids_with(model, *[8] * 7, ("vision", 4), *[9] * 6)])
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    text_ids = ids.masked_fill(ids >= llm.get_input_embeddings().num_embeddings, 0)
+    inputs = dict(input_ids=ids, attention_mask=mask, pixel_values=torch.randn(2, *IMG[1:]), input_features=torch.randn(AUD))
+    model.train()
+    step = count_syncs(lambda: model(**inputs, labels=ids).loss.backward())
+    embeds = llm.get_input_embeddings()(text_ids).detach().requires_grad_()
+    labels = ids.masked_fill(ids != text_ids, -100)
+    llm_step = count_syncs(lambda: llm(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss.backward())
+    assert step == llm_step
+    model.config.merge_check = "eager"  # the CPU default reads the placeholder counts once, for its message
+    assert count_syncs(lambda: model(**inputs, labels=ids).loss.backward()) == sorted([*llm_step, "tolist"])
+    model.config.merge_check = "async"
+    model.eval()
+    with torch.no_grad():
+        generate = count_syncs(lambda: model.generate(**inputs, max_new_tokens=3, do_sample=False))
+        llm_generate = count_syncs(lambda: llm.generate(input_ids=text_ids, attention_mask=mask, max_new_tokens=3, do_sample=False))
+    assert generate == llm_generate
 
 
 
