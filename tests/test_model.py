@@ -292,7 +292,7 @@ def test_gradient_checkpointing_reaches_every_part(tiny):
     model(**inputs).loss.backward()
     reference = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
-    model.gradient_checkpointing_enable()
+    model.activation_checkpointing_enable()
     assert model.encoders["vision"].module.encoder.gradient_checkpointing
     assert model.encoders["audio"].module.gradient_checkpointing
     assert all(enc.projector.gradient_checkpointing for enc in model.encoders.values())
