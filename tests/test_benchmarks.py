@@ -58,8 +58,9 @@ def test_model_benchmark_keeps_what_llava_keeps_for_backward(tmp_path):
     # mmcore keeps two int64 position vectors for the merge, LLaVA a bool mask: bytes, not MiB, apart
     assert saved["reference"] > 0 and abs(saved["mmcore"] - saved["reference"]) < 16 * 1024
     assert rows["saved by the frozen vision tower"]["mmcore"] == 0
+    # timed rows: present and numeric (their values are timings, never asserted)
     for what in ("train step (align)", "train step (finetune)", "greedy decode (3 tokens, batch 1)", "encode vision+audio vs sum alone"):
-        assert rows[what]["ratio"] > 0, what
+        assert isinstance(rows[what]["ratio"], float), what
 
 
 def test_cli_benchmark_imports_nothing_heavy(tmp_path):
