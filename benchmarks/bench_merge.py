@@ -48,26 +48,17 @@ from collections.abc import Callable
 import torch
 from rich.console import Console
 from rich.table import Table
-from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import mmcore
 from mmcore.modeling.merge import merge_modality_features, placeholder_masks
+from mmcore.testing import HOST_SYNC_OPS, count_host_syncs
 
 DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # bench_model's spellings
 IMAGE_ID, AUDIO_ID = 32000, 32001  # placeholder ids, outside the random text ids below
 TOKEN_IDS = {"vision": IMAGE_ID, "audio": AUDIO_ID}
 
-# Ops whose result the host must wait for on an accelerator.
-SYNC_OPS = ("aten._local_scalar_dense", "aten.nonzero", "aten.masked_select", "aten.item")
-# masked_scatter's backward is one CompositeExplicitAutograd op to a dispatch mode, so the
-# ``grad.masked_select(mask)`` (and its ``.item()``) inside it is not seen on its own; count the op.
-COMPOSITE_SYNC_OPS = ("aten.masked_scatter_backward",)
-# On CPU ``Tensor.tolist`` reads memory directly and dispatches no op; catch it at the Python level.
-FUNCTION_SYNCS = ("tolist",)
-SYNC_COLUMNS = (
-    "_local_scalar_dense", "nonzero", "masked_select", "item", "masked_scatter_backward", "tolist"
-)  # fmt: skip
+# What mmcore.testing.count_host_syncs counts: the sync ops as dispatched, and Tensor.tolist.
+SYNC_COLUMNS = (*HOST_SYNC_OPS, "tolist")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -211,41 +202,9 @@ def check_identical(input_ids, embeds, features, grad_out) -> None:
             assert torch.equal(feature_grads[m], ref_feature_grads[m]), f"{name}: {m} features' grad differs"
 
 
-class OpRecorder(TorchDispatchMode):
-    """Every aten op dispatched while active (the same recorder as tests/test_merge.py)."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(str(func))
-        return func(*args, **(kwargs or {}))
-
-
-class FunctionRecorder(TorchFunctionMode):
-    """Python-level tensor calls that read values back without dispatching an op on CPU."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls: list[str] = []
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        name = getattr(func, "__name__", "")
-        if name in FUNCTION_SYNCS:
-            self.calls.append(name)
-        return func(*args, **(kwargs or {}))
-
-
-def _sync_counts(ops: list[str], calls: list[str]) -> dict[str, int]:
-    counts = dict.fromkeys(SYNC_COLUMNS, 0)
-    for op in ops:
-        for name in SYNC_OPS + COMPOSITE_SYNC_OPS:
-            if op == name or op.startswith(name + "."):
-                counts[name.removeprefix("aten.")] += 1
-    for call in calls:
-        counts[call] += 1
-    counts["total"] = sum(counts.values())
+def _sync_counts(syncs) -> dict[str, int]:
+    counts = {name: syncs[name] for name in SYNC_COLUMNS}
+    counts["total"] = sum(syncs.values())
     return counts
 
 
@@ -275,14 +234,11 @@ def count_syncs(fn, embeds, input_ids, features, grad_out) -> dict[str, dict[str
     embeds = embeds.detach().requires_grad_()
     features = {m: f.detach().requires_grad_() for m, f in features.items()}
     lookup = embeds.clone()
-    with CudaSyncWarnings(embeds.device) as fcuda, FunctionRecorder() as fcalls, OpRecorder() as fops:
+    with CudaSyncWarnings(embeds.device) as fcuda, count_host_syncs() as forward:
         out = fn(lookup, input_ids, features)
-    with CudaSyncWarnings(embeds.device) as bcuda, FunctionRecorder() as bcalls, OpRecorder() as bops:
+    with CudaSyncWarnings(embeds.device) as bcuda, count_host_syncs() as backward:
         out.backward(grad_out)
-    result = {
-        "forward": _sync_counts(fops.ops, fcalls.calls),
-        "backward": _sync_counts(bops.ops, bcalls.calls),
-    }
+    result = {"forward": _sync_counts(forward), "backward": _sync_counts(backward)}
     if embeds.device.type == "cuda":  # not part of "total": a cross-check of it
         result["forward"]["cuda_sync_debug_warnings"] = fcuda.count
         result["backward"]["cuda_sync_debug_warnings"] = bcuda.count
