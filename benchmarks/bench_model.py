@@ -38,6 +38,7 @@ from rich.console import Console
 from rich.table import Table
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
+from mmcore.presets import LLM_PRESETS
 from mmcore.testing import mmcore_twin_of_llava, tiny_whisper_encoder
 
 SIZES = {
@@ -47,7 +48,7 @@ SIZES = {
     ),
     "full": dict(  # CLIP ViT-L/14-336 + Meta-Llama-3-8B
         vision=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, image_size=336, patch_size=14, hidden_act="quick_gelu"),
-        text=dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0),
+        text=LLM_PRESETS["llama3-8b"].config,
     ),
 }  # fmt: skip
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
@@ -58,7 +59,7 @@ PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense, per
 def build(size: str, device: str, dtype: torch.dtype) -> tuple[LlavaForConditionalGeneration, torch.nn.Module, int]:
     spec = SIZES[size]
     vision = CLIPVisionConfig(**spec["vision"])
-    text = LlamaConfig(**spec["text"], max_position_embeddings=8192, tie_word_embeddings=False, pad_token_id=0)
+    text = LlamaConfig(**{"max_position_embeddings": 8192, "tie_word_embeddings": False, **spec["text"], "pad_token_id": 0})
     image_token = text.vocab_size - 1
     config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=image_token,
                          vision_feature_layer=-2, vision_feature_select_strategy="default")  # fmt: skip
