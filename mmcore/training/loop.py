@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from mmcore.errors import ConfigError
+from mmcore.modeling.multimodal import _is_dtensor
 from mmcore.training.data import GroupedBatchSampler
 from mmcore.training.distributed import (
     DistInfo,
@@ -216,10 +217,10 @@ def _frozen_fingerprint(model: nn.Module, info: DistInfo) -> dict[str, list[floa
     for name, param in model.named_parameters():
         if param.requires_grad:
             continue
-        is_shard = hasattr(param, "to_local") and any(p.is_shard() for p in param.placements)
-        local = (param.to_local() if hasattr(param, "to_local") else param).detach().reshape(-1).float()
+        dtensor = _is_dtensor(param)
+        local = (param.to_local() if dtensor else param).detach().reshape(-1).float()
         names.append(name)
-        sharded.append(is_shard)
+        sharded.append(dtensor and any(p.is_shard() for p in param.placements))
         stats.append(torch.stack([local.sum(), torch.dot(local, local)]).double())
     if not names:
         return {}
