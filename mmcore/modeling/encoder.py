@@ -20,7 +20,7 @@ from mmcore.errors import ConfigError
 # through `encoder_inputs={...}` when an encoder really needs one, e.g. Whisper's attention_mask).
 RESERVED_INPUT_NAMES = frozenset(
     {
-        "input_ids", "attention_mask", "position_ids", "past_key_values", "inputs_embeds", "labels",
+        "input_ids", "attention_mask", "position_ids", "past_key_values", "cache", "inputs_embeds", "labels",
         "use_cache", "cache_position", "logits_to_keep", "output_attentions", "output_hidden_states",
         "return_dict", "return_loss", "head_mask", "interpolate_pos_encoding", "kwargs", "self",
         "encoder_inputs", "num_items_in_batch",

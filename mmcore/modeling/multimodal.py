@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fnmatch
 import importlib
+import inspect
 import os
 import shutil
 import tempfile
@@ -116,7 +117,7 @@ class MultimodalModel(PreTrainedModel, GenerationMixin):
     _supports_flash_attn = True
     _supports_flex_attn = True
     _supports_attention_backend = True
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["past_key_values", "cache"]
 
     def __init__(
         self,
@@ -513,6 +514,7 @@ class MultimodalModel(PreTrainedModel, GenerationMixin):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
         past_key_values: Any = None,
+        cache: Any = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
@@ -575,12 +577,22 @@ class MultimodalModel(PreTrainedModel, GenerationMixin):
             **({"input_ids": input_ids} if inputs_embeds is None else {"inputs_embeds": inputs_embeds}),
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            **self._cache_kwargs(cache if cache is not None else past_key_values),
             labels=labels,
             use_cache=use_cache,
             **({"logits_to_keep": logits_to_keep} if _keeps_some(logits_to_keep) else {}),
             **llm_kwargs,
         )
+
+    def _cache_kwargs(self, kv_cache: Any) -> dict[str, Any]:
+        """The KV cache under the name the language model takes it by: ``cache`` where transformers
+        has renamed it (5.24+, ``past_key_values`` deprecated), ``past_key_values`` before. Nothing
+        when there is no cache, so neither name is passed in vain."""
+        if kv_cache is None:
+            return {}
+        llm = self.language_model.get_base_model() if _is_peft_model(self.language_model) else self.language_model
+        name = "cache" if "cache" in inspect.signature(llm.forward).parameters else "past_key_values"
+        return {name: kv_cache}
 
     def _untouched_encoders_zero(self, used: set[str]) -> torch.Tensor | float:
         """A zero that depends on every trainable parameter of encoders absent from this batch, so
