@@ -36,8 +36,9 @@ Building blocks for a training collator (all used by ``__call__``):
 - `MultimodalProcessor.pad`: lists of ids (and labels, padded with -100) -> padded tensors.
 
 Saving: ``processor.save_pretrained(dir)`` writes the tokenizer and ``processor_config.json`` (and an
-HF processor the user gave into a subfolder). Save the model *first*: `MultimodalModel.save_pretrained`
-replaces the whole directory. ``MultimodalProcessor.from_pretrained(dir)`` then rebuilds each plugin
+HF processor the user gave into a subfolder). Model and processor share one directory in either
+order: a model save replaces only the model's files (config, weights) and keeps the processor's, and
+a processor save keeps the model's. ``MultimodalProcessor.from_pretrained(dir)`` then rebuilds each plugin
 processor from the recipes in the directory's ``config.json``, without the model.
 """
 

@@ -8,12 +8,12 @@ ids and optional start/end ids. An encoder record looks like::
       "input_names": {"pixel_values": "pixel_values"},
       "output_width": null,
       "projector": {... MultimodalProjectorConfig.to_dict() ...},
-      "callbacks": {"postprocess_module": {"name": "select_feature_layer", "params": {"layer": -2}}}
+      "callbacks": {"postprocess_module": {"name": "builtin:select_feature_layer", "params": {"layer": -2}}}
     }
 
 ``source.kind`` is ``transformers`` (an HF ``PreTrainedModel`` class and its config) or ``plugin``
 (a registered encoder and its arguments, filled in by plugins); ``external`` marks a module that must
-be passed again to ``from_pretrained(encoders=...)``.
+be passed again to ``from_pretrained(encoder_modules=...)``.
 """
 
 from __future__ import annotations

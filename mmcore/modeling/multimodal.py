@@ -690,7 +690,8 @@ def _record_source(encoder: ModalEncoderModule) -> dict[str, Any]:
 
 
 def _transformers_class(path: str) -> Any:
-    """A class from the transformers package only: config.json never names code to import elsewhere."""
+    """A class from the transformers package only: an encoder recorded as ``kind: transformers`` never
+    imports code from elsewhere (callbacks recorded by import path are gated by ``trust_remote_code``)."""
     if "." not in path:
         return getattr(transformers, path, None)
     module_name, _, name = path.rpartition(".")
