@@ -100,6 +100,13 @@ class TransformersVisionFactory(EncoderFactory):
         checkpoint without ``preprocessor_config.json``."""
         raise NotImplementedError(f"{type(self).__name__} must implement default_processor(image_size)")
 
+    def image_size(self, config: PretrainedConfig) -> int:
+        """The image size (px) the family's processor makes for ``config``, used for presets, checkpoints
+        without a processor config, and dummy inputs. Default ``config.image_size``; override it where
+        that is the size of a position table rather than of the images (DINOv2: a 518 px table, 224 px
+        crops)."""
+        return config.image_size
+
     def prefix_tokens(self, config: PretrainedConfig) -> int:
         """How many tokens the model outputs before its patch tokens (CLIP: 1, the CLS token)."""
         return 0
@@ -121,10 +128,10 @@ class TransformersVisionFactory(EncoderFactory):
         if preset is not None:
             self.check_preset(preset)
             config = self.config_class(**self.preset_configs[preset])
-            processor = self._default_processor_config(config.image_size)
+            processor = self._default_processor_config(self.image_size(config))
         else:
             config = self._checkpoint_config(checkpoint)
-            processor = self._checkpoint_processor_config(checkpoint, config.image_size)
+            processor = self._checkpoint_processor_config(checkpoint, self.image_size(config))
         opts = self._check_option_values(opts, config)
         self.configure(config, opts)
         return {
@@ -220,7 +227,7 @@ class TransformersVisionFactory(EncoderFactory):
 
     # -- inputs ------------------------------------------------------------------------------------
     def processor(self, recipe: Mapping[str, Any]) -> ImageItemProcessor:
-        config = recipe.get("processor") or self._default_processor_config(self._config(recipe).image_size)
+        config = recipe.get("processor") or self._default_processor_config(self.image_size(self._config(recipe)))
         return ImageItemProcessor(self.image_processor_class, config, self.family.lower())
 
     def num_tokens(self, recipe: Mapping[str, Any], inputs: Mapping[str, Any]) -> list[int]:
@@ -239,9 +246,8 @@ class TransformersVisionFactory(EncoderFactory):
 
     def dummy_inputs(self, recipe: Mapping[str, Any], batch_size: int = 1) -> dict[str, Any]:
         config = self._config(recipe)
-        return {
-            "pixel_values": torch.randn(batch_size, config.num_channels, config.image_size, config.image_size)
-        }
+        height, width = self._processed_size(recipe, config)
+        return {"pixel_values": torch.randn(batch_size, config.num_channels, height, width)}
 
     def dummy_items(self, recipe: Mapping[str, Any], n: int = 1) -> list[Image.Image]:
         """``n`` random RGB images of varied sizes and aspect ratios (the processor resizes them)."""
@@ -255,6 +261,18 @@ class TransformersVisionFactory(EncoderFactory):
         if not isinstance(config, Mapping):
             raise ConfigError(f"encoder {self.name!r}: the recipe has no 'config' mapping: {dict(recipe)!r}")
         return self.config_class.from_dict(dict(config))
+
+    def _processed_size(self, recipe: Mapping[str, Any], config: PretrainedConfig) -> tuple[int, int]:
+        """(height, width) of what the recipe's processor makes: its crop, else its fixed size, else
+        the family's `image_size`."""
+        processor = recipe.get("processor") or {}
+        crop = processor.get("crop_size") if processor.get("do_center_crop") else None
+        size = processor.get("size") if processor.get("do_resize", True) else None
+        for box in (crop, size):
+            if isinstance(box, Mapping) and "height" in box and "width" in box:
+                return int(box["height"]), int(box["width"])
+        side = self.image_size(config)
+        return side, side
 
     def _options(self, recipe: Mapping[str, Any]) -> dict[str, Any]:
         return {**self.options, **(recipe.get("options") or {})}

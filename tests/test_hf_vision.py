@@ -186,3 +186,33 @@ def test_a_checkpoint_of_another_model_type_is_refused_naming_the_one_expected(t
 def test_bad_options_are_config_errors_saying_what_was_expected(options, needle):
     with pytest.raises(ConfigError, match=needle):
         mmcore.get_factory("dinov2").make_recipe(preset="tiny", **options)
+
+
+def test_dummy_inputs_follow_the_processor_not_the_position_table(tmp_path):
+    """DINOv2 checkpoints keep a 518 px position table but crop images to 224 px: a test run's dummy
+    inputs, and so its token counts, are those of processed images (16 x 16 patches + CLS), not 37 x 37."""
+    torch.manual_seed(0)
+    Dinov2Model(Dinov2Config(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, image_size=518,
+                             patch_size=14)).save_pretrained(tmp_path)  # fmt: skip
+    BitImageProcessor(size={"shortest_edge": 256}, crop_size={"height": 224, "width": 224}).save_pretrained(tmp_path)
+    factory = mmcore.get_factory("dinov2")
+    recipe = factory.make_recipe(checkpoint=str(tmp_path))
+    dummy = factory.dummy_inputs(recipe, batch_size=2)
+    assert dummy["pixel_values"].shape == (2, 3, 224, 224)
+    assert factory.num_tokens(recipe, dummy) == [16 * 16 + 1] * 2
+    processed = factory.processor(recipe)(images()[:1])
+    assert processed["pixel_values"].shape[-2:] == dummy["pixel_values"].shape[-2:]
+
+
+def test_a_family_sets_its_image_size_where_the_config_holds_a_position_table():
+    class Dinov2At224(Dinov2Factory):
+        preset_configs = {"tiny": dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, image_size=518,
+                                       patch_size=14)}  # fmt: skip
+
+        def image_size(self, config):
+            return 224
+
+    factory = Dinov2At224("dinov2")
+    recipe = factory.make_recipe(preset="tiny")
+    assert recipe["processor"]["crop_size"] == {"height": 224, "width": 224}
+    assert factory.dummy_inputs(recipe)["pixel_values"].shape[-2:] == (224, 224)
