@@ -503,8 +503,9 @@ def _generate(
 
     model.eval()
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    input_ids, attention_mask = left_padded(batch["input_ids"], batch["attention_mask"], pad)
     kwargs = dict(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], encoder_inputs=inputs,
+        input_ids=input_ids, attention_mask=attention_mask, encoder_inputs=inputs,
         do_sample=False, pad_token_id=pad, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
     )  # fmt: skip
     with torch.no_grad():
@@ -532,6 +533,33 @@ def _generate(
     }
 
 
+def left_padded(input_ids: Any, attention_mask: Any, pad_id: int) -> tuple[Any, Any]:
+    """The same rows with their padding moved to the left, as generation wants it (a decoder-only
+    model continues each row from its last real token). Rows keep their tokens in order."""
+    import torch
+
+    lengths = attention_mask.sum(dim=1)
+    width = input_ids.shape[1]
+    ids = torch.full_like(input_ids, pad_id)
+    mask = torch.zeros_like(attention_mask)
+    for row, length in enumerate(lengths.tolist()):
+        real = input_ids[row][attention_mask[row].bool()]
+        ids[row, width - length :] = real
+        mask[row, width - length :] = 1
+    return ids, mask
+
+
+def tokens_cell(tokens: list[int] | None, predicted: list[int] | None = None) -> str | None:
+    """The tokens/item column: one number when every item has it, else every item's count."""
+    if tokens is None:
+        return None
+    shown = str(tokens[0]) if len(set(tokens)) == 1 else ", ".join(map(str, tokens))
+    if predicted is not None and list(predicted) != list(tokens):
+        said = str(predicted[0]) if len(set(predicted)) == 1 else ", ".join(map(str, predicted))
+        shown += f" (plugin says {said})"
+    return shown
+
+
 # -- printing --------------------------------------------------------------------------------------
 
 
@@ -547,11 +575,7 @@ def _print_report(report: dict[str, Any]) -> None:
     )
     rows = []
     for part in report["parts"]:
-        tokens = part.get("tokens_per_item")
-        if tokens is not None and not part["num_tokens_ok"]:
-            tokens = f"{tokens[0]} (plugin says {part['num_tokens_predicted'][0]})"
-        elif tokens is not None:
-            tokens = tokens[0]
+        tokens = tokens_cell(part.get("tokens_per_item"), part.get("num_tokens_predicted"))
         rows.append([
             part["name"] + _encoder_label(part),
             human_count(part["params"]),
