@@ -12,7 +12,7 @@ SITES   := build/plugin-sites
 ALL_SITES := $(subst $(eval) ,:,$(abspath $(addprefix $(SITES)/,$(PLUGINS))))
 PLUGIN_SOURCES := $(shell find plugins -name '*.py' -o -name pyproject.toml 2>/dev/null)
 
-.PHONY: demo test test-core test-plugins-alone install plugins clean
+.PHONY: demo test test-core test-plugins-alone test-newest install plugins clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -50,6 +50,19 @@ test-plugins-alone: plugins
 	    "from mmcore.plugins import plugin_statuses as s; n = sorted(x.name for x in s() if x.name != 'builtin'); assert n == ['$$p'], n" && \
 	  PYTHONPATH=$(abspath $(SITES))/$$p MMCORE_STRICT_PLUGINS=1 $(BIN)/python -m pytest -n 2 -q -p no:cacheprovider plugins/$$p/tests || exit 1; \
 	done
+
+# The same suite against the newest transformers / peft / timm the registry serves (with whatever they
+# pull in), in a second venv; the torch stack stays pinned. Drift shows up here before users meet it.
+NEWEST := build/venv-newest
+test-newest: plugins
+	test -x $(NEWEST)/bin/python || $(PYTHON) -m venv $(NEWEST)
+	grep -E '^torch' constraints.txt > build/torch-constraints.txt
+	$(NEWEST)/bin/python -m pip install --quiet --upgrade pip
+	$(NEWEST)/bin/python -m pip install --quiet -c build/torch-constraints.txt -e ".[test]"
+	$(NEWEST)/bin/python -m pip install --quiet -c build/torch-constraints.txt --upgrade transformers peft timm
+	rm -rf mmcore.egg-info
+	$(NEWEST)/bin/python -c "import transformers, peft, timm; print('newest: transformers', transformers.__version__, 'peft', peft.__version__, 'timm', timm.__version__)"
+	PYTHONPATH=$(ALL_SITES) $(NEWEST)/bin/python -m pytest -n 2 -q -p no:cacheprovider tests $(addsuffix /tests,$(addprefix plugins/,$(PLUGINS)))
 
 clean:
 	rm -rf $(VENV) build .pytest_cache .nox

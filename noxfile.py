@@ -5,6 +5,7 @@ the same things in throwaway environments:
     nox -s "plugin(name='whisper')"   one plugin alone in its own environment (no other plugin present)
     nox -s demo
     nox -s bench                 every benchmark in benchmarks/ (docs/performance.md)
+    nox -s newest                the suite on the newest transformers/peft/timm the registry serves
 """
 
 import nox
@@ -30,6 +31,15 @@ def tests(session: nox.Session) -> None:
 def plugin(session: nox.Session, name: str) -> None:
     _install(session, name)
     session.run("pytest", "-q", f"plugins/{name}/tests", env={"MMCORE_STRICT_PLUGINS": "1"})
+
+
+@nox.session
+def newest(session: nox.Session) -> None:
+    """The suite against the newest transformers, peft and timm (the torch stack stays pinned)."""
+    _install(session, *PLUGINS)
+    session.install("--upgrade", "transformers", "peft", "timm", "huggingface_hub", "tokenizers")
+    session.run("python", "-c", "import transformers, peft, timm; print(transformers.__version__, peft.__version__, timm.__version__)")
+    session.run("pytest", "-n", "2", "-q", "tests", *(f"plugins/{p}/tests" for p in PLUGINS), *session.posargs)
 
 
 @nox.session
