@@ -65,3 +65,8 @@ class PluginError(MMCoreError):
 
 class PluginWarning(UserWarning):
     """A plugin was set aside (failed, incompatible) or two plugins registered the same name."""
+
+
+class SaveError(MMCoreError, OSError):
+    """A directory could not be saved (a full disk, a file where a directory was expected); the
+    previous contents are kept."""

@@ -47,8 +47,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,7 +55,7 @@ from typing import Any
 import torch
 from transformers import BatchFeature
 
-from mmcore._files import swap_into
+from mmcore._files import staged_directory
 from mmcore.errors import (
     ConfigError,
     EncoderInputError,
@@ -614,13 +612,11 @@ class MultimodalProcessor:
         subfolder ``<modality>_processor``) into ``save_directory``, which may already hold the model.
 
         Plugin processors are not written: they are rebuilt from the recipe in the model's
-        ``config.json``. Each file is written beside its target and renamed into place, the config last.
-        Save the model first: `MultimodalModel.save_pretrained` replaces the whole directory.
+        ``config.json``. The files are written into a staging copy of the directory that then replaces it
+        atomically (`mmcore._files.staged_directory`); files already there (the model) are kept.
         """
-        target = Path(save_directory).absolute()
-        target.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".processor-partial-", dir=target))
-        try:
+        # Everything already in the directory (the model) is kept; what this save writes replaces it.
+        with staged_directory(save_directory, keep=lambda name: True, last=(PROCESSOR_CONFIG,)) as staging:
             self.tokenizer.save_pretrained(staging)
             modalities = {}
             for index, (m, processor) in enumerate(self.encoder_processors.items()):
@@ -657,11 +653,6 @@ class MultimodalProcessor:
                 "modalities": modalities,
             }
             (staging / PROCESSOR_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-            entries = sorted(staging.iterdir(), key=lambda p: p.name == PROCESSOR_CONFIG)
-            for entry in entries:
-                swap_into(entry, target / entry.name)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
 
     @classmethod
     def from_pretrained(

@@ -10,9 +10,6 @@ written into a temporary directory beside the target and renamed into place: nev
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -208,12 +205,6 @@ def assemble(
     console().print(f"next: mmcore test-run {output}")
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def _torch_dtype(name: str) -> Any:
     import torch
 
@@ -233,11 +224,10 @@ def _check_target(target: Path, overwrite: bool) -> None:
 def write_model_dir(built: Any, spec: AssemblySpec, target: Path) -> None:
     """Write model, tokenizer, processor and the spec into ``target`` atomically (temp dir + rename)."""
     from mmcore import __version__
-    from mmcore._files import swap_into
+    from mmcore._files import staged_directory
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
-    try:
+    # --overwrite: the new directory replaces the old one whole (keep=None)
+    with staged_directory(target) as staging:
         built.model.save_pretrained(staging)
         built.tokenizer.save_pretrained(staging)
         if built.processor is not None:
@@ -248,11 +238,6 @@ def write_model_dir(built: Any, spec: AssemblySpec, target: Path) -> None:
             "spec": spec.to_dict(),
         }
         (staging / ASSEMBLY_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-        staging.chmod(0o777 & ~_umask())  # mkdtemp makes it private; a model directory is not
-        swap_into(staging, target)  # --overwrite: the new directory replaces the old one whole
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 class _progress:

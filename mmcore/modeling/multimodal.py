@@ -8,12 +8,9 @@ out of the labels, and call the language model with ``inputs_embeds``.
 
 from __future__ import annotations
 
-import fnmatch
 import importlib
 import inspect
 import os
-import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -24,7 +21,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers.utils import logging
 
-from mmcore._files import swap_into
+from mmcore._files import recover, staged_directory
 from mmcore.builtin.callbacks import SLOTS, build_callback, record_callback
 from mmcore.errors import (
     ConfigError,
@@ -641,15 +638,10 @@ class MultimodalModel(PreTrainedModel, GenerationMixin):
         self.config.encoders = self._record_encoders(strict=not allow_unrecorded_callbacks)
         if not kwargs.get("is_main_process", True):
             return
-        target = Path(save_directory).absolute()
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
-        try:
+        # A symlinked target, a mount point or the working directory is updated in place (see
+        # `staged_directory`); model files this save does not write again (stale shards) go.
+        with staged_directory(save_directory, keep=_MODEL_FILES, last=("config.json",)) as staging:
             super().save_pretrained(staging, **kwargs)
-            _replace_dir(staging, target)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, torch_dtype=None, **kwargs):
@@ -660,22 +652,16 @@ class MultimodalModel(PreTrainedModel, GenerationMixin):
         """
         if torch_dtype is not None:
             kwargs.setdefault("dtype", torch_dtype)
+        if isinstance(pretrained_model_name_or_path, (str, os.PathLike)) and os.path.isdir(
+            os.path.dirname(os.path.abspath(pretrained_model_name_or_path))
+        ):
+            recover(pretrained_model_name_or_path)  # a save killed mid-swap: put the directory back
         return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
 
 # Files a model save writes; anything else already in the directory (the tokenizer, a processor saved
 # first) is carried over when the model is saved into it again, as with HF's in-place save.
 _MODEL_FILES = ("config.json", "generation_config.json", "model*.safetensors*", "pytorch_model*.bin*")
-
-
-def _replace_dir(staging: Path, target: Path) -> None:
-    for entry in target.iterdir() if target.exists() else ():
-        if any(fnmatch.fnmatch(entry.name, pattern) for pattern in _MODEL_FILES):
-            continue
-        if not (staging / entry.name).exists():
-            copy = shutil.copytree if entry.is_dir() else shutil.copy2
-            copy(entry, staging / entry.name)
-    swap_into(staging, target)
 
 
 def _record_source(encoder: ModalEncoderModule) -> dict[str, Any]:

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mmcore._files import swap_into
 from mmcore.errors import ConfigError
 from mmcore.modeling.multimodal import _is_dtensor
 from mmcore.training.data import GroupedBatchSampler
@@ -175,8 +176,7 @@ class _Checkpoints:
             trainable = [name for name, p in model.named_parameters() if p.requires_grad]
             record = {**state, "step": step, "trainable": trainable, "frozen_fingerprint": frozen}
             (staging / "trainer_state.json").write_text(json.dumps(record, indent=1))
-            shutil.rmtree(final, ignore_errors=True)
-            staging.rename(final)
+            swap_into(staging, final)  # an older checkpoint of this step is swapped out, never missing
             if self.keep > 0:
                 for old in sorted(self.root.glob("step-*"))[: -self.keep]:
                     shutil.rmtree(old, ignore_errors=True)
