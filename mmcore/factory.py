@@ -111,10 +111,9 @@ class EncoderFactory:
 
     def check_preset(self, preset: str) -> str:
         if preset not in self.presets:
-            import difflib
+            from mmcore._names import did_you_mean
 
-            close = difflib.get_close_matches(preset, list(self.presets), n=3, cutoff=0.5)
-            hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
+            hint = did_you_mean(preset, self.presets)
             raise ConfigError(
                 f"encoder {self.name!r}: unknown preset {preset!r}{hint} (presets: {', '.join(self.presets) or 'none'})"
             )

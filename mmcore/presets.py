@@ -19,10 +19,10 @@ This module imports no torch or transformers at import time.
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass, field
 from typing import Any
 
+from mmcore._names import did_you_mean
 from mmcore.errors import UnknownNameError
 
 #: The tokenizer name meaning `mmcore.testing.tiny_tokenizer` (offline, 384 ids).
@@ -164,8 +164,7 @@ def get_llm_preset(name: str) -> LLMPreset:
     try:
         return LLM_PRESETS[name]
     except KeyError:
-        close = difflib.get_close_matches(name, list(LLM_PRESETS), n=3, cutoff=0.5)
-        hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
+        hint = did_you_mean(name, LLM_PRESETS)
         raise UnknownNameError(
             f"unknown LLM preset {name!r}{hint} (presets: {', '.join(LLM_PRESETS)})"
         ) from None

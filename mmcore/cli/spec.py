@@ -29,13 +29,13 @@ Imports no torch.
 from __future__ import annotations
 
 import copy
-import difflib
 import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mmcore._names import did_you_mean
 from mmcore.errors import ConfigError, MMCoreError
 from mmcore.registry import CALLBACK_SLOTS
 
@@ -236,9 +236,8 @@ def _fail(origin: str, path: str, problem: str) -> ConfigError:
 
 
 def _unknown_key(origin: str, path: str, key: str, allowed: Any) -> ConfigError:
-    close = difflib.get_close_matches(key, list(allowed), n=1, cutoff=0.6)
-    hint = f"did you mean {close[0]!r}? " if close else ""
-    return _fail(origin, path, f"unknown key; {hint}expected one of {', '.join(sorted(allowed))}")
+    hint = did_you_mean(key, allowed, n=1, cutoff=0.6)
+    return _fail(origin, path, f"unknown key{hint} (expected one of {', '.join(sorted(allowed))})")
 
 
 def _check_table(origin: str, path: str, table: Any, schema: dict[str, tuple[type, ...]]) -> dict[str, Any]:
