@@ -70,3 +70,23 @@ class PluginWarning(UserWarning):
 class SaveError(MMCoreError, OSError):
     """A directory could not be saved (a full disk, a file where a directory was expected); the
     previous contents are kept."""
+
+
+class DataError(MMCoreError, ValueError):
+    """Training data has problems; ``problems`` lists them, one ``file:line: what`` string each."""
+
+    def __init__(self, message: str, problems: list[str] | None = None):
+        super().__init__(message)
+        self.problems = list(problems or [])
+
+
+class NonFiniteError(MMCoreError, FloatingPointError):
+    """A training step's loss or gradients are NaN or infinite; ``step`` and ``samples`` say where."""
+
+    def __init__(self, message: str, step: int = 0, samples: list | None = None):
+        super().__init__(message)
+        self.step, self.samples = step, list(samples or [])
+
+
+class SaveError(MMCoreError, OSError):
+    """Writing a model or checkpoint failed (a full disk, no permission); the message says what was kept."""
