@@ -13,7 +13,7 @@ from typing import Optional
 
 import typer
 
-from mmcore.errors import ConfigError
+from mmcore.errors import ConfigError, DataError
 
 
 def train_command(
@@ -75,6 +75,15 @@ def train_command(
         None, "--device", help="cpu or cuda (default: cuda when available)."
     ),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+    check_data: bool = typer.Option(
+        False, "--check-data", help="Only check the data (and the output dir); exit 0 when clean."
+    ),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="With --no-resume: remove an older run's checkpoints and model from OUTPUT first."
+    ),
+    skip_nonfinite: bool = typer.Option(
+        False, "--skip-nonfinite", help="Skip (and count) steps whose loss or gradients are NaN/inf instead of stopping."
+    ),
 ) -> None:
     """Train a multimodal model on JSONL conversations.
 
@@ -99,6 +108,11 @@ def train_command(
     if not target.is_dir() and target.suffix != ".toml":
         raise ConfigError(f"SPEC|MODEL_DIR {str(target)!r}: expected a model directory or a .toml spec file")
     media_keys = _media_keys(media)
+    _check_output(output, resume=resume, overwrite=overwrite, dry=check_data)
+    _check_data(data, media_keys)
+    if check_data:
+        typer.echo(f"{data}: ok")
+        return
 
     import torch
 
@@ -115,6 +129,7 @@ def train_command(
         seed=seed, lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
         lora_on_encoders=lora_encoders, mixed_precision=mixed_precision,
         activation_checkpointing=activation_checkpointing, num_workers=workers, device=device, progress=progress,
+        skip_nonfinite=skip_nonfinite,
     )  # fmt: skip
     config.check()
     dataset = ConversationDataset(data, media_keys=media_keys)
@@ -138,6 +153,44 @@ def train_command(
         close_distributed()
     if result.model_dir is not None and result.rank == 0:
         typer.echo(str(result.model_dir))
+
+
+def _check_output(output: Path, *, resume: bool, overwrite: bool, dry: bool) -> None:
+    """OUTPUT must be (or become) a writable directory, and never mix two runs: a fresh run
+    (--no-resume) into a directory holding an older run's checkpoints or model needs --overwrite."""
+    import os
+
+    from mmcore.training.loop import CHECKPOINTS, FINAL
+
+    if output.exists() and not output.is_dir():
+        raise ConfigError(f"--output {str(output)!r}: expected a directory, got an existing file")
+    existing = next((p for p in output.parents if p.exists()), None) if not output.exists() else output
+    if existing is not None and (not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK)):
+        raise ConfigError(f"--output {str(output)!r}: {str(existing)!r} is not a writable directory")
+    old = [output / name for name in (CHECKPOINTS, FINAL) if (output / name).exists()]
+    if not old or resume:
+        return
+    if not overwrite:
+        raise ConfigError(
+            f"--output {str(output)!r} holds an older run ({', '.join(p.name for p in old)}); --no-resume would mix "
+            "the two runs: pass --overwrite to remove them first, or choose a new -o"
+        )
+    if not dry:
+        import shutil
+
+        for path in old:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def _check_data(data: Path, media_keys: dict[str, str] | None) -> None:
+    """Every problem of the data, one line each on stderr, then `DataError`: before any model loads."""
+    from mmcore.training.data import check_data
+
+    problems = check_data(data, media_keys)
+    if problems:
+        for problem in problems:
+            typer.echo(problem, err=True)
+        raise DataError(f"{len(problems)} problem(s) in {data} (listed above); nothing was trained", problems)
 
 
 def _media_keys(values: Optional[list[str]]) -> dict[str, str] | None:

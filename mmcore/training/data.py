@@ -60,11 +60,26 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
 
 
 def load_image(path: str | Path) -> Any:
-    """An RGB PIL image."""
+    """An RGB PIL image. 16- and 32-bit greyscale images (PNG modes ``I;16``, ``I``) are scaled to
+    8 bit by their bit depth; ``convert("RGB")`` alone would clip them to white."""
     from PIL import Image
 
-    with Image.open(path) as image:
-        return image.convert("RGB")
+    try:
+        with Image.open(path) as image:
+            if image.mode.startswith("I;16") or image.mode == "I":
+                image.load()
+                import numpy as np
+
+                bits = 16 if image.mode.startswith("I;16") or image.info.get("bits", 16) <= 16 else 32
+                values = np.asarray(image, dtype=np.float64)
+                grey = np.clip(np.round(values * 255.0 / (2**bits - 1)), 0, 255).astype(np.uint8)
+                return Image.fromarray(grey, mode="L").convert("RGB")
+            return image.convert("RGB")
+    except Image.DecompressionBombError as exc:
+        raise DataFormatError(
+            f"{path}: image too large to decode safely ({exc}); downscale it, or raise PIL.Image.MAX_IMAGE_PIXELS "
+            "if you trust the file"
+        ) from exc
 
 
 def load_audio(path: str | Path) -> tuple[torch.Tensor, int]:
@@ -81,9 +96,15 @@ def load_audio(path: str | Path) -> tuple[torch.Tensor, int]:
         samples = torch.frombuffer(bytearray(frames), dtype=dtypes[width]).float()
         samples = (samples - 128) / 128 if width == 1 else samples / float(2 ** (8 * width - 1))
         return samples.view(-1, channels).mean(dim=1), rate
-    import torchaudio
+    try:
+        import torchaudio
 
-    waveform, rate = torchaudio.load(str(path))
+        waveform, rate = torchaudio.load(str(path))
+    except (ImportError, RuntimeError) as exc:
+        raise DataFormatError(
+            f"{path}: no decoder for {path.suffix or 'this'} audio ({type(exc).__name__}: {exc}); "
+            "install torchcodec (pip install torchcodec) or convert the file to PCM WAV"
+        ) from exc
     return waveform.mean(dim=0), rate
 
 
@@ -107,7 +128,17 @@ def to_messages(
     """LLaVA turns -> chat ``messages``, each ``<key>`` marker replaced by its modality's placeholder;
     items without markers go to the start of the first user turn."""
     messages = []
-    for turn in conversations:
+    if not isinstance(conversations, list):
+        raise DataFormatError(f"'conversations' must be a list of turns, got {type(conversations).__name__}")
+    for number, turn in enumerate(conversations):
+        if not isinstance(turn, Mapping):
+            raise DataFormatError(
+                f"conversation turn {number} must be an object like {{\"from\": \"human\", \"value\": \"...\"}}, "
+                f"got {type(turn).__name__} {turn!r:.60}"
+            )
+        value = turn.get("value", turn.get("content", ""))
+        if not isinstance(value, str):
+            raise DataFormatError(f"conversation turn {number}: 'value' must be a string, got {type(value).__name__}")
         role = ROLES.get(str(turn.get("from", turn.get("role", ""))).lower())
         if role is None:
             raise DataFormatError(
@@ -168,14 +199,19 @@ class ConversationDataset(torch.utils.data.Dataset):
         if value is None:
             return []
         values = value if isinstance(value, list) else [value]
+        bad = next((v for v in values if not isinstance(v, str) or not v), None)
+        if bad is not None or not values:
+            raise DataFormatError(
+                f"{key!r} must be a file path or a list of file paths, got {json.dumps(value)[:60]}"
+            )
         return [p if p.is_absolute() else self.root / p for p in map(Path, values)]
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         record = self.records[index]
         name = record.get("id", index)
-        paths = {key: self._paths(record, key) for key in self.media_keys}
         markers = {f"<{key}>": placeholder_token(modality) for key, modality in self.media_keys.items()}
         try:
+            paths = {key: self._paths(record, key) for key in self.media_keys}
             messages = to_messages(
                 record["conversations"], markers, {f"<{k}>": len(v) for k, v in paths.items()}
             )
@@ -190,6 +226,8 @@ class ConversationDataset(torch.utils.data.Dataset):
             for path in paths[key]:
                 try:
                     items.append(LOADERS[key](path))
+                except DataFormatError as exc:
+                    raise DataFormatError(f"sample {name!r}: {exc}") from exc
                 except (OSError, ValueError, EOFError, wave.Error) as exc:
                     raise DataFormatError(
                         f"sample {name!r}: cannot read {key} file {str(path)!r} ({exc})"
@@ -221,6 +259,40 @@ class ConversationDataset(torch.utils.data.Dataset):
         return sum(
             len(str(t.get("value", t.get("content", "")))) for t in self.records[index]["conversations"]
         )
+
+
+def check_data(path: str | Path, media_keys: Mapping[str, str] | None = None) -> list[str]:
+    """Every problem of a JSONL training file, one ``file:line: what`` string each (empty: clean).
+
+    Each line must parse, be an object with a ``conversations`` list of turns with string values,
+    name media as paths that exist and decode, and have as many ``<key>`` markers as items: what
+    `ConversationDataset` would otherwise meet mid-run, found before the first step.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return [f"{path}: training data is not a file"]
+    problems, records = [], 0
+    with path.open(encoding="utf-8", errors="replace") as fh:
+        for number, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                problems.append(f"{where}: not valid JSON ({exc.msg})")
+                continue
+            records += 1
+            if not isinstance(record, dict) or not isinstance(record.get("conversations"), list):
+                problems.append(f"{where}: expected an object with a 'conversations' list")
+                continue
+            try:
+                ConversationDataset([record], root=path.parent, media_keys=media_keys)[0]
+            except DataFormatError as exc:
+                problems.append(f"{where}: {exc}")
+    if not records and not problems:
+        problems.append(f"{path}: holds no records")
+    return problems
 
 
 class GroupedBatchSampler(torch.utils.data.Sampler[list[int]]):

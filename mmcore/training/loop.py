@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from mmcore._files import swap_into
-from mmcore.errors import ConfigError
+from mmcore.errors import ConfigError, NonFiniteError, SaveError
 from mmcore.modeling.multimodal import _is_dtensor
 from mmcore.training.data import GroupedBatchSampler
 from mmcore.training.distributed import (
@@ -87,6 +87,7 @@ class TrainConfig:
     device: str | None = None
     progress: bool = True
     save_final: bool = True
+    skip_nonfinite: bool = False
 
     def check(self) -> None:
         if self.scheduler not in SCHEDULERS:
@@ -101,14 +102,16 @@ class TrainConfig:
 @dataclass
 class TrainResult:
     """What a run did: ``losses`` as ``(step, global mean loss)`` per step, the last step, where the
-    final model went (None when not saved), the step it resumed from (0: a fresh start), and this
-    process's rank (0 in a single-process run)."""
+    final model went (None when not saved), the step it resumed from (0: a fresh start), this
+    process's rank (0 in a single-process run), and the steps skipped for a non-finite loss or
+    gradient (``skip_nonfinite``)."""
 
     losses: list[tuple[int, float]] = field(default_factory=list)
     step: int = 0
     model_dir: Path | None = None
     resumed_from: int = 0
     rank: int = 0
+    skipped: list[int] = field(default_factory=list)
 
 
 def _precision(name: str, device: torch.device) -> str:
@@ -400,14 +403,28 @@ def _train(model, dataset, collator, config, processor, info, console, say) -> T
                 dataset, batch_sampler=batches, collate_fn=collator, num_workers=config.num_workers
             )
             micro: list[dict[str, Any]] = []
-            for batch in loader:
+            micro_indices: list[int] = []
+            for number, batch in enumerate(loader):
                 micro.append(batch)
+                micro_indices += batches[number]
                 state["batch_in_epoch"] += 1
                 if len(micro) < config.grad_accum:
                     continue
                 loss = _optimizer_step(model, micro, optimizer, scheduler, config, info, autocast)
-                micro = []
                 step += 1
+                if not math.isfinite(loss):
+                    samples = _sample_names(dataset, micro_indices)
+                    if not config.skip_nonfinite:
+                        raise NonFiniteError(
+                            f"step {step}: the loss or the gradients are not finite (loss {loss}); samples "
+                            f"{samples} (this process's batch); no update was made and nothing saved at this step; "
+                            "check these samples' inputs, lower --lr, or pass --skip-nonfinite to skip such steps",
+                            step=step,
+                            samples=samples,
+                        )
+                    result.skipped.append(step)
+                    say(f"step {step}: skipped (non-finite loss or gradients; samples {samples})")
+                micro, micro_indices = [], []
                 result.losses.append((step, loss))
                 window.append(loss)
                 progress.update(task, advance=1, loss=loss)
@@ -427,10 +444,34 @@ def _train(model, dataset, collator, config, processor, info, console, say) -> T
                 state["epoch"] += 1
                 state["batch_in_epoch"] = 0
     result.step = step
+    if result.skipped:
+        say(f"{len(result.skipped)} step(s) skipped for a non-finite loss or gradients: {result.skipped}")
     if config.save_final:
-        result.model_dir = save_model(model, output / FINAL, info, processor)
+        try:
+            result.model_dir = save_model(model, output / FINAL, info, processor)
+        except OSError as exc:
+            last = checkpoints.latest()
+            kept = (
+                f"the last checkpoint is {last} (resume from it with the same -o once there is room)"
+                if last is not None
+                else "no checkpoint was written (use --save-every N to keep some)"
+            )
+            raise SaveError(
+                f"the final model could not be saved to {output / FINAL} after step {step} "
+                f"({exc.strerror or exc}); {kept}"
+            ) from exc
         say(f"saved {result.model_dir}")
     return result
+
+
+def _sample_names(dataset: Any, indices: list[int]) -> list[Any]:
+    """The ``id`` of each sample (its index when it has none)."""
+    records = getattr(dataset, "records", None)
+    names = []
+    for index in indices:
+        record = records[index] if records is not None else None
+        names.append(record.get("id", index) if isinstance(record, Mapping) else index)
+    return names
 
 
 def _optimizer_step(model, micro, optimizer, scheduler, config, info, autocast) -> float:
@@ -454,12 +495,17 @@ def _optimizer_step(model, micro, optimizer, scheduler, config, info, autocast) 
         # trainable parameter the same way whether the run is sharded or not.
         if param.grad is None:
             param.grad = torch.zeros_like(param)
-    if config.max_grad_norm:
-        torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
-    optimizer.step()
-    scheduler.step()
+    # The norm is the one check of every gradient at once; with clipping off it clips nothing (inf).
+    norm = torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm or float("inf"))
+    loss = _all_reduce(total, info)
+    finite = _all_reduce((torch.isfinite(loss) & torch.isfinite(norm)).float().reshape(1), info)
+    if bool(finite.item() == info.world_size):
+        optimizer.step()
+        scheduler.step()
+    else:  # no update (and no schedule step): non-finite weights never come from this step
+        loss = torch.full_like(loss, float("nan"))
     optimizer.zero_grad(set_to_none=True)
-    return float(_all_reduce(total, info))
+    return float(loss)
 
 
 def _progress(console: Any, enabled: bool) -> Any:
