@@ -256,8 +256,11 @@ class ConversationDataset(torch.utils.data.Dataset):
 
     def length(self, index: int) -> int:
         """A cheap length estimate for grouping: characters of the conversation (media unopened)."""
+        turns = self.records[index].get("conversations")
         return sum(
-            len(str(t.get("value", t.get("content", "")))) for t in self.records[index]["conversations"]
+            len(str(t.get("value", t.get("content", ""))))
+            for t in (turns if isinstance(turns, list) else [])
+            if isinstance(t, Mapping)
         )
 
 
