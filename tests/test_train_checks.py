@@ -109,6 +109,10 @@ def test_no_resume_into_an_older_run_is_refused_unless_overwrite(tmp_path, start
     fresh = invoke(*train_args(model_dir, data, out, "--no-resume", "--overwrite"))
     assert fresh.exit_code == 0, fresh.output
     assert not (out / "checkpoints").exists() and (out / "model").is_dir()
+    assert invoke(*train_args(model_dir, data, out, "--save-every", "1")).exit_code == 0
+    again = invoke(*train_args(model_dir, data, out, "--overwrite"))  # --overwrite alone starts afresh too
+    assert again.exit_code == 0 and "resumed from" not in again.output
+    assert not (out / "checkpoints").exists()
 
 
 class NaNSamples(torch.utils.data.Dataset):

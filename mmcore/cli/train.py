@@ -79,7 +79,7 @@ def train_command(
         False, "--check-data", help="Only check the data (and the output dir); exit 0 when clean."
     ),
     overwrite: bool = typer.Option(
-        False, "--overwrite", help="With --no-resume: remove an older run's checkpoints and model from OUTPUT first."
+        False, "--overwrite", help="Start afresh: remove an older run's checkpoints and model from OUTPUT first."
     ),
     skip_nonfinite: bool = typer.Option(
         False, "--skip-nonfinite", help="Skip (and count) steps whose loss or gradients are NaN/inf instead of stopping."
@@ -125,7 +125,7 @@ def train_command(
         output_dir=str(output), stage=stage, max_steps=steps, epochs=epochs, batch_size=batch_size,
         grad_accum=grad_accum, lr=lr, projector_lr=projector_lr, weight_decay=weight_decay,
         warmup_ratio=warmup_ratio, scheduler=scheduler, max_grad_norm=max_grad_norm or None,
-        log_every=log_every, save_every=save_every, keep_checkpoints=keep_checkpoints, resume=resume,
+        log_every=log_every, save_every=save_every, keep_checkpoints=keep_checkpoints, resume=resume and not overwrite,
         seed=seed, lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
         lora_on_encoders=lora_encoders, mixed_precision=mixed_precision,
         activation_checkpointing=activation_checkpointing, num_workers=workers, device=device, progress=progress,
@@ -157,7 +157,8 @@ def train_command(
 
 def _check_output(output: Path, *, resume: bool, overwrite: bool, dry: bool) -> None:
     """OUTPUT must be (or become) a writable directory, and never mix two runs: a fresh run
-    (--no-resume) into a directory holding an older run's checkpoints or model needs --overwrite."""
+    (--no-resume) into a directory holding an older run's checkpoints or model needs --overwrite,
+    which removes them (and so starts afresh even without --no-resume)."""
     import os
 
     from mmcore.training.loop import CHECKPOINTS, FINAL
@@ -168,14 +169,14 @@ def _check_output(output: Path, *, resume: bool, overwrite: bool, dry: bool) -> 
     if existing is not None and (not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK)):
         raise ConfigError(f"--output {str(output)!r}: {str(existing)!r} is not a writable directory")
     old = [output / name for name in (CHECKPOINTS, FINAL) if (output / name).exists()]
-    if not old or resume:
+    if not old or (resume and not overwrite):
         return
     if not overwrite:
         raise ConfigError(
             f"--output {str(output)!r} holds an older run ({', '.join(p.name for p in old)}); --no-resume would mix "
             "the two runs: pass --overwrite to remove them first, or choose a new -o"
         )
-    if not dry:
+    if not dry and os.environ.get("RANK", "0") == "0":  # under torchrun, one process removes them
         import shutil
 
         for path in old:
