@@ -90,3 +90,7 @@ class NonFiniteError(MMCoreError, FloatingPointError):
 
 class SaveError(MMCoreError, OSError):
     """Writing a model or checkpoint failed (a full disk, no permission); the message says what was kept."""
+
+
+class CheckpointError(SerializationError):
+    """A saved model or processor file is truncated, corrupt, unsafe, or does not fit its config."""

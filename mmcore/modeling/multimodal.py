@@ -656,7 +656,46 @@ class MultimodalModel(PreTrainedModel, GenerationMixin):
             os.path.dirname(os.path.abspath(pretrained_model_name_or_path))
         ):
             recover(pretrained_model_name_or_path)  # a save killed mid-swap: put the directory back
-        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        return _load_checked(super().from_pretrained, pretrained_model_name_or_path, *args, **kwargs)
+
+
+def _load_checked(load, path, *args, **kwargs):
+    """``load(path, ...)`` with a bad checkpoint file turned into a `CheckpointError` naming the file."""
+    import json
+    import pickle
+
+    from safetensors import SafetensorError
+
+    from mmcore.errors import CheckpointError
+
+    where = str(path)
+    if isinstance(path, (str, os.PathLike)) and os.path.isdir(path):
+        config = os.path.join(path, "config.json")
+        if not os.path.isfile(config):
+            raise CheckpointError(f"{where}: no config.json; expected a directory written by save_pretrained")
+        try:
+            with open(config, encoding="utf-8") as f:
+                json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise CheckpointError(f"{config}: not valid JSON ({exc}); expected the model's config") from exc
+    try:
+        return load(path, *args, **kwargs)
+    except SafetensorError as exc:
+        raise CheckpointError(
+            f"{where}: a .safetensors weights file is truncated or corrupt ({exc}); save the model again"
+        ) from exc
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"{where}: pytorch_model.bin holds more than tensors and was refused (loaded weights_only): "
+            f"{str(exc).splitlines()[0]}"
+        ) from exc
+    except RuntimeError as exc:
+        if "size mismatch" not in str(exc) and "ignore_mismatched_sizes" not in str(exc):
+            raise
+        raise CheckpointError(
+            f"{where}: the weights' sizes do not match config.json (see the load report above); "
+            "expected a checkpoint saved with this config"
+        ) from exc
 
 
 # Files a model save writes; anything else already in the directory (the tokenizer, a processor saved

@@ -1,0 +1,93 @@
+"""Bad model directories: each is a typed `CheckpointError` from the API and one line, exit 2, from the CLI."""
+
+import json
+import os
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from mmcore.cli import app as cli_app
+from mmcore.errors import CheckpointError
+from mmcore.modeling.multimodal import MultimodalModel
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    from mmcore.testing import tiny_multimodal_model
+
+    model, tokenizer = tiny_multimodal_model()
+    path = tmp_path_factory.mktemp("base") / "model"
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def _copy(saved, tmp_path):
+    import shutil
+
+    target = tmp_path / "model"
+    shutil.copytree(saved, target)
+    return target
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("touch " + os.environ.get("MMCORE_EVIL_MARK", "/nonexistent/x"),))
+
+
+def _truncate(d):
+    p = d / "model.safetensors"
+    os.truncate(p, p.stat().st_size // 2)
+
+
+def _header_too_large(d):
+    p = d / "model.safetensors"
+    data = bytearray(p.read_bytes())
+    data[:8] = (2**40).to_bytes(8, "little")
+    p.write_bytes(bytes(data))
+
+
+def _truncate_config(d):
+    text = (d / "config.json").read_text()
+    (d / "config.json").write_text(text[: len(text) // 2])
+
+
+def _pickle(d):
+    (d / "model.safetensors").unlink()
+    torch.save({"x": _Evil()}, d / "pytorch_model.bin")
+
+
+def _sizes(d):
+    config = json.loads((d / "config.json").read_text())
+    config["text_config"]["intermediate_size"] += 8
+    (d / "config.json").write_text(json.dumps(config))
+
+
+CASES = {
+    "truncated-safetensors": (_truncate, "safetensors"),
+    "corrupt-header": (_header_too_large, "header too large"),
+    "truncated-config": (_truncate_config, "config.json"),
+    "malicious-pickle": (_pickle, "pytorch_model.bin"),
+    "size-mismatch": (_sizes, "do not match config.json"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_model_directory_is_a_typed_error_and_one_line_exit_2(saved, tmp_path, case, monkeypatch):
+    corrupt, needle = CASES[case]
+    d = _copy(saved, tmp_path)
+    mark = tmp_path / "ran"
+    monkeypatch.setenv("MMCORE_EVIL_MARK", str(mark))
+    corrupt(d)
+    with pytest.raises(CheckpointError, match=needle):
+        MultimodalModel.from_pretrained(d)
+    result = CliRunner().invoke(cli_app.build_app(), ["test-run", str(d), "--device", "cpu"])
+    assert result.exit_code == 2, (result.exit_code, result.output)
+    assert "Traceback" not in result.output
+    lines = result.stderr.strip().splitlines()
+    # transformers logs its load report (a table) before a size mismatch; the error itself is one line
+    if case != "size-mismatch":
+        assert len(lines) == 1, result.stderr
+    assert lines[-1].startswith("Error: ") and needle in lines[-1], lines[-1]
+    assert not mark.exists()  # the pickle's payload never ran
