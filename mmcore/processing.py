@@ -680,7 +680,14 @@ class MultimodalProcessor:
             raise SerializationError(
                 f"{root} has no {PROCESSOR_CONFIG}; was a MultimodalProcessor saved there?"
             )
-        config = json.loads(config_file.read_text())
+        try:
+            config = json.loads(config_file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            from mmcore.errors import CheckpointError
+
+            raise CheckpointError(f"{config_file}: not valid JSON ({exc}); expected the processor's config") from exc
+        if not isinstance(config, dict):
+            config = {}
         if config.get("processor_class") != cls.__name__ or config.get("format_version") != FORMAT_VERSION:
             raise SerializationError(
                 f"{config_file}: expected processor_class {cls.__name__!r} format_version {FORMAT_VERSION}, got "

@@ -91,3 +91,13 @@ def test_bad_model_directory_is_a_typed_error_and_one_line_exit_2(saved, tmp_pat
         assert len(lines) == 1, result.stderr
     assert lines[-1].startswith("Error: ") and needle in lines[-1], lines[-1]
     assert not mark.exists()  # the pickle's payload never ran
+
+
+def test_truncated_processor_config_is_a_typed_error_naming_the_file(tmp_path):
+    from mmcore.processing import MultimodalProcessor
+    from mmcore.testing import tiny_multimodal_model
+
+    model, _ = tiny_multimodal_model()
+    (tmp_path / "processor_config.json").write_text('{"processor_class": "MultimodalPro')
+    with pytest.raises(CheckpointError, match="processor_config.json"):
+        MultimodalProcessor.from_pretrained(tmp_path, model)
