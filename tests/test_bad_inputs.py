@@ -101,3 +101,24 @@ def test_truncated_processor_config_is_a_typed_error_naming_the_file(tmp_path):
     (tmp_path / "processor_config.json").write_text('{"processor_class": "MultimodalPro')
     with pytest.raises(CheckpointError, match="processor_config.json"):
         MultimodalProcessor.from_pretrained(tmp_path, model)
+
+
+def test_training_forward_with_placeholders_but_no_inputs_is_a_typed_error():
+    import torch
+
+    from mmcore.errors import EncoderInputError
+    from mmcore.testing import tiny_multimodal_model
+
+    mllm, tokenizer = tiny_multimodal_model()
+    image = mllm.config.modality_token_ids["vision"]
+    input_ids = torch.tensor([[tokenizer.bos_token_id] + [image] * 4 + [11, 12]])
+    mllm.train()
+    with pytest.raises(EncoderInputError, match=r"vision: input_ids hold 4 vision placeholder tokens but no vision inputs"):
+        mllm(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), labels=input_ids)
+    # with the images, it trains; evaluation and generation without images keep HF's behaviour
+    out = mllm(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), labels=input_ids,
+               pixel_values=torch.randn(1, 3, 28, 28))  # fmt: skip
+    assert torch.isfinite(out.loss)
+    mllm.eval()
+    with torch.no_grad():
+        assert torch.isfinite(mllm(input_ids=input_ids, labels=input_ids).loss)

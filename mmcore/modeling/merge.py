@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from mmcore.errors import PlaceholderMismatchError, TokenIdError
+from mmcore.errors import EncoderInputError, PlaceholderMismatchError, TokenIdError
 
 MERGE_CHECKS = ("auto", "eager", "async", "off")
 
@@ -93,6 +93,33 @@ def merge_modality_features(
         return inputs_embeds.index_put_((index // seq, index % seq), table)
     merged = inputs_embeds.reshape(batch * seq, width).index_put((index,), table)
     return merged.view(batch, seq, width)
+
+
+def check_placeholders_have_inputs(
+    masks: Mapping[str, torch.Tensor], features: Mapping[str, torch.Tensor], check: str = "auto"
+) -> None:
+    """Training guard: every modality whose placeholders appear in ``masks`` must have features in
+    this call; otherwise the loss would be learnt from placeholder embeddings. ``check`` as in
+    `merge_modality_features` (``eager`` raises `EncoderInputError` naming the modality and count;
+    ``async`` asserts on the device, no host sync)."""
+    absent = [(modality, mask) for modality, mask in masks.items() if modality not in features]
+    if not absent or check == "off":
+        return
+    device = absent[0][1].device
+    if check == "auto":
+        check = "eager" if device.type == "cpu" else "async"
+    if check == "async":
+        for modality, mask in absent:
+            torch._assert_async(~mask.any(), f"{modality}: placeholder tokens in input_ids but no {modality} inputs")
+        return
+    found = torch.stack([mask.sum() for _, mask in absent]).tolist()
+    for (modality, _), n_tokens in zip(absent, found):
+        if n_tokens:
+            raise EncoderInputError(
+                f"{modality}: input_ids hold {n_tokens} {modality} placeholder tokens but no {modality} inputs "
+                f"came; training on them would learn from placeholder embeddings. Pass the {modality} "
+                "inputs, or drop the placeholders from the text"
+            )
 
 
 def _check_counts(counts: list[tuple[str, torch.Tensor, int]], check: str, device: torch.device) -> None:

@@ -34,7 +34,12 @@ from mmcore.errors import (
 )
 from mmcore.modeling.configuration import MultimodalConfig
 from mmcore.modeling.encoder import ModalEncoderModule
-from mmcore.modeling.merge import flatten_features, merge_modality_features, placeholder_masks
+from mmcore.modeling.merge import (
+    check_placeholders_have_inputs,
+    flatten_features,
+    merge_modality_features,
+    placeholder_masks,
+)
 from mmcore.modeling.projector import (
     CUSTOM,
     MultimodalProjector,
@@ -545,6 +550,8 @@ class MultimodalModel(PreTrainedModel, GenerationMixin):
             if input_ids is None:
                 raise ConfigError("pass input_ids or inputs_embeds")
             masks = placeholder_masks(input_ids, {m: token_ids[m] for m in self.encoders if m in token_ids})
+            if labels is not None and training:
+                check_placeholders_have_inputs(masks, features, self.config.merge_check)
             any_mask = None
             for mask in masks.values():
                 any_mask = mask if any_mask is None else any_mask | mask
