@@ -497,6 +497,8 @@ def _optimizer_step(model, micro, optimizer, scheduler, config, info, autocast) 
             param.grad = torch.zeros_like(param)
     # The norm is the one check of every gradient at once; with clipping off it clips nothing (inf).
     norm = torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm or float("inf"))
+    if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor over the shards; its value is the global norm
+        norm = norm.full_tensor()
     loss = _all_reduce(total, info)
     finite = _all_reduce((torch.isfinite(loss) & torch.isfinite(norm)).float().reshape(1), info)
     if bool(finite.item() == info.world_size):
