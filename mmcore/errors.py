@@ -94,3 +94,7 @@ class SaveError(MMCoreError, OSError):
 
 class CheckpointError(SerializationError):
     """A saved model or processor file is truncated, corrupt, unsafe, or does not fit its config."""
+
+
+class UntrustedCodeError(SerializationError):
+    """Loading would import code that no installed plugin registered; ``trust_remote_code=True`` allows it."""

@@ -114,7 +114,7 @@ def test_recordable_callbacks_named_and_by_import_path(tmp_path):
     model.save_pretrained(tmp_path / "m")
     config = json.loads((tmp_path / "m" / "config.json").read_text())
     assert config["encoders"]["vision"]["callbacks"]["postprocess_module"] == {"import": f"{__name__}:custom_callback"}
-    loaded = MultimodalModel.from_pretrained(tmp_path / "m")
+    loaded = MultimodalModel.from_pretrained(tmp_path / "m", trust_remote_code=True)
     assert loaded.encoders["vision"].postprocess_module_callback is custom_callback
     assert loaded.encoders["other"].postprocess_module_callback == DropPrefixTokens(1)
 

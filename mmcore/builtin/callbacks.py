@@ -16,7 +16,7 @@ from __future__ import annotations
 import importlib
 from typing import Any, ClassVar
 
-from mmcore.errors import ConfigError, UnrecordableCallbackError
+from mmcore.errors import ConfigError, UnrecordableCallbackError, UntrustedCodeError
 
 SLOTS = ("preprocess", "postprocess_module", "postprocess_projector")
 
@@ -121,8 +121,12 @@ def record_callback(callback: Any, where: str) -> dict[str, Any]:
     )
 
 
-def build_callback(record: dict[str, Any], where: str) -> Any:
-    """Rebuild a callback from `record_callback`'s output."""
+def build_callback(record: dict[str, Any], where: str, *, trust_remote_code: bool = False) -> Any:
+    """Rebuild a callback from `record_callback`'s output.
+
+    A record by import path runs arbitrary code (the module may ship inside the model directory), so it
+    is imported only with ``trust_remote_code=True``; otherwise `UntrustedCodeError` names it.
+    """
     if "name" in record:
         # Named callbacks resolve through the plugin registry (built-in ones come from the
         # `builtin` plugin), so a plugin's callback rebuilds like a built-in one.
@@ -136,6 +140,12 @@ def build_callback(record: dict[str, Any], where: str) -> Any:
             raise ConfigError(f"{where}: {exc}") from exc
         return factory(**record.get("params", {}))
     if "import" in record:
+        if not trust_remote_code:
+            raise UntrustedCodeError(
+                f"{where}: callback {record['import']!r} is recorded by import path; importing it runs code "
+                "that no installed plugin registered. Pass trust_remote_code=True (CLI: --trust-remote-code) "
+                "if you trust this model directory"
+            )
         try:
             return _import_path(record["import"])
         except (ImportError, AttributeError) as exc:

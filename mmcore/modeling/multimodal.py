@@ -8,6 +8,7 @@ out of the labels, and call the language model with ``inputs_embeds``.
 
 from __future__ import annotations
 
+import contextvars
 import importlib
 import inspect
 import os
@@ -263,7 +264,9 @@ class MultimodalModel(PreTrainedModel, GenerationMixin):
                         f"from_pretrained(..., callbacks={{{name!r}: {{{slot!r}: fn}}}})"
                     )
                 elif rec is not None:
-                    slots[slot] = build_callback(rec, f"encoder {name!r} {slot} callback")
+                    slots[slot] = build_callback(
+                        rec, f"encoder {name!r} {slot} callback", trust_remote_code=_TRUST_REMOTE_CODE.get()
+                    )
             projector_record = record.get("projector")
             projector = None
             if projector_record is not None:
@@ -651,11 +654,12 @@ class MultimodalModel(PreTrainedModel, GenerationMixin):
             super().save_pretrained(staging, **kwargs)
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *args, torch_dtype=None, **kwargs):
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, torch_dtype=None, trust_remote_code=False, **kwargs):
         """Rebuild the whole model from its directory (no modules to pass unless config.json says so).
 
         Accepts the usual HF arguments (``dtype``/``torch_dtype``, ``device_map``, ...). Remote code is
-        never trusted implicitly.
+        never trusted implicitly: callbacks recorded by import path load only with
+        ``trust_remote_code=True`` (see docs/security.md).
         """
         if torch_dtype is not None:
             kwargs.setdefault("dtype", torch_dtype)
@@ -663,7 +667,17 @@ class MultimodalModel(PreTrainedModel, GenerationMixin):
             os.path.dirname(os.path.abspath(pretrained_model_name_or_path))
         ):
             recover(pretrained_model_name_or_path)  # a save killed mid-swap: put the directory back
-        return _load_checked(super().from_pretrained, pretrained_model_name_or_path, *args, **kwargs)
+        # HF builds the model through __init__ -> _build_encoders; the choice travels beside that call
+        # (not as a kwarg HF would forward to the config or warn about).
+        token = _TRUST_REMOTE_CODE.set(bool(trust_remote_code))
+        try:
+            return _load_checked(super().from_pretrained, pretrained_model_name_or_path, *args, **kwargs)
+        finally:
+            _TRUST_REMOTE_CODE.reset(token)
+
+
+# Set by MultimodalModel.from_pretrained for the duration of one load (default: trust nothing).
+_TRUST_REMOTE_CODE: contextvars.ContextVar[bool] = contextvars.ContextVar("mmcore_trust_remote_code", default=False)
 
 
 def _load_checked(load, path, *args, **kwargs):
