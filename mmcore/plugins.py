@@ -10,6 +10,16 @@ Environment:
 - ``MMCORE_LOAD_PLUGINS=a,b``: load only these entry-point plugins (empty: none, a safe mode).
 - ``MMCORE_DISABLE_PLUGINS=a,b``: never load these.
 - ``MMCORE_STRICT_PLUGINS=1``: raise `PluginError` instead of warning.
+- ``MMCORE_PLUGIN_SLOW_S=3``: a plugin whose import takes longer than this many seconds gets one
+  line on stderr naming it and how to skip it.
+
+Plugin code (the import and every hook call) runs with ``sys.stdout`` sent to ``sys.stderr``, so a
+plugin that prints cannot corrupt ``--json`` output. This is a Python-level redirect: a plugin writing
+to file descriptor 1 directly (C code, ``os.write(1, ...)``) is not caught.
+
+Two distributions with an entry point of the same name: the first found is loaded as usual; the
+second is not loaded, its status says so naming both distributions, and a `PluginWarning` (strict
+mode: `PluginError`) names both.
 
 The built-in plugin (``builtin``: projectors and callbacks) is always loaded. Results are cached for
 the process; `reset` forgets them (tests).
@@ -17,9 +27,12 @@ the process; `reset` forgets them (tests).
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.metadata
 import os
+import sys
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -36,6 +49,10 @@ ENTRY_POINT_GROUP = "mmcore"
 BUILTIN_PLUGINS = {"builtin": "mmcore.builtin.plugin"}
 
 LOADED, DISABLED, FAILED, INCOMPATIBLE = "loaded", "disabled", "failed", "incompatible"
+#: state of a second distribution whose entry point has the name of one already found (not loaded)
+NAME_CLASH = "name-clash"
+
+DEFAULT_SLOW_S = 3.0
 
 # hook -> the spec type its `register` accepts
 _REGISTER_HOOKS = {
@@ -49,7 +66,8 @@ _REGISTER_HOOKS = {
 class PluginStatus:
     """How loading one plugin went, as data for the CLI.
 
-    ``state`` is ``loaded``, ``disabled`` (by an environment variable), ``failed`` or ``incompatible``;
+    ``state`` is ``loaded``, ``disabled`` (by an environment variable), ``failed``, ``incompatible`` or
+    ``name-clash`` (another distribution's entry point of that name was found first; not loaded);
     ``reason`` says why when not loaded. ``registered`` maps ``encoder``/``projector``/``callback``
     to the names this plugin added.
     """
@@ -180,8 +198,11 @@ def _load_all() -> _State:
         status = PluginStatus(cand.name, LOADED, "", cand.distribution, cand.version, cand.module)
         if cand.name in state.statuses:
             first = state.statuses[cand.name]
-            status.state, status.reason = FAILED, (
-                f"the name {cand.name!r} is already taken by {first.distribution or first.module}"
+            status.state, status.reason = NAME_CLASH, (
+                f"not loaded: entry point {cand.name} = {cand.module} of distribution "
+                f"{_who(cand.distribution, cand.version)} has the name of entry point "
+                f"{first.name} = {first.module} of distribution {_who(first.distribution, first.version)}, "
+                f"which was found first ({first.state}); uninstall one of the two distributions"
             )
         elif cand.selectable and cand.name in blocked:
             status.state, status.reason = DISABLED, "listed in MMCORE_DISABLE_PLUGINS"
@@ -200,6 +221,11 @@ def _load_all() -> _State:
         state.statuses[key] = status
         if status.state in (FAILED, INCOMPATIBLE):
             _report(cand.name, status.state, status.reason)
+        elif status.state == NAME_CLASH:
+            message = f"mmcore plugins clash on the entry-point name {cand.name!r}: {status.reason}"
+            if _strict():
+                raise PluginError(message + " (MMCORE_STRICT_PLUGINS is set)")
+            warnings.warn(message, PluginWarning, stacklevel=2)
     for clash in state.registry.clashes():
         message = f"mmcore plugins clash: {clash}"
         if _strict():
@@ -208,9 +234,46 @@ def _load_all() -> _State:
     return state
 
 
+def _who(distribution: str | None, version: str | None) -> str:
+    if distribution is None:
+        return "(unknown)"
+    return f"{distribution} {version}" if version else distribution
+
+
+def _slow_s() -> float:
+    value = os.environ.get("MMCORE_PLUGIN_SLOW_S", "").strip()
+    try:
+        return float(value) if value else DEFAULT_SLOW_S
+    except ValueError:
+        return DEFAULT_SLOW_S
+
+
+@contextlib.contextmanager
+def _slow_notice(cand: _Candidate):
+    """Say on stderr, once, which plugin is still importing after ``MMCORE_PLUGIN_SLOW_S`` seconds."""
+    seconds = _slow_s()
+    err = sys.stderr  # the real stderr, taken before plugin code may redirect anything
+
+    def notice() -> None:
+        err.write(
+            f"mmcore: still loading plugin {cand.name!r} ({cand.distribution or cand.module}) after "
+            f"{seconds:g} s; to skip it, set MMCORE_DISABLE_PLUGINS={cand.name}\n"
+        )
+        err.flush()
+
+    timer = threading.Timer(seconds, notice)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+
+
 def _load_one(state: _State, cand: _Candidate, status: PluginStatus) -> None:
     try:
-        plugin = cand.load()
+        with _slow_notice(cand), contextlib.redirect_stdout(sys.stderr):
+            plugin = cand.load()
     except Exception as exc:  # noqa: BLE001 - isolate whatever a plugin's import does
         raise _SetAside(FAILED, f"import of {cand.module} failed: {type(exc).__name__}: {exc}") from exc
     _check_api(plugin)
@@ -288,5 +351,7 @@ def _collect(pm: pluggy.PluginManager, name: str) -> list[Any]:
 
 
 def _call(impl: Any, **kwargs: Any) -> Any:
-    # Call one plugin's implementation alone (not the whole hook), passing only the arguments it names.
-    return impl.function(**{arg: kwargs[arg] for arg in impl.argnames})
+    # Call one plugin's implementation alone (not the whole hook), passing only the arguments it names;
+    # what it prints goes to stderr, so it cannot corrupt --json output on stdout.
+    with contextlib.redirect_stdout(sys.stderr):
+        return impl.function(**{arg: kwargs[arg] for arg in impl.argnames})

@@ -4,6 +4,10 @@ Commands live in modules of this package, each with ``register(app)``; `COMMAND_
 (``train`` is included when its module exists). Plugins add theirs through the ``register_commands``
 hook. Nothing here imports torch: commands that need it import it when they run.
 
+`main` loads plugin commands lazily: only when the command named on the line is not a built-in one.
+So ``mmcore --version`` and ``mmcore --help`` import no plugin (a plugin that hangs at import cannot
+hang them); the main help lists the built-in commands only.
+
 Errors: an `~mmcore.errors.MMCoreError` or a usage error prints one line on stderr and exits with
 status 2; ``--debug`` (anywhere on the line, or ``MMCORE_DEBUG=1``) shows the traceback instead.
 Any other exception is a bug and keeps its traceback.
@@ -41,6 +45,8 @@ Examples:
   mmcore assemble --llm llama3-8b --encoder vision=clip:preset=vit-l-14-336 --dry-run
 
   mmcore test-run out/tiny-clip --steps 3 --json
+
+Commands added by plugins run by their name; `mmcore plugins` lists the plugins.
 """
 
 
@@ -58,7 +64,33 @@ def error_line(message: str) -> str:
 
 
 class MMCoreGroup(TyperGroup):
-    """The root command group: one-line errors with exit status 2, ``--debug`` for tracebacks."""
+    """The root command group: one-line errors with exit status 2, ``--debug`` for tracebacks.
+
+    With ``lazy_plugin_commands`` set, plugins' ``register_commands`` runs the first time a command
+    name is asked for that no built-in command has.
+    """
+
+    lazy_plugin_commands = False
+
+    def get_command(self, ctx: Any, cmd_name: str) -> Any:
+        command = super().get_command(ctx, cmd_name)
+        if command is None and self.lazy_plugin_commands:
+            self.lazy_plugin_commands = False
+            self._add_plugin_commands()
+            command = super().get_command(ctx, cmd_name)
+        return command
+
+    def _add_plugin_commands(self) -> None:
+        from mmcore.plugins import register_commands
+
+        holder = typer.Typer()
+        register_commands(holder)
+        if not (holder.registered_commands or holder.registered_groups):
+            return
+        group = typer.main.get_group(holder)
+        for name, command in group.commands.items():
+            if name not in self.commands:  # a plugin cannot replace a built-in command
+                self.add_command(command, name)
 
     def main(
         self,
@@ -158,5 +190,7 @@ def build_app(*, plugins: bool = True) -> typer.Typer:
 
 def main(argv: Sequence[str] | None = None) -> Any:
     """Console-script entry point: ``mmcore ...`` (and ``python -m mmcore``)."""
-    command = typer.main.get_command(build_app())
+    command = typer.main.get_command(build_app(plugins=False))
+    if isinstance(command, MMCoreGroup):
+        command.lazy_plugin_commands = True
     return command.main(args=list(sys.argv[1:] if argv is None else argv), prog_name="mmcore")
