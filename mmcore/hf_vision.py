@@ -164,7 +164,7 @@ class TransformersVisionFactory(EncoderFactory):
 
     def _checkpoint_processor_config(self, checkpoint: str, image_size: int) -> dict[str, Any]:
         try:
-            return _processor_dict(self.image_processor_class.from_pretrained(checkpoint))
+            return _processor_dict(self.image_processor_class.from_pretrained(checkpoint, trust_remote_code=False))
         except OSError as exc:
             # A vision tower saved alone has no preprocessor_config.json; the family's preprocessing
             # is what its checkpoints use, at the model's own resolution.
@@ -207,7 +207,9 @@ class TransformersVisionFactory(EncoderFactory):
         config = self._config(recipe)
         if checkpoint is None or torch.get_default_device().type == "meta":
             return self.model_class._from_config(config)
-        return self.model_class.from_pretrained(checkpoint, config=config, dtype=torch.get_default_dtype())
+        return self.model_class.from_pretrained(
+            checkpoint, config=config, dtype=torch.get_default_dtype(), trust_remote_code=False
+        )
 
     def output_width(self, recipe: Mapping[str, Any]) -> int:
         layer = self._options(recipe)["feature_layer"]

@@ -663,12 +663,16 @@ class MultimodalProcessor:
         encoder_processors: Mapping[str, Callable[..., Mapping[str, Any]]] | None = None,
         num_feature_calculation_funcs: Mapping[str, NumTokensFn] | None = None,
         padding_side: str | None = None,
+        trust_remote_code: bool = False,
     ) -> MultimodalProcessor:
         """Load a processor saved by `save_pretrained`.
 
         Plugin processors and counts are rebuilt from the encoders' recipes: ``model``'s when given,
         else the ``config.json`` the model saved into the same directory. Processors or counting
         functions that could not be saved must be passed again (the error says which).
+        ``trust_remote_code`` goes to every transformers ``from_pretrained`` call as given (default
+        False): a tokenizer or image processor whose files name code (``auto_map``) is refused, never
+        asked about on stdin.
         """
         from transformers import AutoTokenizer
 
@@ -722,7 +726,7 @@ class MultimodalProcessor:
                 processors[m] = _plugin_processor(m, info.source)
                 from_plugin.add(m)
             elif saved.get("kind") == "saved":
-                processors[m] = _load_saved_processor(m, saved, root)
+                processors[m] = _load_saved_processor(m, saved, root, trust_remote_code)
             else:
                 raise SerializationError(
                     f"{m!r}: its processor ({saved.get('class')}) was not saved (it has no save_pretrained or is not "
@@ -733,7 +737,7 @@ class MultimodalProcessor:
                     f"{m!r}: its token count function ({(record.get('num_tokens') or {}).get('name')}) cannot be "
                     f"saved; pass it again: from_pretrained(..., num_feature_calculation_funcs={{{m!r}: fn}})"
                 )
-        tokenizer = AutoTokenizer.from_pretrained(str(root))
+        tokenizer = AutoTokenizer.from_pretrained(str(root), trust_remote_code=bool(trust_remote_code))
         processor = cls(
             processors,
             tokenizer,
@@ -877,7 +881,7 @@ def _transformers_class_path(obj: Any) -> str | None:
     return f"{cls.__module__}.{cls.__name__}" if cls.__module__.split(".")[0] == "transformers" else None
 
 
-def _load_saved_processor(modality: str, record: Mapping[str, Any], root: Path) -> Any:
+def _load_saved_processor(modality: str, record: Mapping[str, Any], root: Path, trust_remote_code: bool) -> Any:
     import importlib
 
     path = str(record.get("class", ""))
@@ -890,4 +894,4 @@ def _load_saved_processor(modality: str, record: Mapping[str, Any], root: Path) 
             cls = None
     if cls is None or not hasattr(cls, "from_pretrained"):
         raise SerializationError(f"{modality!r}: saved processor class {path!r} is not a transformers class")
-    return cls.from_pretrained(str(root / record["subfolder"]))
+    return cls.from_pretrained(str(root / record["subfolder"]), trust_remote_code=bool(trust_remote_code))

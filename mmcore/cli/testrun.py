@@ -56,6 +56,9 @@ def test_run(
     ),
     seed: int = typer.Option(0, "--seed", help="Random seed for the dummy inputs."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    trust_remote_code: bool = typer.Option(
+        False, "--trust-remote-code", help="Let MODEL_DIR import the code its files name (see docs/security.md)."
+    ),
 ) -> None:
     """Run a combination for real on dummy inputs: shapes, speed, memory, finite losses and gradients.
 
@@ -82,7 +85,7 @@ def test_run(
     with library_progress_bars():
         report = run(
             target, device=torch_device, dtype=dtype, batch_size=batch_size, steps=steps, generate=generate,
-            train=train, optimizer=optimizer, seed=seed,
+            train=train, optimizer=optimizer, seed=seed, trust_remote_code=trust_remote_code,
         )  # fmt: skip
     if as_json:
         print_json(report)
@@ -125,10 +128,13 @@ def _torch_dtype(name: str, device: Any) -> Any:
 # -- loading ---------------------------------------------------------------------------------------
 
 
-def load_target(target: Path, dtype: Any) -> tuple[Any, Any, Any, str]:
-    """``(model, tokenizer, processor or None, kind)`` from a model directory or a TOML spec."""
+def load_target(target: Path, dtype: Any, trust_remote_code: bool = False) -> tuple[Any, Any, Any, str]:
+    """``(model, tokenizer, processor or None, kind)`` from a model directory or a TOML spec.
+
+    ``trust_remote_code`` is passed to every loader as given: without it a directory whose config,
+    tokenizer or processor names code to import is refused with a typed error, never asked about."""
     if target.is_dir():
-        return (*_load_dir(target, dtype), "model_dir")
+        return (*_load_dir(target, dtype, trust_remote_code), "model_dir")
     from mmcore.cli.assemble import spec_from_cli
     from mmcore.cli.build import build_from_spec
 
@@ -137,7 +143,7 @@ def load_target(target: Path, dtype: Any) -> tuple[Any, Any, Any, str]:
     return built.model, built.tokenizer, built.processor, "spec"
 
 
-def _load_dir(target: Path, dtype: Any) -> tuple[Any, Any, Any]:
+def _load_dir(target: Path, dtype: Any, trust_remote_code: bool = False) -> tuple[Any, Any, Any]:
     from transformers import AutoTokenizer
 
     from mmcore.modeling.multimodal import MultimodalModel
@@ -146,8 +152,8 @@ def _load_dir(target: Path, dtype: Any) -> tuple[Any, Any, Any]:
     if not (target / "config.json").is_file():
         raise ConfigError(f"{where}: no config.json; expected a directory written by `mmcore assemble`")
     try:
-        model = MultimodalModel.from_pretrained(target, dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(str(target))
+        model = MultimodalModel.from_pretrained(target, dtype=dtype, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(str(target), trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError(f"{where}: cannot load: {first}") from exc
@@ -155,7 +161,7 @@ def _load_dir(target: Path, dtype: Any) -> tuple[Any, Any, Any]:
     if (target / "processor_config.json").is_file():
         from mmcore.processing import MultimodalProcessor
 
-        processor = MultimodalProcessor.from_pretrained(target, model)
+        processor = MultimodalProcessor.from_pretrained(target, model, trust_remote_code=trust_remote_code)
     return model, tokenizer, processor
 
 
@@ -164,14 +170,14 @@ def _load_dir(target: Path, dtype: Any) -> tuple[Any, Any, Any]:
 
 def run(
     target: Path, *, device: Any, dtype: str = "auto", batch_size: int = 2, steps: int = 3, generate: int = 8,
-    train: str = "align", optimizer: bool = True, seed: int = 0,
+    train: str = "align", optimizer: bool = True, seed: int = 0, trust_remote_code: bool = False,
 ) -> dict[str, Any]:  # fmt: skip
     """Run the test and return the report (see the module docstring)."""
     import torch
 
     torch_dtype = _torch_dtype(dtype, device)
     torch.manual_seed(seed)
-    model, tokenizer, processor, kind = load_target(target, torch_dtype)
+    model, tokenizer, processor, kind = load_target(target, torch_dtype, trust_remote_code)
     model.to(device)
     timer = _Timer(device)
     inputs, counts, encoder_parts, checks_ok = _encoder_inputs(model, batch_size, device, torch_dtype)

@@ -84,6 +84,9 @@ def train_command(
     skip_nonfinite: bool = typer.Option(
         False, "--skip-nonfinite", help="Skip (and count) steps whose loss or gradients are NaN/inf instead of stopping."
     ),
+    trust_remote_code: bool = typer.Option(
+        False, "--trust-remote-code", help="Let MODEL_DIR import the code its files name (see docs/security.md)."
+    ),
 ) -> None:
     """Train a multimodal model on JSONL conversations.
 
@@ -137,7 +140,7 @@ def train_command(
     # --seed: a resumed run rebuilds the frozen weights the checkpoint's fingerprint expects.
     torch.manual_seed(seed)
     with library_progress_bars():
-        model, tokenizer, processor, _ = load_target(target, torch.float32)
+        model, tokenizer, processor, _ = load_target(target, torch.float32, trust_remote_code)
     if processor is None:
         from mmcore.processing import MultimodalProcessor
 
