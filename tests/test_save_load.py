@@ -60,7 +60,7 @@ def test_config_records_how_to_rebuild_every_part(tiny, tmp_path):
     assert audio["source"]["class"].endswith("WhisperEncoder")
     assert vision["projector"]["projector_type"] == "mlp2x_gelu"
     assert vision["callbacks"]["postprocess_module"] == {
-        "name": "select_feature_layer",
+        "name": "builtin:select_feature_layer",
         "params": {"layer": -2, "drop_prefix_tokens": 1},
     }
     assert config["text_config"]["model_type"] == "llama"

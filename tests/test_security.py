@@ -2,12 +2,17 @@
 
 import json
 import sys
+import warnings
 
 import pytest
 
+from mmcore import hookimpl
+from mmcore.callbacks import Callback, SelectFeatureLayer
 from mmcore.errors import UntrustedCodeError
 from mmcore.modeling.multimodal import MultimodalModel
-from mmcore.testing import tiny_multimodal_model
+from mmcore.plugins import PluginWarning
+from mmcore.registry import CallbackSpec
+from mmcore.testing import registered_plugin, tiny_multimodal_model
 
 EVIL = '''
 import pathlib
@@ -44,3 +49,85 @@ def test_import_path_callback_loads_with_trust(evil_dir):
     loaded = MultimodalModel.from_pretrained(evil_dir, trust_remote_code=True)
     assert (evil_dir / "ran.marker").exists()
     assert any(e.preprocess_callback is sys.modules["evilmod_mmcore_test"].cb for e in loaded.encoders.values())
+
+
+# --- callbacks are recorded as plugin:name; a later plugin reusing a name shadows nothing ---------
+
+
+class ToyScale(Callback):
+    """A plugin's callback (registered by `_Toy` below)."""
+
+    name = "toy_scale"
+    slot = "postprocess_projector"
+
+    def __init__(self, factor: float = 1.0):
+        self.factor = factor
+
+    def params(self):
+        return {"factor": self.factor}
+
+    def __call__(self, inputs, output):
+        return output
+
+
+class NotToBuild:
+    def __init__(self, **params):
+        raise AssertionError("a clashing plugin's callback was built for a record naming another plugin's")
+
+
+def _plugin_registering(name: str, factory: str, slot: str):
+    class Plugin:
+        @hookimpl
+        def register_callbacks(self, register):
+            register(CallbackSpec(name=name, slots=(slot,), summary="test", factory=f"{__name__}:{factory}"))
+
+    return Plugin()
+
+
+def _callback_record(directory, slot):
+    config = json.loads((directory / "config.json").read_text())
+    return config, config["encoders"]["vision"]["callbacks"][slot]
+
+
+def test_builtin_callback_is_recorded_with_its_plugin(tmp_path):
+    model, _ = tiny_multimodal_model()
+    model.save_pretrained(tmp_path / "m")
+    assert _callback_record(tmp_path / "m", "postprocess_module")[1]["name"] == "builtin:select_feature_layer"
+
+
+def test_a_plugin_reusing_a_builtin_callback_name_breaks_no_saved_directory(tmp_path):
+    model, _ = tiny_multimodal_model()
+    model.save_pretrained(tmp_path / "new")
+    model.save_pretrained(tmp_path / "old")  # as saved before names were qualified: the bare name
+    config, record = _callback_record(tmp_path / "old", "postprocess_module")
+    record["name"] = "select_feature_layer"
+    (tmp_path / "old" / "config.json").write_text(json.dumps(config))
+    clashing = _plugin_registering("select_feature_layer", "NotToBuild", "postprocess_module")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PluginWarning)  # the clash itself is reported (tests/test_plugins.py)
+        with registered_plugin(clashing, name="other") as registry:
+            assert {s.plugin for s in registry.items("callback") if s.name == "select_feature_layer"} == {"builtin", "other"}
+            for directory in ("new", "old"):
+                loaded = MultimodalModel.from_pretrained(tmp_path / directory)
+                callback = loaded.encoders["vision"].postprocess_module_callback
+                assert type(callback) is SelectFeatureLayer
+                assert callback == model.encoders["vision"].postprocess_module_callback
+            loaded.save_pretrained(tmp_path / "again")  # under the clash: still the built-in, qualified
+            assert _callback_record(tmp_path / "again", "postprocess_module")[1]["name"] == "builtin:select_feature_layer"
+
+
+def test_a_plugin_callback_is_recorded_qualified_and_survives_a_later_clash(tmp_path):
+    with registered_plugin(_plugin_registering("toy_scale", "ToyScale", "postprocess_projector"), name="toyplugin"):
+        model, _ = tiny_multimodal_model()
+        model.encoders["vision"].postprocess_projector_callback = ToyScale(factor=0.5)
+        model.save_pretrained(tmp_path / "m")
+        assert _callback_record(tmp_path / "m", "postprocess_projector")[1] == {
+            "name": "toyplugin:toy_scale",
+            "params": {"factor": 0.5},
+        }
+        impostor = _plugin_registering("toy_scale", "NotToBuild", "postprocess_projector")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", PluginWarning)
+            with registered_plugin(impostor, name="impostor"):
+                loaded = MultimodalModel.from_pretrained(tmp_path / "m")
+    assert loaded.encoders["vision"].postprocess_projector_callback == ToyScale(factor=0.5)

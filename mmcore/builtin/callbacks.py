@@ -105,7 +105,7 @@ class DropPrefixTokens(Callback):
 def record_callback(callback: Any, where: str) -> dict[str, Any]:
     """JSON-able record of a callback; `UnrecordableCallbackError` naming ``where`` if impossible."""
     if isinstance(callback, Callback):
-        return {"name": callback.name, "params": callback.params()}
+        return {"name": _qualified_callback_name(callback), "params": callback.params()}
     module = getattr(callback, "__module__", None)
     qualname = getattr(callback, "__qualname__", None)
     if module and qualname and "<" not in qualname and module != "__main__":
@@ -135,7 +135,7 @@ def build_callback(record: dict[str, Any], where: str, *, trust_remote_code: boo
         from mmcore.registry import load_factory
 
         try:
-            factory = load_factory(get_registry().get_callback(record["name"]))
+            factory = load_factory(_resolve_callback(get_registry(), record["name"]))
         except MMCoreError as exc:
             raise ConfigError(f"{where}: {exc}") from exc
         return factory(**record.get("params", {}))
@@ -151,6 +151,43 @@ def build_callback(record: dict[str, Any], where: str, *, trust_remote_code: boo
         except (ImportError, AttributeError) as exc:
             raise ConfigError(f"{where}: cannot import callback {record['import']!r}: {exc}") from exc
     raise ConfigError(f"{where}: callback record needs 'name' or 'import', got {record!r}")
+
+
+def _qualified_callback_name(callback: Callback) -> str:
+    """``plugin:name`` of the registered callback ``callback`` is an instance of, so a later plugin
+    registering the same bare name cannot make the saved directory ambiguous. A `Callback` subclass
+    that no plugin registered keeps its bare name (loading it then needs its plugin installed)."""
+    from mmcore.errors import MMCoreError
+    from mmcore.plugins import get_registry
+    from mmcore.registry import load_factory
+
+    if ":" in callback.name:
+        return callback.name
+    specs = [s for s in get_registry().items("callback") if s.name == callback.name]
+    for spec in specs:
+        try:
+            factory = load_factory(spec)
+        except MMCoreError:
+            continue
+        if factory is type(callback) or (isinstance(factory, type) and isinstance(callback, factory)):
+            return spec.qualified_name
+    return specs[0].qualified_name if len(specs) == 1 else callback.name
+
+
+def _resolve_callback(registry: Any, name: str) -> Any:
+    """The spec a recorded callback name means. ``plugin:name`` always resolves to that plugin's. A bare
+    name (directories saved before names were qualified) that several plugins now register means the
+    built-in one when there is one: those directories could only have been saved with it."""
+    from mmcore.errors import AmbiguousNameError
+
+    try:
+        return registry.get_callback(name)
+    except AmbiguousNameError:
+        if ":" not in name:
+            for spec in registry.items("callback"):
+                if spec.name == name and spec.plugin == "builtin":
+                    return spec
+        raise
 
 
 def _import_path(path: str) -> Any:
