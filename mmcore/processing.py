@@ -737,7 +737,10 @@ class MultimodalProcessor:
                     f"{m!r}: its token count function ({(record.get('num_tokens') or {}).get('name')}) cannot be "
                     f"saved; pass it again: from_pretrained(..., num_feature_calculation_funcs={{{m!r}: fn}})"
                 )
-        tokenizer = AutoTokenizer.from_pretrained(str(root), trust_remote_code=bool(trust_remote_code))
+        from mmcore._trust import refusing_remote_code
+
+        with refusing_remote_code(f"{root} (tokenizer)"):
+            tokenizer = AutoTokenizer.from_pretrained(str(root), trust_remote_code=bool(trust_remote_code))
         processor = cls(
             processors,
             tokenizer,

@@ -131,3 +131,58 @@ def test_a_plugin_callback_is_recorded_qualified_and_survives_a_later_clash(tmp_
             with registered_plugin(impostor, name="impostor"):
                 loaded = MultimodalModel.from_pretrained(tmp_path / "m")
     assert loaded.encoders["vision"].postprocess_projector_callback == ToyScale(factor=0.5)
+
+
+# --- transformers' own loaders: never asked on stdin, never run a tokenizer's auto_map code -------
+
+EVIL_TOKENIZER = '''
+import pathlib
+pathlib.Path(__file__).with_name("tokenizer_ran.marker").write_text("ran")
+from transformers import PreTrainedTokenizerFast as EvilTokenizer
+'''
+
+
+@pytest.fixture
+def auto_map_dir(tmp_path):
+    """An assembled model directory (model, processor, tokenizer) whose tokenizer names code to run."""
+    import importlib.util
+    import subprocess
+
+    if importlib.util.find_spec("mmcore_plugin_clip") is None:
+        pytest.skip("needs mmcore-plugin-clip")
+    directory = tmp_path / "m"
+    subprocess.run(
+        [sys.executable, "-m", "mmcore", "assemble", "--llm", "tiny", "-e", "vision=clip:preset=tiny", "-o", str(directory)],
+        check=True, capture_output=True, timeout=300,
+    )  # fmt: skip
+    config_path = directory / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["tokenizer_class"] = "EvilTokenizer"
+    config["auto_map"] = {"AutoTokenizer": ["evil_tokenizer.EvilTokenizer", "evil_tokenizer.EvilTokenizer"]}
+    config_path.write_text(json.dumps(config))
+    (directory / "evil_tokenizer.py").write_text(EVIL_TOKENIZER)
+    return directory
+
+
+def test_test_run_answering_yes_on_stdin_runs_no_tokenizer_code(auto_map_dir):
+    import subprocess
+
+    # HF asks "Do you wish to run the custom code? [y/N]" on stdin when trust_remote_code is left
+    # unset; mmcore always passes it, so the "y" is never read and nothing is imported.
+    result = subprocess.run(
+        [sys.executable, "-m", "mmcore", "test-run", str(auto_map_dir), "--steps", "1", "--generate", "0"],
+        input="y\ny\n", capture_output=True, text=True, timeout=300, cwd=auto_map_dir,
+    )  # fmt: skip
+    assert not (auto_map_dir / "tokenizer_ran.marker").exists()
+    assert result.returncode == 2, result.stderr
+    assert "[y/N]" not in result.stdout + result.stderr
+    assert "trust_remote_code" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_processor_from_pretrained_refuses_a_tokenizer_naming_code(auto_map_dir):
+    from mmcore.processing import MultimodalProcessor
+
+    model = MultimodalModel.from_pretrained(auto_map_dir)
+    with pytest.raises(UntrustedCodeError, match="trust_remote_code=True"):
+        MultimodalProcessor.from_pretrained(auto_map_dir, model)
+    assert not (auto_map_dir / "tokenizer_ran.marker").exists()

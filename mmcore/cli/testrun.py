@@ -146,14 +146,16 @@ def load_target(target: Path, dtype: Any, trust_remote_code: bool = False) -> tu
 def _load_dir(target: Path, dtype: Any, trust_remote_code: bool = False) -> tuple[Any, Any, Any]:
     from transformers import AutoTokenizer
 
+    from mmcore._trust import refusing_remote_code
     from mmcore.modeling.multimodal import MultimodalModel
 
     where = f"MODEL_DIR {str(target)!r}"
     if not (target / "config.json").is_file():
         raise ConfigError(f"{where}: no config.json; expected a directory written by `mmcore assemble`")
     try:
-        model = MultimodalModel.from_pretrained(target, dtype=dtype, trust_remote_code=trust_remote_code)
-        tokenizer = AutoTokenizer.from_pretrained(str(target), trust_remote_code=trust_remote_code)
+        with refusing_remote_code(where):
+            model = MultimodalModel.from_pretrained(target, dtype=dtype, trust_remote_code=trust_remote_code)
+            tokenizer = AutoTokenizer.from_pretrained(str(target), trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError(f"{where}: cannot load: {first}") from exc
