@@ -19,13 +19,13 @@ A spec is metadata plus a lazy factory path ``"module.path:attr"``; nothing heav
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import fnmatch
 import importlib
 import re
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
 
+from mmcore._names import did_you_mean
 from mmcore.errors import AmbiguousNameError, FactoryImportError, InvalidSpecError, UnknownNameError
 
 CALLBACK_SLOTS = ("preprocess", "postprocess_module", "postprocess_projector")
@@ -248,8 +248,7 @@ class Registry:
                 f"say which: {' or '.join(f'{p}:{bare}' for p in plugins)}"
             )
         known = sorted({s.name for s in items.values()} | {s.qualified_name for s in items.values()})
-        close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
-        hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+        hint = did_you_mean(name, known, cutoff=0.6)
         listed = ", ".join(sorted({s.name for s in items.values()})) or "none"
         raise UnknownNameError(f"unknown {kind} {name!r}{hint} (registered: {listed})")
 
