@@ -203,12 +203,18 @@ def staged_directory(
     real = Path(os.path.realpath(target))  # a symlinked target: write into the directory it points at
     if real.exists() and not real.is_dir():
         raise SaveError(f"cannot save into {str(target)!r}: expected a directory, found a file")
-    real.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        real.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file where a parent folder should be, a read-only place, a full disk
+        raise SaveError(f"cannot save into {str(target)!r}: cannot create its parent folder: {e}") from e
     recover(real)
     in_place = _cannot_rename(real)
     staging = (real if in_place else real.parent) / _stage_name(real.name, "partial")
     try:
         staging.mkdir()  # mode 0o777 & ~umask, as any mkdir
+    except OSError as e:
+        raise SaveError(f"cannot save into {str(target)!r}: cannot write beside it ({e})") from e
+    try:
         yield staging
         if real.is_dir():
             for entry in real.iterdir():

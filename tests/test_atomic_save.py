@@ -215,3 +215,38 @@ def test_a_save_that_does_not_fit_raises_and_keeps_the_previous_directory(tiny, 
 
     assert {p.name: p.read_bytes() for p in target.iterdir()} == before
     assert sorted(p.name for p in small_tmpfs.iterdir()) == ["filler", "model"]
+
+
+def test_a_parent_that_is_a_file_is_a_save_error_not_an_oserror(tiny, tmp_path):
+    model, _ = tiny
+    (tmp_path / "taken").write_text("a file where a folder should be")
+    with pytest.raises(SaveError, match="taken.*cannot create its parent folder"):
+        model.save_pretrained(tmp_path / "taken" / "model")
+    assert (tmp_path / "taken").read_text() == "a file where a folder should be"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_a_read_only_parent_is_a_save_error(tiny, tmp_path):
+    model, _ = tiny
+    (tmp_path / "ro").mkdir()
+    (tmp_path / "ro").chmod(0o500)
+    try:
+        with pytest.raises(SaveError, match="cannot write beside it"):
+            model.save_pretrained(tmp_path / "ro" / "model")
+    finally:
+        (tmp_path / "ro").chmod(0o700)
+
+
+def test_assemble_into_a_path_under_a_file_is_one_line_exit_2(tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("mmcore_plugin_clip") is None:
+        pytest.skip("needs mmcore-plugin-clip")
+    (tmp_path / "taken").write_text("x")
+    result = subprocess.run(
+        [sys.executable, "-m", "mmcore", "assemble", "--llm", "tiny", "-e", "vision=clip:preset=tiny",
+         "-o", str(tmp_path / "taken" / "out")],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "taken" in result.stderr
