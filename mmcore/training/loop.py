@@ -34,7 +34,6 @@ from torch import nn
 
 from mmcore._files import swap_into
 from mmcore.errors import ConfigError, NonFiniteError, SaveError
-from mmcore.modeling.multimodal import _is_dtensor
 from mmcore.training.data import GroupedBatchSampler
 from mmcore.training.distributed import (
     DistInfo,
@@ -216,11 +215,13 @@ def _frozen_fingerprint(model: nn.Module, info: DistInfo) -> dict[str, list[floa
     """Frozen parameter name -> ``[sum, sum of squares]`` over the whole tensor (every rank's shard):
     a few numbers per tensor, cheap to compute at a checkpoint, that a different initialisation or
     another checkpoint moves far beyond summation-order noise."""
+    from torch.distributed.tensor import DTensor
+
     names, sharded, stats = [], [], []
     for name, param in model.named_parameters():
         if param.requires_grad:
             continue
-        dtensor = _is_dtensor(param)
+        dtensor = isinstance(param, DTensor)
         local = (param.to_local() if dtensor else param).detach().reshape(-1).float()
         names.append(name)
         sharded.append(dtensor and any(p.is_shard() for p in param.placements))
@@ -311,11 +312,52 @@ def train(
 
 
 def _train(model, dataset, collator, config, processor, info, console, say) -> TrainResult:
-    import transformers
+    """One run, step by step: set the model up, plan the steps, resume, train, save."""
+    autocast = _prepare_model(model, config, info, say)
+    run = _plan_run(model, dataset, collator, config, info, autocast)
+    _resume(run, say)
+    say(
+        f"training {run.total} steps: {run.global_batch} samples per step ({config.batch_size} x "
+        f"{info.world_size} process(es) x {config.grad_accum} accumulation), {run.per_epoch} steps per "
+        f"epoch, on {info.device}"
+    )
+    _run_steps(run, console, say)
+    if run.result.skipped:
+        skipped = run.result.skipped
+        say(f"{len(skipped)} step(s) skipped for a non-finite loss or gradients: {skipped}")
+    if config.save_final:
+        run.result.model_dir = _save_final(run, processor)
+        say(f"saved {run.result.model_dir}")
+    return run.result
 
+
+@dataclass
+class _Run:
+    """What one run carries from its set-up through the steps to the final save."""
+
+    model: nn.Module
+    dataset: Any
+    collator: Callable[[list[Any]], dict[str, Any]]
+    config: TrainConfig
+    info: DistInfo
+    autocast: Any
+    optimizer: Any
+    scheduler: Any
+    sampler: GroupedBatchSampler
+    checkpoints: _Checkpoints
+    total: int
+    per_epoch: int
+    global_batch: int
+    #: where the data stands: ``epoch``, ``batch_in_epoch`` (and ``global_batch``), saved in checkpoints
+    state: dict[str, Any]
+    result: TrainResult
+    step: int = 0
+
+
+def _prepare_model(model: nn.Module, config: TrainConfig, info: DistInfo, say: Callable[..., Any]) -> Any:
+    """Seed, apply the stage, move (or, under torchrun, shard) the model; the autocast context."""
     torch.manual_seed(config.seed)
     random.seed(config.seed)
-    output = Path(config.output_dir)
     if is_sharded(model) and config.stage == "lora" and not has_lora(model):
         raise ConfigError(
             "LoRA cannot be added to a model FSDP already sharded; train from the saved model instead"
@@ -335,7 +377,6 @@ def _train(model, dataset, collator, config, processor, info, console, say) -> T
         model.to(info.device)
     model.train()
     precision = _precision(config.mixed_precision, info.device)
-    autocast = nullcontext()
     if info.distributed:
         if not is_sharded(model):  # a second stage in the same processes keeps the sharding
             units = shard(model, mixed_precision=precision)
@@ -344,9 +385,17 @@ def _train(model, dataset, collator, config, processor, info, console, say) -> T
                 + ", ".join(f"{k} {v}" for k, v in units.items())
                 + " units"
             )
-    elif precision != "no":
+        return nullcontext()
+    if precision != "no":
         dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-        autocast = torch.autocast(info.device.type, dtype=dtype)
+        return torch.autocast(info.device.type, dtype=dtype)
+    return nullcontext()
+
+
+def _plan_run(model, dataset, collator, config: TrainConfig, info: DistInfo, autocast: Any) -> _Run:
+    """The optimizer, the sampler, the number of steps and the LR schedule over them."""
+    import transformers
+
     optimizer = torch.optim.AdamW(
         param_groups(model, config.lr, config.projector_lr, config.weight_decay), lr=config.lr
     )
@@ -371,36 +420,46 @@ def _train(model, dataset, collator, config, processor, info, console, say) -> T
         num_warmup_steps=round(config.warmup_ratio * total),
         num_training_steps=total,
     )
-    checkpoints = _Checkpoints(output, info, config.keep_checkpoints)
     global_batch = config.batch_size * info.world_size * config.grad_accum
-    state = {"epoch": 0, "batch_in_epoch": 0, "global_batch": global_batch}
-    result = TrainResult(rank=info.rank)
-    step = 0
-    latest = checkpoints.latest() if config.resume else None
-    if latest is not None:
-        saved = checkpoints.load(latest, model, optimizer, scheduler)
-        if saved.get("global_batch") != global_batch:
-            raise ConfigError(
-                f"checkpoint {latest} was trained with a global batch of {saved.get('global_batch')}, this run has "
-                f"{global_batch}; keep batch_size x processes x grad_accum the same to resume, or start a new output dir"
-            )
-        step = result.resumed_from = int(saved["step"])
-        state.update(epoch=int(saved["epoch"]), batch_in_epoch=int(saved["batch_in_epoch"]))
-        say(f"resumed from {latest} (step {step})")
-    say(
-        f"training {total} steps: {global_batch} samples per step ({config.batch_size} x {info.world_size} "
-        f"process(es) x {config.grad_accum} accumulation), {per_epoch} steps per epoch, on {info.device}"
-    )
-    progress = _progress(console, enabled=config.progress and info.is_main)
-    task = progress.add_task("train", total=total, completed=step, loss=float("nan"))
+    return _Run(
+        model=model, dataset=dataset, collator=collator, config=config, info=info, autocast=autocast,
+        optimizer=optimizer, scheduler=scheduler, sampler=sampler,
+        checkpoints=_Checkpoints(Path(config.output_dir), info, config.keep_checkpoints),
+        total=total, per_epoch=per_epoch, global_batch=global_batch,
+        state={"epoch": 0, "batch_in_epoch": 0, "global_batch": global_batch},
+        result=TrainResult(rank=info.rank),
+    )  # fmt: skip
+
+
+def _resume(run: _Run, say: Callable[..., Any]) -> None:
+    """Continue from the latest checkpoint in the output dir (``config.resume``), if there is one."""
+    latest = run.checkpoints.latest() if run.config.resume else None
+    if latest is None:
+        return
+    saved = run.checkpoints.load(latest, run.model, run.optimizer, run.scheduler)
+    if saved.get("global_batch") != run.global_batch:
+        raise ConfigError(
+            f"checkpoint {latest} was trained with a global batch of {saved.get('global_batch')}, this run has "
+            f"{run.global_batch}; keep batch_size x processes x grad_accum the same to resume, or start a new output dir"
+        )
+    run.step = run.result.resumed_from = int(saved["step"])
+    run.state.update(epoch=int(saved["epoch"]), batch_in_epoch=int(saved["batch_in_epoch"]))
+    say(f"resumed from {latest} (step {run.step})")
+
+
+def _run_steps(run: _Run, console: Any, say: Callable[..., Any]) -> None:
+    """Optimizer steps until ``run.total``: epoch after epoch, ``grad_accum`` micro-batches a step."""
+    config, state = run.config, run.state
+    progress = _progress(console, enabled=config.progress and run.info.is_main)
+    task = progress.add_task("train", total=run.total, completed=run.step, loss=float("nan"))
     window: list[float] = []
     started = time.perf_counter()
     with progress:
-        while step < total:
-            sampler.set_epoch(state["epoch"])
-            batches = list(iter(sampler))[state["batch_in_epoch"] :]
+        while run.step < run.total:
+            run.sampler.set_epoch(state["epoch"])
+            batches = list(iter(run.sampler))[state["batch_in_epoch"] :]
             loader = torch.utils.data.DataLoader(
-                dataset, batch_sampler=batches, collate_fn=collator, num_workers=config.num_workers
+                run.dataset, batch_sampler=batches, collate_fn=run.collator, num_workers=config.num_workers
             )
             micro: list[dict[str, Any]] = []
             micro_indices: list[int] = []
@@ -410,58 +469,65 @@ def _train(model, dataset, collator, config, processor, info, console, say) -> T
                 state["batch_in_epoch"] += 1
                 if len(micro) < config.grad_accum:
                     continue
-                loss = _optimizer_step(model, micro, optimizer, scheduler, config, info, autocast)
-                step += 1
+                loss = _optimizer_step(
+                    run.model, micro, run.optimizer, run.scheduler, config, run.info, run.autocast
+                )
+                run.step += 1
                 if not math.isfinite(loss):
-                    samples = _sample_names(dataset, micro_indices)
-                    if not config.skip_nonfinite:
-                        raise NonFiniteError(
-                            f"step {step}: the loss or the gradients are not finite (loss {loss}); samples "
-                            f"{samples} (this process's batch); no update was made and nothing saved at this step; "
-                            "check these samples' inputs, lower --lr, or pass --skip-nonfinite to skip such steps",
-                            step=step,
-                            samples=samples,
-                        )
-                    result.skipped.append(step)
-                    say(f"step {step}: skipped (non-finite loss or gradients; samples {samples})")
+                    _non_finite_step(run, loss, micro_indices, say)
                 micro, micro_indices = [], []
-                result.losses.append((step, loss))
+                run.result.losses.append((run.step, loss))
                 window.append(loss)
                 progress.update(task, advance=1, loss=loss)
-                if step % config.log_every == 0 or step == total:
-                    rate = (step - result.resumed_from) / (time.perf_counter() - started)
+                if run.step % config.log_every == 0 or run.step == run.total:
+                    rate = (run.step - run.result.resumed_from) / (time.perf_counter() - started)
                     say(
-                        f"step {step}/{total}  loss {sum(window) / len(window):.4f}  "
-                        f"lr {scheduler.get_last_lr()[-1]:.2e}  {rate:.2f} steps/s"
+                        f"step {run.step}/{run.total}  loss {sum(window) / len(window):.4f}  "
+                        f"lr {run.scheduler.get_last_lr()[-1]:.2e}  {rate:.2f} steps/s"
                     )
                     window = []
-                if config.save_every and step % config.save_every == 0:
-                    path = checkpoints.save(step, model, optimizer, scheduler, state)
+                if config.save_every and run.step % config.save_every == 0:
+                    path = run.checkpoints.save(run.step, run.model, run.optimizer, run.scheduler, state)
                     say(f"checkpoint {path}")
-                if step >= total:
+                if run.step >= run.total:
                     break
             else:
                 state["epoch"] += 1
                 state["batch_in_epoch"] = 0
-    result.step = step
-    if result.skipped:
-        say(f"{len(result.skipped)} step(s) skipped for a non-finite loss or gradients: {result.skipped}")
-    if config.save_final:
-        try:
-            result.model_dir = save_model(model, output / FINAL, info, processor)
-        except OSError as exc:
-            last = checkpoints.latest()
-            kept = (
-                f"the last checkpoint is {last} (resume from it with the same -o once there is room)"
-                if last is not None
-                else "no checkpoint was written (use --save-every N to keep some)"
-            )
-            raise SaveError(
-                f"the final model could not be saved to {output / FINAL} after step {step} "
-                f"({exc.strerror or exc}); {kept}"
-            ) from exc
-        say(f"saved {result.model_dir}")
-    return result
+    run.result.step = run.step
+
+
+def _non_finite_step(run: _Run, loss: float, micro_indices: list[int], say: Callable[..., Any]) -> None:
+    """A step whose loss or gradients were not finite (and so made no update): stop, or skip and count."""
+    samples = _sample_names(run.dataset, micro_indices)
+    if not run.config.skip_nonfinite:
+        raise NonFiniteError(
+            f"step {run.step}: the loss or the gradients are not finite (loss {loss}); samples "
+            f"{samples} (this process's batch); no update was made and nothing saved at this step; "
+            "check these samples' inputs, lower --lr, or pass --skip-nonfinite to skip such steps",
+            step=run.step,
+            samples=samples,
+        )
+    run.result.skipped.append(run.step)
+    say(f"step {run.step}: skipped (non-finite loss or gradients; samples {samples})")
+
+
+def _save_final(run: _Run, processor: Any) -> Path | None:
+    """``<output_dir>/model``; a failed save (a full disk) says which checkpoint is left to resume from."""
+    target = Path(run.config.output_dir) / FINAL
+    try:
+        return save_model(run.model, target, run.info, processor)
+    except OSError as exc:
+        last = run.checkpoints.latest()
+        kept = (
+            f"the last checkpoint is {last} (resume from it with the same -o once there is room)"
+            if last is not None
+            else "no checkpoint was written (use --save-every N to keep some)"
+        )
+        raise SaveError(
+            f"the final model could not be saved to {target} after step {run.step} "
+            f"({exc.strerror or exc}); {kept}"
+        ) from exc
 
 
 def _sample_names(dataset: Any, indices: list[int]) -> list[Any]:
