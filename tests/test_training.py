@@ -89,7 +89,7 @@ def test_lora_stage_trains_adapters_and_projectors_only(tiny):
 
 
 def test_unknown_stage_is_a_config_error(tiny):
-    with pytest.raises(ConfigError, match="unknown training stage 'pretrain'.*align, finetune, full, lora"):
+    with pytest.raises(ConfigError, match="unknown training stage 'pretrain'.*align, lora, finetune, full"):
         apply_stage(tiny[0], "pretrain")
 
 

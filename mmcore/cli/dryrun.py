@@ -15,17 +15,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from mmcore.training.stages import STAGES
+
 WEIGHT_BYTES = 2  # bf16
 TRAINABLE_EXTRA_BYTES = 14  # bf16 grad 2 + fp32 master 4 + Adam m 4 + Adam v 4
 LORA_RANK = 16
-
-#: stage -> what trains
-STAGES = {
-    "align": "projectors",
-    "lora": f"projectors + LoRA r={LORA_RANK} on the LLM's linears",
-    "finetune": "projectors + LLM",
-    "full": "everything",
-}
 
 
 def _numel(module: Any) -> int:
@@ -85,14 +79,14 @@ def count_report(model: Any, *, placeholder_tokens: int = 0) -> dict[str, Any]:
         "full": total,
     }
     stages = []
-    for stage, what in STAGES.items():
-        params = total + (lora if stage == "lora" else 0)
+    for stage in STAGES.values():
+        params = total + (lora if stage.lora else 0)
         stages.append({
-            "stage": stage,
-            "trains": what,
+            "stage": stage.name,
+            "trains": stage.what_trains(LORA_RANK),
             "params": params,
-            "trainable": trainable[stage],
-            "memory_bytes": WEIGHT_BYTES * params + TRAINABLE_EXTRA_BYTES * trainable[stage],
+            "trainable": trainable[stage.name],
+            "memory_bytes": WEIGHT_BYTES * params + TRAINABLE_EXTRA_BYTES * trainable[stage.name],
         })  # fmt: skip
     width = embed.shape[1]
     rows = 1 if tied or head is None else 2

@@ -28,9 +28,11 @@ import typer
 
 from mmcore.cli.output import human_bytes, library_progress_bars, print_json, print_table
 from mmcore.errors import ConfigError
+from mmcore.training.stages import STAGES
 
 DTYPES = ("auto", "fp32", "bf16", "fp16")
-TRAIN_STAGES = {"align": "projectors", "finetune": "projectors + LLM", "full": "everything"}
+#: the stages test-run trains: those that add no LoRA adapters (`mmcore train` trains those)
+TRAIN_STAGES = tuple(name for name, stage in STAGES.items() if not stage.lora)
 _PROMPT = "user: describe the input. assistant:"
 _ANSWER = " it is a short test ."
 
@@ -49,7 +51,9 @@ def test_run(
     steps: int = typer.Option(3, "--steps", min=1, help="Timed training steps after one warm-up step."),
     generate: int = typer.Option(8, "--generate", min=0, help="New tokens to generate (0: skip generation)."),
     train: str = typer.Option(
-        "align", "--train", help="What trains: align (projectors), finetune (projectors + LLM), full."
+        "align",
+        "--train",
+        help="What trains: " + ", ".join(f"{n} ({STAGES[n].trains})" for n in TRAIN_STAGES) + ".",
     ),
     optimizer: bool = typer.Option(
         True, "--optimizer/--no-optimizer", help="Include an AdamW step in each training step."
@@ -207,7 +211,7 @@ def run(
     step_s = [r["step_s"] for r in records]
     train_report = {
         "stage": train,
-        "trains": TRAIN_STAGES[train],
+        "trains": STAGES[train].trains,
         "optimizer": "AdamW" if optimizer else None,
         "losses": losses,
         "loss_finite": all(math.isfinite(x) for x in losses),
@@ -361,47 +365,31 @@ def _tokens_per_item(features: Any, name: str) -> list[int]:
 def _text_batch(
     model: Any, tokenizer: Any, processor: Any, counts: dict, batch_size: int, device: Any
 ) -> dict:
-    """One sample per batch row: prompt, one placeholder run per modality, answer; labels = ids."""
-    import torch
+    """One sample per batch row: prompt, one placeholder run per modality, answer; labels = ids.
+    Expanded and right-padded by the `MultimodalProcessor` (built from the model when none was saved)."""
+    if processor is None:
+        from mmcore.processing import MultimodalProcessor
 
-    from mmcore.modeling.merge import expand_placeholders
-
+        processor = MultimodalProcessor.from_model(model, tokenizer)
+    if tokenizer.pad_token_id is None:  # this run's own tokenizer; generation pads with EOS too
+        tokenizer.pad_token = tokenizer.eos_token
     token_ids = model.modality_token_ids
-    wrap = {m: tuple(v) for m, v in model.config.modality_wrap_token_ids.items()}
     prompt = tokenizer(_PROMPT, add_special_tokens=False)["input_ids"]
     answer = tokenizer(_ANSWER, add_special_tokens=False)["input_ids"]
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     samples = []
     for row in range(batch_size):
         ids = bos + [token_ids[m] for m in model.encoders] + prompt + answer
-        per_sample = {m: [counts[m][row]] for m in model.encoders}
-        if processor is not None:
-            samples.append(processor.expand(ids, per_sample, sample=row))
-        else:
-            samples.append(expand_placeholders(ids, token_ids, per_sample, wrap=wrap or None))
-    if len({len(s) for s in samples}) > 1:
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        width = max(len(s) for s in samples)
-        mask = [[1] * len(s) + [0] * (width - len(s)) for s in samples]
-        labels = [s + [-100] * (width - len(s)) for s in samples]
-        samples = [s + [pad] * (width - len(s)) for s in samples]
-    else:
-        mask = [[1] * len(s) for s in samples]
-        labels = [list(s) for s in samples]
-    return {
-        "input_ids": torch.tensor(samples, device=device),
-        "attention_mask": torch.tensor(mask, device=device),
-        "labels": torch.tensor(labels, device=device),
-    }
+        samples.append(processor.expand(ids, {m: [counts[m][row]] for m in model.encoders}, sample=row))
+    batch = processor.pad(samples, labels=samples, padding=True, padding_side="right", return_tensors="pt")
+    return {key: batch[key].to(device) for key in ("input_ids", "attention_mask", "labels")}
 
 
 def _set_stage(model: Any, stage: str) -> dict[str, tuple[int, int]]:
-    spec: dict[str, bool] = {"*": stage == "full"}
-    for name in model.encoders:
-        spec[f"{name}.projector"] = True
-    if stage == "finetune":
-        spec["language_model"] = True
-    return model.set_trainable(spec)
+    """`mmcore.training.apply_stage`, as part -> ``(trainable, total)`` parameters."""
+    from mmcore.training.stages import apply_stage
+
+    return {part: (trainable, total) for part, trainable, total in apply_stage(model, stage).rows}
 
 
 def _train_step(

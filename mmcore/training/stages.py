@@ -1,13 +1,15 @@
 """Training stages (Prismatic/LLaVA style) and optimizer parameter groups.
 
-A stage is a function applied to a `MultimodalModel` that chooses what trains:
+A stage chooses what trains in a `MultimodalModel`. `STAGES` is the one table of them (name ->
+`Stage`: what trains, and why one would pick it); ``mmcore train --stage``, ``mmcore test-run
+--train`` and ``mmcore assemble --dry-run`` all read it:
 
 ========== ====================================================================================
 ``align``    the projectors only (encoders and the LLM frozen) -- LLaVA's pre-training stage
-``finetune`` the projectors and the whole LLM (encoders frozen) -- LLaVA's instruction tuning
-``full``     everything, encoders included
 ``lora``     LoRA adapters on the LLM (and, with ``lora_on_encoders=True``, on the encoders),
              plus the projectors trained in full; every base weight frozen
+``finetune`` the projectors and the whole LLM (encoders frozen) -- LLaVA's instruction tuning
+``full``     everything, encoders included
 ========== ====================================================================================
 
 >>> report = apply_stage(model, "align")          # doctest: +SKIP
@@ -19,13 +21,54 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
-
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from mmcore.errors import ConfigError
 
-STAGES = ("align", "finetune", "full", "lora")
+if TYPE_CHECKING:  # the table of stages is read by CLI help, which imports no torch
+    from torch import nn
+
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One training stage: its ``name``, what ``trains`` (a few words, as tables show it), a
+    ``description`` (a sentence), and whether it adds LoRA adapters (``lora``)."""
+
+    name: str
+    trains: str
+    description: str
+    lora: bool = False
+
+    def what_trains(self, lora_r: int | None = None) -> str:
+        """`trains`, with the LoRA rank when given: ``projectors + LoRA r=16 on the LLM's linears``."""
+        if lora_r is None or not self.lora:
+            return self.trains
+        return self.trains.replace("LoRA", f"LoRA r={lora_r}", 1)
+
+
+#: The stages, from the least to the most that trains: name -> `Stage`.
+STAGES: dict[str, Stage] = {
+    stage.name: stage
+    for stage in (
+        Stage(
+            "align", "projectors", "the projectors only (encoders and the LLM frozen): LLaVA's pre-training stage"
+        ),
+        Stage(
+            "lora",
+            "projectors + LoRA on the LLM's linears",
+            "LoRA adapters on the LLM (optionally on the encoders too) and the projectors in full; every base "
+            "weight frozen",
+            lora=True,
+        ),
+        Stage(
+            "finetune",
+            "projectors + LLM",
+            "the projectors and the whole LLM (encoders frozen): LLaVA's instruction tuning",
+        ),
+        Stage("full", "everything", "every parameter, encoders included"),
+    )
+}
 
 
 @dataclass(frozen=True)
