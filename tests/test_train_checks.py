@@ -245,3 +245,30 @@ def test_failed_final_save_names_the_last_checkpoint(tmp_path, monkeypatch):
     last = tmp_path / "checkpoints" / "step-0000002"
     assert str(last) in str(caught.value) and "No space left" in str(caught.value)
     assert (last / "trainer_state.json").is_file()
+
+
+def test_train_help_lists_every_config_option_with_its_help():
+    """The options come from TrainConfig's field metadata: each flag is listed with its help line, and
+    the command-line defaults build the dataclass's own defaults."""
+    import dataclasses
+
+    from mmcore.training.config import TrainConfig as Config
+    from mmcore.training.config import cli_options, config_from_cli
+
+    result = CliRunner().invoke(__import__("mmcore.cli.app", fromlist=["build_app"]).build_app(),
+                                ["train", "--help"], env={"COLUMNS": "400"})  # fmt: skip
+    assert result.exit_code == 0
+    options = cli_options()
+    assert {o.name for o in options} == {f.name for f in dataclasses.fields(Config)} - {
+        "group_by_modality", "save_final"
+    }
+    for opt in options:
+        assert opt.help and opt.help in result.stdout, opt.name
+        for flag in opt.flags:
+            for name in flag.split("/"):
+                assert name in result.stdout, name
+    for flag in ("--data", "--train-on", "--media", "--check-data", "--overwrite", "--trust-remote-code"):
+        assert flag in result.stdout
+    defaults = config_from_cli({o.name: o.default for o in options})
+    assert defaults == Config(output_dir="mmcore-train")
+    assert config_from_cli({**{o.name: o.default for o in options}, "max_grad_norm": 0.0}).max_grad_norm is None

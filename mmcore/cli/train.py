@@ -8,86 +8,72 @@ command; the model is sharded with FSDP2 (see docs/training.md).
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 
 from mmcore.errors import ConfigError, DataError
 
 
-def train_command(
-    target: Path = typer.Argument(
-        ..., metavar="SPEC|MODEL_DIR", help="A TOML assembly spec or a model directory (mmcore assemble -o)."
+# The options that are not `TrainConfig` fields (those come from its field metadata, see `_signature`).
+_ARGUMENTS = {
+    "target": (
+        Path,
+        typer.Argument(
+            ..., metavar="SPEC|MODEL_DIR", help="A TOML assembly spec or a model directory (mmcore assemble -o)."
+        ),
     ),
-    data: Path = typer.Option(
-        ..., "--data", help="JSONL of LLaVA-style conversations with image/audio paths."
+    "data": (Path, typer.Option(..., "--data", help="JSONL of LLaVA-style conversations with image/audio paths.")),
+}
+_COMMAND_OPTIONS = {
+    "train_on": (
+        str,
+        typer.Option("assistant", "--train-on", help="assistant (answers only) | all (every text token)."),
     ),
-    stage: str = typer.Option("finetune", "--stage", help="align | finetune | full | lora."),
-    output: Path = typer.Option(
-        Path("mmcore-train"), "--output", "-o", help="Checkpoints and the final model go here."
+    "media": (
+        Optional[list[str]],  # noqa: UP045 (typer reads this spelling on every version)
+        typer.Option(
+            None, "--media", help="JSONL key=modality, e.g. image=vision (default) or audio=speech; repeatable."
+        ),
     ),
-    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Optimizer steps (default: --epochs)."),
-    epochs: float = typer.Option(
-        1.0, "--epochs", min=0.0, help="Passes over the data, when --steps is not given."
+    "check_data": (
+        bool,
+        typer.Option(False, "--check-data", help="Only check the data (and the output dir); exit 0 when clean."),
     ),
-    batch_size: int = typer.Option(
-        4, "--batch-size", "-b", min=1, help="Samples per process per micro-batch."
+    "overwrite": (
+        bool,
+        typer.Option(
+            False, "--overwrite", help="Start afresh: remove an older run's checkpoints and model from OUTPUT first."
+        ),
     ),
-    grad_accum: int = typer.Option(1, "--grad-accum", min=1, help="Micro-batches per optimizer step."),
-    lr: float = typer.Option(2e-5, "--lr", help="Learning rate (everything but the projectors)."),
-    projector_lr: Optional[float] = typer.Option(
-        None, "--projector-lr", help="Projectors' learning rate (default: --lr)."
+    "trust_remote_code": (
+        bool,
+        typer.Option(
+            False, "--trust-remote-code", help="Let MODEL_DIR import the code its files name (see docs/security.md)."
+        ),
     ),
-    weight_decay: float = typer.Option(0.0, "--weight-decay", help="AdamW weight decay (matrices only)."),
-    warmup_ratio: float = typer.Option(0.03, "--warmup-ratio", help="Share of the steps spent warming up."),
-    scheduler: str = typer.Option(
-        "cosine", "--scheduler", help="cosine | linear | constant | constant_with_warmup."
-    ),
-    max_grad_norm: float = typer.Option(1.0, "--max-grad-norm", help="Gradient clipping (0: off)."),
-    log_every: int = typer.Option(10, "--log-every", min=1, help="Print the mean loss every N steps."),
-    save_every: int = typer.Option(
-        0, "--save-every", min=0, help="Checkpoint every N steps (0: only the final save)."
-    ),
-    keep_checkpoints: int = typer.Option(2, "--keep-checkpoints", min=0, help="Checkpoints kept (0: all)."),
-    resume: bool = typer.Option(
-        True, "--resume/--no-resume", help="Resume from the latest checkpoint in OUTPUT."
-    ),
-    seed: int = typer.Option(0, "--seed", help="Seeds the data order, dropout and a spec's random-weight parts."),
-    lora_r: int = typer.Option(8, "--lora-r", min=1, help="LoRA rank (stage lora)."),
-    lora_alpha: Optional[int] = typer.Option(None, "--lora-alpha", help="LoRA alpha (default: 2 x rank)."),
-    lora_dropout: float = typer.Option(0.0, "--lora-dropout"),
-    lora_encoders: bool = typer.Option(
-        False, "--lora-encoders", help="Stage lora: adapters on the encoders too."
-    ),
-    train_on: str = typer.Option(
-        "assistant", "--train-on", help="assistant (answers only) | all (every text token)."
-    ),
-    media: Optional[list[str]] = typer.Option(
-        None, "--media", help="JSONL key=modality, e.g. image=vision (default) or audio=speech; repeatable."
-    ),
-    mixed_precision: str = typer.Option("auto", "--mixed-precision", help="auto | bf16 | fp16 | no."),
-    activation_checkpointing: bool = typer.Option(
-        False, "--activation-checkpointing", help="Recompute activations."
-    ),
-    workers: int = typer.Option(0, "--workers", min=0, help="DataLoader worker processes."),
-    device: Optional[str] = typer.Option(
-        None, "--device", help="cpu or cuda (default: cuda when available)."
-    ),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
-    check_data: bool = typer.Option(
-        False, "--check-data", help="Only check the data (and the output dir); exit 0 when clean."
-    ),
-    overwrite: bool = typer.Option(
-        False, "--overwrite", help="Start afresh: remove an older run's checkpoints and model from OUTPUT first."
-    ),
-    skip_nonfinite: bool = typer.Option(
-        False, "--skip-nonfinite", help="Skip (and count) steps whose loss or gradients are NaN/inf instead of stopping."
-    ),
-    trust_remote_code: bool = typer.Option(
-        False, "--trust-remote-code", help="Let MODEL_DIR import the code its files name (see docs/security.md)."
-    ),
-) -> None:
+}
+
+
+def _signature() -> inspect.Signature:
+    """``train_command``'s parameters, as typer reads them: the arguments, every `TrainConfig` field
+    that has a command-line form (`mmcore.training.config.cli_options`), then the command's own options."""
+    from mmcore.training.config import cli_options
+
+    def parameter(name: str, annotation: Any, default: Any) -> inspect.Parameter:
+        return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+
+    params = [parameter(name, kind, info) for name, (kind, info) in _ARGUMENTS.items()]
+    for opt in cli_options():
+        info = typer.Option(opt.default, *opt.flags, help=opt.help, **opt.click)
+        params.append(parameter(opt.name, opt.type, info))
+    params += [parameter(name, kind, info) for name, (kind, info) in _COMMAND_OPTIONS.items()]
+    return inspect.Signature(params, return_annotation=None)
+
+
+def train_command(**values: Any) -> None:
     """Train a multimodal model on JSONL conversations.
 
     One JSONL line: {"id": "1", "image": "img/1.png", "conversations": [{"from": "human", "value":
@@ -102,8 +88,28 @@ def train_command(
 
       torchrun --standalone --nproc_per_node 8 -m mmcore train model.toml --data train.jsonl --stage finetune
     """
+    _train(**values)
+
+
+train_command.__signature__ = _signature()  # type: ignore[attr-defined]
+
+
+def _train(
+    *,
+    target: Path,
+    data: Path,
+    train_on: str,
+    media: Optional[list[str]],  # noqa: UP045
+    check_data: bool,
+    overwrite: bool,
+    trust_remote_code: bool,
+    **config_values: Any,
+) -> None:
+    from mmcore.training.config import config_from_cli
     from mmcore.training.stages import STAGES
 
+    output = Path(config_values["output_dir"])
+    stage, resume, seed = config_values["stage"], config_values["resume"], config_values["seed"]
     if stage not in STAGES:
         raise ConfigError(f"--stage {stage!r}: expected one of {', '.join(STAGES)}")
     if not target.exists():
@@ -121,19 +127,10 @@ def train_command(
 
     from mmcore.cli.output import console, library_progress_bars
     from mmcore.cli.testrun import load_target
-    from mmcore.training import ConversationDataset, MultimodalCollator, TrainConfig, train
+    from mmcore.training import ConversationDataset, MultimodalCollator, train
     from mmcore.training.distributed import close_distributed
 
-    config = TrainConfig(
-        output_dir=str(output), stage=stage, max_steps=steps, epochs=epochs, batch_size=batch_size,
-        grad_accum=grad_accum, lr=lr, projector_lr=projector_lr, weight_decay=weight_decay,
-        warmup_ratio=warmup_ratio, scheduler=scheduler, max_grad_norm=max_grad_norm or None,
-        log_every=log_every, save_every=save_every, keep_checkpoints=keep_checkpoints, resume=resume and not overwrite,
-        seed=seed, lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-        lora_on_encoders=lora_encoders, mixed_precision=mixed_precision,
-        activation_checkpointing=activation_checkpointing, num_workers=workers, device=device, progress=progress,
-        skip_nonfinite=skip_nonfinite,
-    )  # fmt: skip
+    config = config_from_cli(config_values, resume=resume and not overwrite)
     config.check()
     dataset = ConversationDataset(data, media_keys=media_keys)
     # Seeded before a spec is built, so its random-weight parts are the same in every run with this
@@ -164,7 +161,7 @@ def _check_output(output: Path, *, resume: bool, overwrite: bool, dry: bool) -> 
     which removes them (and so starts afresh even without --no-resume)."""
     import os
 
-    from mmcore.training.loop import CHECKPOINTS, FINAL
+    from mmcore.training.config import CHECKPOINTS, FINAL
 
     if output.exists() and not output.is_dir():
         raise ConfigError(f"--output {str(output)!r}: expected a directory, got an existing file")

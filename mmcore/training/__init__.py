@@ -30,7 +30,7 @@ _LAZY = {
     "shard": "mmcore.training.distributed",
     "init_distributed": "mmcore.training.distributed",
     "close_distributed": "mmcore.training.distributed",
-    "TrainConfig": "mmcore.training.loop",
+    "TrainConfig": "mmcore.training.config",
     "TrainResult": "mmcore.training.loop",
     "train": "mmcore.training.loop",
     "save_model": "mmcore.training.loop",

@@ -34,6 +34,7 @@ from torch import nn
 
 from mmcore._files import swap_into
 from mmcore.errors import ConfigError, NonFiniteError, SaveError
+from mmcore.training.config import CHECKPOINTS, FINAL, SCHEDULERS, TrainConfig  # noqa: F401 (re-exported)
 from mmcore.training.data import GroupedBatchSampler
 from mmcore.training.distributed import (
     DistInfo,
@@ -44,58 +45,6 @@ from mmcore.training.distributed import (
 )
 from mmcore.training.lora import has_lora
 from mmcore.training.stages import apply_stage, param_groups
-
-CHECKPOINTS = "checkpoints"
-FINAL = "model"
-SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
-
-
-@dataclass
-class TrainConfig:
-    """Everything `train` needs besides the model and data. ``max_steps`` wins over ``epochs``.
-
-    ``batch_size`` is per process; the global batch is ``batch_size * world_size * grad_accum``.
-    ``mixed_precision``: ``auto`` (bf16 on CUDA, none on CPU), ``bf16``, ``fp16`` or ``no``.
-    """
-
-    output_dir: str
-    stage: str = "finetune"
-    max_steps: int | None = None
-    epochs: float = 1.0
-    batch_size: int = 4
-    grad_accum: int = 1
-    lr: float = 2e-5
-    projector_lr: float | None = None
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.03
-    scheduler: str = "cosine"
-    max_grad_norm: float | None = 1.0
-    log_every: int = 10
-    save_every: int = 0
-    keep_checkpoints: int = 2
-    resume: bool = True
-    seed: int = 0
-    lora_r: int = 8
-    lora_alpha: int | None = None
-    lora_dropout: float = 0.0
-    lora_on_encoders: bool = False
-    group_by_modality: bool = True
-    mixed_precision: str = "auto"
-    activation_checkpointing: bool = False
-    num_workers: int = 0
-    device: str | None = None
-    progress: bool = True
-    save_final: bool = True
-    skip_nonfinite: bool = False
-
-    def check(self) -> None:
-        if self.scheduler not in SCHEDULERS:
-            raise ConfigError(f"scheduler must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
-        for name in ("batch_size", "grad_accum", "log_every"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ConfigError(f"max_steps must be >= 1, got {self.max_steps}")
 
 
 @dataclass
