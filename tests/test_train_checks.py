@@ -109,7 +109,7 @@ def test_no_resume_into_an_older_run_is_refused_unless_overwrite(tmp_path, start
     fresh = invoke(*train_args(model_dir, data, out, "--no-resume", "--overwrite"))
     assert fresh.exit_code == 0, fresh.output
     assert not (out / "checkpoints").exists() and (out / "model").is_dir()
-    assert invoke(*train_args(model_dir, data, out, "--save-every", "1")).exit_code == 0
+    assert invoke(*train_args(model_dir, data, out, "--save-every", "1", "--overwrite")).exit_code == 0
     again = invoke(*train_args(model_dir, data, out, "--overwrite"))  # --overwrite alone starts afresh too
     assert again.exit_code == 0 and "resumed from" not in again.output
     assert not (out / "checkpoints").exists()
@@ -272,3 +272,63 @@ def test_train_help_lists_every_config_option_with_its_help():
     defaults = config_from_cli({o.name: o.default for o in options})
     assert defaults == Config(output_dir="mmcore-train")
     assert config_from_cli({**{o.name: o.default for o in options}, "max_grad_norm": 0.0}).max_grad_norm is None
+
+
+def test_resuming_into_a_finished_model_without_checkpoints_is_refused(tmp_path, start):
+    """The default --resume into an OUTPUT whose model/ has no checkpoint beside it would overwrite that
+    model with a fresh run's: one line, exit 2, naming --overwrite and -o; the model stays as it was."""
+    model_dir, data = start
+    out = tmp_path / "run"
+    assert invoke(*train_args(model_dir, data, out)).exit_code == 0  # no --save-every: no checkpoints
+    weights = {p.name: p.read_bytes() for p in (out / "model").iterdir() if p.is_file()}
+    refused = invoke(*train_args(model_dir, data, out))
+    assert refused.exit_code == 2, refused.output
+    line = refused.stderr.strip()
+    assert "\n" not in line and "finished model" in line and "--overwrite" in line and "-o" in line
+    assert {p.name: p.read_bytes() for p in (out / "model").iterdir() if p.is_file()} == weights
+    replaced = invoke(*train_args(model_dir, data, out, "--overwrite"))
+    assert replaced.exit_code == 0, replaced.output
+
+
+def test_output_that_is_a_broken_link_or_holds_a_file_named_checkpoints_is_one_line(tmp_path, start):
+    model_dir, data = start
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "gone")
+    result = invoke(*train_args(model_dir, data, link))
+    assert result.exit_code == 2 and "does not exist" in result.stderr and "Traceback" not in result.output
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "checkpoints").write_text("not a directory")
+    result = invoke(*train_args(model_dir, data, out, "--save-every", "1"))
+    assert result.exit_code == 2 and "not a directory" in result.stderr and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("how", ["oserror", "dcp"])
+def test_a_checkpoint_that_cannot_be_written_is_a_save_error_naming_the_last_one(tmp_path, monkeypatch, how):
+    """A full disk at a checkpoint: a SaveError (the CLI's one line, exit 2) naming the step and the
+    last checkpoint left, whether the OSError comes bare or collected by torch.distributed.checkpoint."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    model, _ = tiny_multimodal_model()
+    data = NaNSamples()
+    config = TrainConfig(output_dir=str(tmp_path), stage="align", max_steps=3, batch_size=2, save_every=1,
+                         progress=False, device="cpu")  # fmt: skip
+    real_save, calls = dcp.save, []
+
+    def fills_up(*args, **kwargs):
+        calls.append(1)
+        if len(calls) < 2:
+            return real_save(*args, **kwargs)
+        error = OSError(errno.ENOSPC, "No space left on device")
+        if how == "oserror":
+            raise error
+        raise CheckpointException("failed", {0: (error, None)})
+
+    monkeypatch.setattr(dcp, "save", fills_up)
+    with pytest.raises(SaveError) as caught:
+        train(model, data, data.collate, config, console=Console(quiet=True))
+    message = str(caught.value)
+    assert "step 2" in message and "No space left" in message
+    assert str(tmp_path / "checkpoints" / "step-0000001") in message
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-0000001"]

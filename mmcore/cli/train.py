@@ -156,31 +156,55 @@ def _train(
 
 
 def _check_output(output: Path, *, resume: bool, overwrite: bool, dry: bool) -> None:
-    """OUTPUT must be (or become) a writable directory, and never mix two runs: a fresh run
-    (--no-resume) into a directory holding an older run's checkpoints or model needs --overwrite,
-    which removes them (and so starts afresh even without --no-resume)."""
+    """OUTPUT must be (or become) a writable directory, and never mix two runs nor lose one: a fresh
+    run (--no-resume) into a directory holding an older run's checkpoints or model, or a resumed run
+    into one holding a finished model and no checkpoint to resume from (it would overwrite that
+    model), needs --overwrite, which removes them (and so starts afresh even without --no-resume)."""
     import os
 
-    from mmcore.training.config import CHECKPOINTS, FINAL
+    from mmcore.training.config import CHECKPOINTS, FINAL, latest_checkpoint
 
+    where = f"--output {str(output)!r}"
+    if output.is_symlink() and not output.exists():
+        raise ConfigError(f"{where}: a symbolic link to {os.readlink(output)!r}, which does not exist")
     if output.exists() and not output.is_dir():
-        raise ConfigError(f"--output {str(output)!r}: expected a directory, got an existing file")
+        raise ConfigError(f"{where}: expected a directory, got an existing file")
     existing = next((p for p in output.parents if p.exists()), None) if not output.exists() else output
     if existing is not None and (not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK)):
-        raise ConfigError(f"--output {str(output)!r}: {str(existing)!r} is not a writable directory")
-    old = [output / name for name in (CHECKPOINTS, FINAL) if (output / name).exists()]
-    if not old or (resume and not overwrite):
+        raise ConfigError(f"{where}: {str(existing)!r} is not a writable directory")
+    old = [output / name for name in (CHECKPOINTS, FINAL) if (output / name).exists() or (output / name).is_symlink()]
+    if not old:
         return
-    if not overwrite:
+    if overwrite:
+        if not dry and os.environ.get("RANK", "0") == "0":  # under torchrun, one process removes them
+            _remove(old, where)
+        return
+    if not resume:
         raise ConfigError(
-            f"--output {str(output)!r} holds an older run ({', '.join(p.name for p in old)}); --no-resume would mix "
+            f"{where} holds an older run ({', '.join(p.name for p in old)}); --no-resume would mix "
             "the two runs: pass --overwrite to remove them first, or choose a new -o"
         )
-    if not dry and os.environ.get("RANK", "0") == "0":  # under torchrun, one process removes them
-        import shutil
+    for path in old:
+        if not path.is_dir():
+            raise ConfigError(f"{where}: {str(path)!r} is not a directory; remove it, or pass --overwrite")
+    if (output / FINAL).is_dir() and latest_checkpoint(output) is None:
+        raise ConfigError(
+            f"{where} holds a finished model ({FINAL}/) and no checkpoint to resume from; training would "
+            "overwrite that model: pass --overwrite to replace it, or choose another -o"
+        )
 
-        for path in old:
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+def _remove(paths: list[Path], where: str) -> None:
+    """--overwrite: remove an older run's parts; what cannot be removed is one typed line."""
+    import shutil
+
+    for path in paths:
+        try:
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+        except OSError as exc:
+            raise ConfigError(
+                f"{where}: --overwrite cannot remove {str(path)!r} ({exc.strerror or exc})"
+            ) from exc
 
 
 def _check_data(data: Path, media_keys: dict[str, str] | None) -> None:

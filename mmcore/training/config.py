@@ -161,6 +161,16 @@ class TrainConfig:
             raise ConfigError(f"max_steps must be >= 1, got {self.max_steps}")
 
 
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint under ``<output_dir>/checkpoints`` (one with its
+    ``trainer_state.json``: a killed write leaves none), or None."""
+    root = Path(output_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return None
+    done = sorted(p for p in root.glob("step-*") if (p / "trainer_state.json").is_file())
+    return done[-1] if done else None
+
+
 def cli_options() -> list[CliOption]:
     """The command-line options of `TrainConfig`, in field order: its fields with `option` metadata."""
     hints = typing.get_type_hints(TrainConfig)

@@ -34,7 +34,13 @@ from torch import nn
 
 from mmcore._files import swap_into
 from mmcore.errors import ConfigError, NonFiniteError, SaveError
-from mmcore.training.config import CHECKPOINTS, FINAL, SCHEDULERS, TrainConfig  # noqa: F401 (re-exported)
+from mmcore.training.config import (  # noqa: F401 (FINAL, SCHEDULERS: re-exported)
+    CHECKPOINTS,
+    FINAL,
+    SCHEDULERS,
+    TrainConfig,
+    latest_checkpoint,
+)
 from mmcore.training.data import GroupedBatchSampler
 from mmcore.training.distributed import (
     DistInfo,
@@ -96,10 +102,7 @@ class _Checkpoints:
         self.root, self.info, self.keep = root / CHECKPOINTS, info, keep
 
     def latest(self) -> Path | None:
-        if not self.root.is_dir():
-            return None
-        done = sorted(p for p in self.root.glob("step-*") if (p / "trainer_state.json").is_file())
-        return done[-1] if done else None
+        return latest_checkpoint(self.root.parent)
 
     def save(
         self, step: int, model: nn.Module, optimizer: Any, scheduler: Any, state: dict[str, Any]
@@ -436,14 +439,45 @@ def _run_steps(run: _Run, console: Any, say: Callable[..., Any]) -> None:
                     )
                     window = []
                 if config.save_every and run.step % config.save_every == 0:
-                    path = run.checkpoints.save(run.step, run.model, run.optimizer, run.scheduler, state)
-                    say(f"checkpoint {path}")
+                    say(f"checkpoint {_save_checkpoint(run)}")
                 if run.step >= run.total:
                     break
             else:
                 state["epoch"] += 1
                 state["batch_in_epoch"] = 0
     run.result.step = run.step
+
+
+def _save_checkpoint(run: _Run) -> Path:
+    """A checkpoint of this step; one that cannot be written (a full disk) is a `SaveError` saying
+    which checkpoint is the last one left (the partial one is removed)."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    previous = run.checkpoints.latest()
+    try:
+        return run.checkpoints.save(run.step, run.model, run.optimizer, run.scheduler, run.state)
+    except (OSError, CheckpointException) as exc:
+        cause = _os_error(exc)
+        if cause is None:
+            raise
+        shutil.rmtree(run.checkpoints.root / f".step-{run.step:07d}.partial", ignore_errors=True)
+        kept = f"the last checkpoint is {previous}" if previous is not None else "no earlier checkpoint exists"
+        raise SaveError(
+            f"the checkpoint of step {run.step} could not be written to {run.checkpoints.root} "
+            f"({cause.strerror or cause}); {kept}; free some space (or lower --keep-checkpoints) and resume "
+            "with the same -o"
+        ) from exc
+
+
+def _os_error(exc: BaseException) -> OSError | None:
+    """The `OSError` behind ``exc``: itself, or the first one torch.distributed.checkpoint collected."""
+    if isinstance(exc, OSError):
+        return exc
+    for failure in getattr(exc, "failures", {}).values():
+        error = failure[0] if isinstance(failure, tuple) else failure
+        if isinstance(error, OSError):
+            return error
+    return None
 
 
 def _non_finite_step(run: _Run, loss: float, micro_indices: list[int], say: Callable[..., Any]) -> None:
