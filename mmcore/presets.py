@@ -53,110 +53,37 @@ _TINY = dict(
     tie_word_embeddings=False,
 )  # fmt: skip
 
+def _decoder(
+    vocab: int, width: int, ffn: int, layers: int, heads: int, kv_heads: int, positions: int, eps: float,
+    theta: float, bos: int, eos: int, tied: bool = False, **extra: Any,
+) -> dict[str, Any]:  # fmt: skip
+    """A decoder-only LLM config (Llama / Qwen2 / Mistral field names) from its published numbers."""
+    return dict(
+        vocab_size=vocab, hidden_size=width, intermediate_size=ffn, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=positions,
+        rms_norm_eps=eps, rope_theta=theta, bos_token_id=bos, eos_token_id=eos, tie_word_embeddings=tied, **extra,
+    )  # fmt: skip
+
+
+# Real-size presets (meta-device dry runs, random-weight runs): numbers as in each model's config.json.
+#              vocab    width  ffn    layers heads kv  positions  eps   theta  bos     eos
 LLM_PRESETS: dict[str, LLMPreset] = {
     p.name: p
     for p in (
         LLMPreset("tiny", "llama", "2-layer Llama, width 32 (tests)", dict(_TINY), TINY_TOKENIZER),
         LLMPreset("tiny-qwen2", "qwen2", "2-layer Qwen2, width 32 (tests)", dict(_TINY), TINY_TOKENIZER),
-        LLMPreset(
-            "llama3-8b",
-            "llama",
-            "Meta-Llama-3-8B (8.03B)",
-            dict(
-                vocab_size=128256,
-                hidden_size=4096,
-                intermediate_size=14336,
-                num_hidden_layers=32,
-                num_attention_heads=32,
-                num_key_value_heads=8,
-                max_position_embeddings=8192,
-                rms_norm_eps=1e-5,
-                rope_theta=500000.0,
-                bos_token_id=128000,
-                eos_token_id=128001,
-                tie_word_embeddings=False,
-            ),
-        ),
-        LLMPreset(
-            "qwen2-0.5b",
-            "qwen2",
-            "Qwen2-0.5B (0.49B, tied)",
-            dict(
-                vocab_size=151936,
-                hidden_size=896,
-                intermediate_size=4864,
-                num_hidden_layers=24,
-                num_attention_heads=14,
-                num_key_value_heads=2,
-                max_position_embeddings=131072,
-                rms_norm_eps=1e-6,
-                rope_theta=1000000.0,
-                bos_token_id=151643,
-                eos_token_id=151643,
-                tie_word_embeddings=True,
-            ),
-        ),
-        LLMPreset(
-            "qwen2-7b",
-            "qwen2",
-            "Qwen2-7B (7.62B)",
-            dict(
-                vocab_size=152064,
-                hidden_size=3584,
-                intermediate_size=18944,
-                num_hidden_layers=28,
-                num_attention_heads=28,
-                num_key_value_heads=4,
-                max_position_embeddings=131072,
-                rms_norm_eps=1e-6,
-                rope_theta=1000000.0,
-                bos_token_id=151643,
-                eos_token_id=151643,
-                tie_word_embeddings=False,
-            ),
-        ),
-        LLMPreset(
-            "mistral-7b",
-            "mistral",
-            "Mistral-7B-v0.1 (7.24B)",
-            dict(
-                vocab_size=32000,
-                hidden_size=4096,
-                intermediate_size=14336,
-                num_hidden_layers=32,
-                num_attention_heads=32,
-                num_key_value_heads=8,
-                max_position_embeddings=32768,
-                rms_norm_eps=1e-5,
-                rope_theta=10000.0,
-                sliding_window=4096,
-                bos_token_id=1,
-                eos_token_id=2,
-                tie_word_embeddings=False,
-            ),
-        ),
-        LLMPreset(
-            "vicuna-7b",
-            "llama",
-            "Vicuna-7B v1.5, Llama-2 (6.74B)",
-            dict(
-                vocab_size=32000,
-                hidden_size=4096,
-                intermediate_size=11008,
-                num_hidden_layers=32,
-                num_attention_heads=32,
-                num_key_value_heads=32,
-                max_position_embeddings=4096,
-                rms_norm_eps=1e-5,
-                rope_theta=10000.0,
-                bos_token_id=1,
-                eos_token_id=2,
-                pad_token_id=0,
-                tie_word_embeddings=False,
-            ),
-        ),
+        LLMPreset("llama3-8b", "llama", "Meta-Llama-3-8B (8.03B)",
+                  _decoder(128256, 4096, 14336, 32, 32, 8, 8192, 1e-5, 500000.0, 128000, 128001)),
+        LLMPreset("qwen2-0.5b", "qwen2", "Qwen2-0.5B (0.49B, tied)",
+                  _decoder(151936, 896, 4864, 24, 14, 2, 131072, 1e-6, 1000000.0, 151643, 151643, tied=True)),
+        LLMPreset("qwen2-7b", "qwen2", "Qwen2-7B (7.62B)",
+                  _decoder(152064, 3584, 18944, 28, 28, 4, 131072, 1e-6, 1000000.0, 151643, 151643)),
+        LLMPreset("mistral-7b", "mistral", "Mistral-7B-v0.1 (7.24B)",
+                  _decoder(32000, 4096, 14336, 32, 32, 8, 32768, 1e-5, 10000.0, 1, 2, sliding_window=4096)),
+        LLMPreset("vicuna-7b", "llama", "Vicuna-7B v1.5, Llama-2 (6.74B)",
+                  _decoder(32000, 4096, 11008, 32, 32, 32, 4096, 1e-5, 10000.0, 1, 2, pad_token_id=0)),
     )
-}
+}  # fmt: skip
 
 
 def get_llm_preset(name: str) -> LLMPreset:
