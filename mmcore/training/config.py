@@ -126,6 +126,14 @@ class TrainConfig:
     lora_on_encoders: bool = field(
         default=False, metadata=option("--lora-encoders", help="Stage lora: adapters on the encoders too.")
     )
+    train_new_token_rows: bool = field(
+        default=False,
+        metadata=option(
+            "--train-new-token-rows",
+            help="Also train the embedding rows (input and output) of the tokens mmcore added (modality "
+            "placeholders, start/end tokens); every other row stays bit-identical.",
+        ),
+    )
     group_by_modality: bool = True
     mixed_precision: str = field(
         default="auto", metadata=option("--mixed-precision", help=" | ".join(MIXED_PRECISIONS) + ".")

@@ -314,6 +314,11 @@ def _prepare_model(model: nn.Module, config: TrainConfig, info: DistInfo, say: C
         raise ConfigError(
             "LoRA cannot be added to a model FSDP already sharded; train from the saved model instead"
         )
+    if config.train_new_token_rows and (info.distributed or is_sharded(model)):
+        raise ConfigError(
+            "train_new_token_rows (--train-new-token-rows) works in one process for now: FSDP2 sharding "
+            "replaces the embedding weights that carry its hooks"
+        )
     report = apply_stage(
         model,
         config.stage,
@@ -321,6 +326,7 @@ def _prepare_model(model: nn.Module, config: TrainConfig, info: DistInfo, say: C
         lora_alpha=config.lora_alpha,
         lora_dropout=config.lora_dropout,
         lora_on_encoders=config.lora_on_encoders,
+        train_new_token_rows=config.train_new_token_rows or None,
     )
     say(report)
     if config.activation_checkpointing:

@@ -135,12 +135,19 @@ def apply_stage(
     lora_dropout: float = 0.0,
     lora_target_modules: str | list[str] = "all-linear",
     lora_on_encoders: bool = False,
+    train_new_token_rows: bool | Sequence[int] | None = None,
 ) -> StageReport:
     """Set what trains in ``model`` (a `MultimodalModel`) for ``stage`` and return the table.
 
     Only ``requires_grad`` changes (plus, for ``lora``, the LLM gets wrapped by PEFT and, with
     ``lora_on_encoders``, LoRA layers are injected into the encoders). ``lora_alpha`` defaults to
     ``2 * lora_r``. Applying ``lora`` to a model that already has adapters reuses them.
+
+    ``train_new_token_rows``: also train the rows of the input and output embeddings of the tokens
+    mmcore added (``True``: `mmcore.training.token_rows.new_token_ids`) or of the ids given, and only
+    those rows: every other row stays bit-identical through optimizer steps, weight decay included,
+    in mmcore's loop and in HF ``Trainer`` alike (OmniLMM's ``tune_mm_mlp_adapter``; see
+    `mmcore.training.token_rows.train_token_rows`).
     """
     if stage not in STAGES:
         raise ConfigError(f"unknown training stage {stage!r}; expected one of {', '.join(STAGES)}")
@@ -162,6 +169,12 @@ def apply_stage(
         notes.append(
             f"LoRA r={lora_r} on the language model" + (" and the encoders" if lora_on_encoders else "")
         )
+    if train_new_token_rows is not None and train_new_token_rows is not False:
+        from mmcore.training.token_rows import train_token_rows
+
+        ids = None if train_new_token_rows is True else train_new_token_rows
+        rows = train_token_rows(model, ids).rows
+        notes.append(f"embeddings: only the rows of {len(rows)} new token(s) train ({rows})")
     return stage_report(model, stage, notes)
 
 
@@ -181,18 +194,22 @@ def param_groups(
     weight_decay: float = 0.0,
 ) -> list[dict[str, Any]]:
     """Optimizer parameter groups over the trainable parameters: projectors at ``projector_lr``
-    (default ``lr``), everything else at ``lr``; weight decay only on matrices (not biases, norms).
+    (default ``lr``), everything else at ``lr``; weight decay only on matrices (not biases, norms, nor
+    the embeddings of `train_token_rows`).
 
     Each group carries a ``"name"`` key (``projector``, ``projector_no_decay``, ``rest``,
     ``rest_no_decay``); empty groups are left out.
     """
+    from mmcore.training.token_rows import has_token_rows
+
     projector_lr = lr if projector_lr is None else projector_lr
     groups: dict[str, dict[str, Any]] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         kind = "projector" if _is_projector(name) else "rest"
-        decay = weight_decay > 0 and _decays(name, param)
+        # a weight that trains only at some rows (new tokens) never decays: decay would move the others
+        decay = weight_decay > 0 and _decays(name, param) and not has_token_rows(param)
         key = kind if decay else f"{kind}_no_decay"
         group = groups.setdefault(
             key,
