@@ -252,11 +252,11 @@ def test_train_help_lists_every_config_option_with_its_help():
     the command-line defaults build the dataclass's own defaults."""
     import dataclasses
 
+    from mmcore.cli.app import build_app
     from mmcore.training.config import TrainConfig as Config
     from mmcore.training.config import cli_options, config_from_cli
 
-    result = CliRunner().invoke(__import__("mmcore.cli.app", fromlist=["build_app"]).build_app(),
-                                ["train", "--help"], env={"COLUMNS": "400"})  # fmt: skip
+    result = CliRunner().invoke(build_app(), ["train", "--help"], env={"COLUMNS": "400"})
     assert result.exit_code == 0
     options = cli_options()
     assert {o.name for o in options} == {f.name for f in dataclasses.fields(Config)} - {
