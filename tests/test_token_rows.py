@@ -168,3 +168,14 @@ def test_mmcore_train_flag_keeps_the_old_rows_of_the_saved_model(tmp_path):
     # placeholders are replaced by features before the LLM, so their input rows get no gradient;
     # the head's rows (every logit has one) train
     assert moved[-1]
+
+
+def test_a_later_stage_without_the_option_ends_the_row_masking():
+    model, _ = _model("llama")
+    apply_stage(model, "align", train_new_token_rows=True)
+    apply_stage(model, "finetune")
+    batch = _batch(model, 0)
+    model(**batch).loss.backward()
+    grad = embedding_weights(model)[0].grad
+    assert grad[int(batch["input_ids"][0, 0])].abs().sum() > 0  # an old row trains again
+    assert not hasattr(embedding_weights(model)[0], "_mmcore_trainable_rows")

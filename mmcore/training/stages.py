@@ -151,6 +151,10 @@ def apply_stage(
     """
     if stage not in STAGES:
         raise ConfigError(f"unknown training stage {stage!r}; expected one of {', '.join(STAGES)}")
+    if getattr(model, "_mmcore_token_rows", None) is not None:  # an earlier stage's new-token rows end here
+        from mmcore.training.token_rows import stop_token_rows
+
+        stop_token_rows(model)
     projectors = {f"{name}.projector": True for name in model.encoders}
     notes: list[str] = []
     if stage == "align":

@@ -88,9 +88,7 @@ def train_token_rows(model: nn.Module, token_ids: Iterable[int] | None = None) -
     size = weights[0].shape[0]
     if rows[0] < 0 or rows[-1] >= size:
         raise ConfigError(f"token ids {rows} fall outside the embedding's {size} rows")
-    previous = getattr(model, "_mmcore_token_rows", None)
-    if previous is not None:
-        previous.remove()
+    stop_token_rows(model)
     _install_optimizer_hooks()
     result = TokenRows(weights, rows)
     index = torch.tensor(rows, dtype=torch.long)
@@ -100,6 +98,14 @@ def train_token_rows(model: nn.Module, token_ids: Iterable[int] | None = None) -
         result.handles.append(weight.register_hook(_GradientMask(index, weight.shape[0])))
     model._mmcore_token_rows = result  # one set-up per model: a second call replaces it
     return result
+
+
+def stop_token_rows(model: nn.Module) -> None:
+    """Undo `train_token_rows` on ``model`` (if it was set up); `apply_stage` calls it first."""
+    previous = getattr(model, "_mmcore_token_rows", None)
+    if previous is not None:
+        previous.remove()
+        del model._mmcore_token_rows
 
 
 def has_token_rows(param: torch.Tensor) -> bool:
@@ -154,6 +160,8 @@ def _keep_frozen_rows(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) 
             kept.append((param, index, param.detach().index_select(0, index)))
     if kept:
         _saved[id(optimizer)] = kept
+    else:  # nothing left over from a step that raised
+        _saved.pop(id(optimizer), None)
 
 
 @torch.no_grad()
