@@ -29,7 +29,7 @@ from mmcore import __version__
 from mmcore.errors import MMCoreError
 
 #: modules of ``mmcore.cli`` with a ``register(app)`` function, in help order; a missing one is skipped
-COMMAND_MODULES = ("listing", "assemble", "testrun", "train")
+COMMAND_MODULES = ("listing", "assemble", "testrun", "train", "convert")
 
 USAGE_ERROR = 2
 _TRUE = ("1", "true", "yes", "on")

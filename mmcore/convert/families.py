@@ -1,0 +1,56 @@
+"""Which transformers VLM families mmcore converts, and the errors conversion raises.
+
+A family is a transformers ``model_type`` (``config.json``) with a module in this package that
+implements ``from_hf(hf_model, ...)``, ``to_hf(mllm)`` and ``processor_from_hf(...)``. `MISSING` names
+the families transformers has that mmcore cannot express yet, with the reason; the error for an
+unknown source lists both. This module imports no torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+from mmcore.errors import ConfigError
+
+#: model_type -> module of mmcore.convert that converts it.
+FAMILIES: dict[str, str] = {
+    "llava": "mmcore.convert.llava",
+}
+
+#: model_type -> why it is not converted yet (shown in errors and in docs/converting.md).
+MISSING: dict[str, str] = {
+    "llava_next": "any-resolution tiling (image_grid_pinpoints, image_newline) has no mmcore encoder yet",
+    "llava_onevision": "any-resolution tiling and video pooling have no mmcore encoder yet",
+    "qwen2_vl": "needs the Qwen2-VL native-resolution tower and 3-D rotary positions (dynamic-tokens issue)",
+    "qwen2_5_vl": "needs the Qwen2.5-VL native-resolution tower and 3-D rotary positions (dynamic-tokens issue)",
+    "qwen2_audio": "needs the Qwen2-Audio Whisper tower with its pooling as an mmcore encoder (dynamic-tokens issue)",
+}
+
+
+class UnknownFamilyError(ConfigError):
+    """A source's ``model_type`` is not a family mmcore converts; the message names the known ones."""
+
+
+class NoTransformersCounterpartError(ConfigError):
+    """An mmcore model has a part (two encoders, a resampler, a timm tower, a callback...) that no
+    transformers VLM class can hold, so `to_hf` / ``mmcore export`` cannot write it."""
+
+
+def known_families() -> str:
+    return ", ".join(sorted(FAMILIES))
+
+
+def family_module(model_type: str | None, where: str = "source") -> ModuleType:
+    """The converter module of ``model_type``; `UnknownFamilyError` naming the known families."""
+    if model_type in FAMILIES:
+        return importlib.import_module(FAMILIES[model_type])
+    if model_type in MISSING:
+        raise UnknownFamilyError(
+            f"{where}: model_type {model_type!r} is not converted yet ({MISSING[model_type]}); "
+            f"families mmcore converts: {known_families()}"
+        )
+    raise UnknownFamilyError(
+        f"{where}: model_type {model_type!r} is not a transformers VLM family mmcore knows; "
+        f"families mmcore converts: {known_families()} (not yet: {', '.join(sorted(MISSING))})"
+    )
