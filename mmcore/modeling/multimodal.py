@@ -699,8 +699,10 @@ def _load_checked(load, path, *args, **kwargs):
                 json.load(f)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise CheckpointError(f"{config}: not valid JSON ({exc}); expected the model's config") from exc
+    report = _HeldLoadReport()
     try:
-        return load(path, *args, **kwargs)
+        with report:
+            loaded = load(path, *args, **kwargs)
     except SafetensorError as exc:
         raise CheckpointError(
             f"{where}: a .safetensors weights file is truncated or corrupt ({exc}); save the model again"
@@ -713,10 +715,62 @@ def _load_checked(load, path, *args, **kwargs):
     except RuntimeError as exc:
         if "size mismatch" not in str(exc) and "ignore_mismatched_sizes" not in str(exc):
             raise
+        mismatch = report.first_row("MISMATCH")
         raise CheckpointError(
-            f"{where}: the weights' sizes do not match config.json (see the load report above); "
-            "expected a checkpoint saved with this config"
+            f"{where}: the weights' sizes do not match config.json"
+            + (f" ({mismatch})" if mismatch else "")
+            + "; expected a checkpoint saved with this config"
         ) from exc
+    report.release()  # a load that worked: HF's report (missing or unexpected keys) is shown as usual
+    return loaded
+
+
+class _HeldLoadReport:
+    """Holds transformers' LOAD REPORT warning during a load: a load that fails on mismatched sizes is
+    one `CheckpointError` line naming the first mismatched weight, not a table and then an error."""
+
+    # where transformers logs the report from (modeling_utils passes its own logger; the default is
+    # loading_report's)
+    LOGGERS = ("transformers.modeling_utils", "transformers.utils.loading_report")
+
+    def __init__(self) -> None:
+        import logging
+
+        self.loggers = [logging.getLogger(name) for name in self.LOGGERS]
+        self.records: list[logging.LogRecord] = []
+
+    def filter(self, record) -> bool:
+        if "LOAD REPORT" not in str(record.msg):
+            return True
+        self.records.append(record)
+        return False
+
+    def __enter__(self):
+        for logger in self.loggers:
+            logger.addFilter(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for logger in self.loggers:
+            logger.removeFilter(self)
+
+    def first_row(self, status: str) -> str | None:
+        """``key: detail`` of the report's first row with this status, ANSI colours removed."""
+        import re
+
+        for record in self.records:
+            for line in re.sub(r"\x1b\[[0-9;]*m", "", record.getMessage()).splitlines():
+                cells = [c.strip() for c in line.split("|")]
+                if len(cells) >= 3 and cells[1] == status:
+                    return f"{cells[0]}: {cells[2]}" if cells[2] else cells[0]
+        return None
+
+    def release(self) -> None:
+        import logging
+
+        for record in self.records:
+            logging.getLogger(record.name).handle(record)
+        self.records.clear()
 
 
 # Files a model save writes; anything else already in the directory (the tokenizer, a processor saved
