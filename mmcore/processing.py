@@ -115,6 +115,10 @@ class MultimodalProcessor:
             agree on them. Without a model the tokenizer must already have the tokens.
         num_feature_calculation_funcs: modality -> ``fn(items, processed) -> list[int]`` (see the
             module docstring); required for modalities whose encoder a plugin did not build.
+        predefined_tokens: modality -> the placeholder string the text uses for it (Cornstarch's
+            name), e.g. ``{"vision": "<image>"}`` when a data set already writes ``<image>``; default
+            ``<modality>``. Added to the tokenizer as a special token (one that is already there keeps
+            its id); a chat message part ``{"type": "image"}`` then means ``<image>``.
         wrap: put ``<m_start>``/``<m_end>`` around each item's run. ``None``: wrap when the model
             has wrap token ids for every modality.
         padding_side: ``"left"`` (generation) or ``"right"``; ``None``: the tokenizer's.
@@ -135,6 +139,7 @@ class MultimodalProcessor:
         llm_tokenizer: Any,
         model: Any = None,
         num_feature_calculation_funcs: Mapping[str, NumTokensFn] | None = None,
+        predefined_tokens: Mapping[str, str] | None = None,
         *,
         wrap: bool | None = None,
         padding_side: str | None = None,
@@ -182,7 +187,7 @@ class MultimodalProcessor:
         # Which processors came from the model's plugin recipes (from_model/from_pretrained set it):
         # those are saved as "from the recipe", not as files.
         self._processor_from_plugin: set[str] = set()
-        self._setup_tokens(model, modalities, wrap)
+        self._setup_tokens(model, modalities, wrap, predefined_tokens)
 
     # -- construction --------------------------------------------------------------------------------
     @classmethod
@@ -193,6 +198,7 @@ class MultimodalProcessor:
         *,
         encoder_processors: Mapping[str, Callable[..., Mapping[str, Any]]] | None = None,
         num_feature_calculation_funcs: Mapping[str, NumTokensFn] | None = None,
+        predefined_tokens: Mapping[str, str] | None = None,
         wrap: bool | None = None,
         padding_side: str | None = None,
     ) -> MultimodalProcessor:
@@ -221,13 +227,30 @@ class MultimodalProcessor:
             processors[name] = _plugin_processor(name, info.source)
             from_plugin.add(name)
         processor = cls(
-            processors, tokenizer, model, num_feature_calculation_funcs, wrap=wrap, padding_side=padding_side
+            processors,
+            tokenizer,
+            model,
+            num_feature_calculation_funcs,
+            predefined_tokens,
+            wrap=wrap,
+            padding_side=padding_side,
         )
         processor._processor_from_plugin = from_plugin
         return processor
 
-    def _setup_tokens(self, model: Any, modalities: list[str], wrap: bool | None) -> None:
-        tokens = {m: placeholder_token(m) for m in modalities}
+    def _setup_tokens(
+        self, model: Any, modalities: list[str], wrap: bool | None, predefined: Mapping[str, str] | None
+    ) -> None:
+        predefined = dict(predefined or {})
+        unknown = sorted(set(predefined) - set(modalities))
+        if unknown:
+            raise ConfigError(f"predefined_tokens for {unknown}, but the processors are for {sorted(modalities)}")
+        bad = {m: t for m, t in predefined.items() if not isinstance(t, str) or not t.strip()}
+        if bad:
+            raise ConfigError(f"predefined_tokens must map a modality to a non-empty string, got {bad}")
+        tokens = {m: predefined.get(m) or placeholder_token(m) for m in modalities}
+        if len(set(tokens.values())) != len(tokens):
+            raise ConfigError(f"each modality needs its own placeholder token, got {tokens}")
         if model is not None and wrap is None:
             saved = model.config.modality_wrap_token_ids
             wrap = all(m in saved for m in modalities)
@@ -245,7 +268,7 @@ class MultimodalProcessor:
                 )
             )
             if not agree:
-                add_modality_tokens(self.tokenizer, model, modalities, wrap=wrap)
+                add_modality_tokens(self.tokenizer, model, modalities, wrap=wrap, tokens=tokens)
                 vocab = self.tokenizer.get_vocab()
             rows = model.get_input_embeddings().weight.shape[0]
             outside = [t for pair in wraps.values() for t in pair if vocab[t] >= rows]
@@ -417,6 +440,8 @@ class MultimodalProcessor:
                 pieces.append(part.get("text", ""))
             elif kind in self.tokens:
                 pieces.append(self.tokens[kind])
+            elif isinstance(kind, str) and f"<{kind}>" in self.tokens.values():  # {"type": "image"} for "<image>"
+                pieces.append(f"<{kind}>")
             else:
                 raise ConfigError(
                     f"sample {sample}: unknown message part {part!r}; expected {{'type': 'text', 'text': ...}} "
@@ -746,6 +771,7 @@ class MultimodalProcessor:
             tokenizer,
             model,
             funcs,
+            {m: r["token"] for m, r in records.items() if isinstance(r.get("token"), str)},
             wrap=bool(config.get("wrap")),
             padding_side=padding_side or config.get("padding_side"),
             _encoder_info=None if model is not None else infos,

@@ -70,3 +70,66 @@ def test_add_modality_tokens_refuses_an_extra_token_that_is_a_placeholder():
     )
     with pytest.raises(TokenIdError, match="already modality placeholder"):
         add_modality_tokens(tok, model, extra_tokens=["<vision>"])
+
+
+# -- Cornstarch: predefined_tokens ------------------------------------------------------------------------------
+class _Images:
+    """(3, h, w) images -> ``pixel_values`` at 28 px (the tiny CLIP tower's size)."""
+
+    def __call__(self, items):
+        return {
+            "pixel_values": torch.stack(
+                [
+                    torch.nn.functional.interpolate(torch.as_tensor(np.asarray(i), dtype=torch.float32)[None], size=28)[0]
+                    for i in items
+                ]
+            )
+        }
+
+
+def test_predefined_tokens_use_the_data_sets_own_placeholder_and_survive_save_load(tmp_path):
+    from mmcore import MultimodalProcessor
+    from mmcore.testing import tiny_multimodal_model
+
+    model, tokenizer = tiny_multimodal_model()
+    image = np.full((3, 28, 28), 0.5, dtype=np.float32)
+    processor = MultimodalProcessor(
+        encoder_processors={"vision": _Images()},
+        llm_tokenizer=tokenizer,
+        model=model,
+        num_feature_calculation_funcs={"vision": lambda items, processed: [4] * len(items)},
+        predefined_tokens={"vision": "<image>"},
+    )
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    assert processor.token_ids["vision"] == model.config.modality_token_ids["vision"] == image_id
+    assert tokenizer.tokenize("a<image>b").count("<image>") == 1  # special: never split
+    batch = processor("<image> what is this?", vision=[image])
+    assert batch["input_ids"][0].tolist().count(image_id) == 4
+    parts = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": " what?"}]}]
+    assert processor(messages=parts, vision=[image])["input_ids"][0].tolist().count(image_id) == 4
+    with torch.no_grad():
+        assert torch.isfinite(model.eval()(**batch, labels=batch["input_ids"]).loss)
+
+    processor.save_pretrained(tmp_path)
+    again = MultimodalProcessor.from_pretrained(
+        tmp_path, model, encoder_processors={"vision": _Images()},
+        num_feature_calculation_funcs={"vision": lambda items, processed: [4] * len(items)},
+    )  # fmt: skip
+    assert again.tokens["vision"] == "<image>" and again.token_ids["vision"] == image_id
+    assert len(again.tokenizer) == len(tokenizer)  # nothing added a second time
+
+
+@pytest.mark.parametrize(
+    "tokens, message",
+    [
+        ({"audio": "<audio>"}, r"predefined_tokens for \['audio'\]"),
+        ({"vision": ""}, "non-empty string"),
+    ],
+)
+def test_predefined_tokens_that_cannot_work_are_config_errors(tokens, message):
+    from mmcore import MultimodalProcessor
+    from mmcore.testing import tiny_multimodal_model
+
+    model, tokenizer = tiny_multimodal_model()
+    with pytest.raises(ConfigError, match=message):
+        MultimodalProcessor({"vision": _Images()}, tokenizer, model, {"vision": lambda i, o: [4] * len(i)}, tokens)
