@@ -308,3 +308,38 @@ def test_projector_from_a_plugin_builds_by_name_and_rebuilds_at_load(tmp_path):
         torch.testing.assert_close(loaded(input_ids=ids, pixel_values=pixels).logits, logits, rtol=0, atol=0)
     with pytest.raises(ConfigError, match="unknown projector type 'pools:pairpool'.*mmcore list-projectors"):
         MultimodalModel.from_pretrained(tmp_path / "m")
+
+
+@pytest.mark.filterwarnings("ignore:mmcore plugins clash")
+def test_a_plugin_projector_is_recorded_qualified_and_a_later_namesake_does_not_break_it(tmp_path):
+    import shutil
+
+    from mmcore import hookimpl
+    from mmcore.registry import ProjectorSpec
+    from mmcore.testing import registered_plugin
+
+    class Pools:
+        @hookimpl
+        def register_projectors(self, register):
+            register(ProjectorSpec(name="pairpool", summary="pairs", factory=f"{__name__}:PairPool"))
+
+    class Namesake:
+        @hookimpl
+        def register_projectors(self, register):
+            register(ProjectorSpec(name="pairpool", summary="another", factory="nowhere:Nothing"))
+
+    with registered_plugin(Pools(), "pools"):
+        model = MultimodalModel({"vision": ModalEncoderModule(tiny_clip_vision())}, tiny_llm(),
+                                init_projector_type="pairpool")  # fmt: skip
+        model.save_pretrained(tmp_path / "m")
+        saved = json.loads((tmp_path / "m" / "config.json").read_text())
+        assert saved["encoders"]["vision"]["projector"]["projector_type"] == "pools:pairpool"
+        # a directory saved before names were qualified (the bare name) still loads
+        shutil.copytree(tmp_path / "m", tmp_path / "legacy")
+        saved["encoders"]["vision"]["projector"]["projector_type"] = "pairpool"
+        (tmp_path / "legacy" / "config.json").write_text(json.dumps(saved))
+        legacy = MultimodalModel.from_pretrained(tmp_path / "legacy")
+        assert isinstance(legacy.encoders["vision"].projector.projection, PairPool)
+        with registered_plugin(Namesake(), "rival"):
+            loaded = MultimodalModel.from_pretrained(tmp_path / "m")  # a new plugin, same bare name
+    assert isinstance(loaded.encoders["vision"].projector.projection, PairPool)

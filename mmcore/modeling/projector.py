@@ -235,7 +235,11 @@ def build_projection(config: MultimodalProjectorConfig) -> nn.Module:
         # A plugin's projector: its factory takes this config and returns the module.
         from mmcore.registry import load_factory
 
-        return load_factory(registered_projector(config.projector_type))(config)
+        spec = registered_projector(config.projector_type)
+        # recorded qualified, as encoders and callbacks are: a later plugin registering the same bare
+        # name cannot make this model ambiguous (a bare name saved earlier still loads while unique)
+        config.projector_type = spec.qualified_name
+        return load_factory(spec)(config)
     if kind == "linear":
         return nn.Linear(config.in_features, config.out_features, bias=config.bias)
     if kind == "mlp":
