@@ -166,6 +166,15 @@ def test_sigkill_at_random_moments_never_loses_the_model(tiny, tmp_path):
             pid = os.fork()  # the writer: the model already built, so a kill lands in a save, not in imports
             if pid == 0:
                 try:
+                    # tqdm's write lock is shared with the parent (a multiprocessing semaphore): a child
+                    # killed while holding it would deadlock the parent's next progress bar
+                    import threading
+
+                    from tqdm import tqdm
+                    from transformers.utils import logging as hf_logging
+
+                    tqdm.set_lock(threading.RLock())
+                    hf_logging.disable_progress_bar()
                     while True:
                         model.save_pretrained(target)
                 finally:
