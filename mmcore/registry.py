@@ -28,7 +28,9 @@ from typing import Any, Callable, ClassVar
 from mmcore._names import did_you_mean
 from mmcore.errors import AmbiguousNameError, FactoryImportError, InvalidSpecError, UnknownNameError
 
-CALLBACK_SLOTS = ("preprocess", "postprocess_module", "postprocess_projector")
+CALLBACK_SLOTS = ("preprocess", "postprocess_module", "postprocess_projector")  # an encoder's
+# the model's own: sees the language model's inputs after the merge (Cornstarch's preprocess_llm_callback)
+MODEL_CALLBACK_SLOTS = ("preprocess_llm",)
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
 _FACTORY = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
@@ -149,10 +151,11 @@ class CallbackSpec:
     def __post_init__(self) -> None:
         _check_name(self.kind, self.name)
         _check_str_tuple(self.kind, self.name, "slots", self.slots)
-        bad = [s for s in self.slots if s not in CALLBACK_SLOTS]
+        bad = [s for s in self.slots if s not in CALLBACK_SLOTS + MODEL_CALLBACK_SLOTS]
         if not self.slots or bad:
             raise InvalidSpecError(
-                f"{self.kind} {self.name!r}: slots must be a non-empty tuple of {', '.join(CALLBACK_SLOTS)}; "
+                f"{self.kind} {self.name!r}: slots must be a non-empty tuple of "
+                f"{', '.join(CALLBACK_SLOTS + MODEL_CALLBACK_SLOTS)}; "
                 f"got {self.slots!r}"
             )
         _check_str(self.kind, self.name, "summary", self.summary)

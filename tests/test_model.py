@@ -123,9 +123,9 @@ def test_callback_order_and_outputs_as_tuple_or_model_output():
             events.append(("projector", tuple(x.shape)))
             return self.lin(x)
 
-    def post_projector(inputs, output):
-        events.append(("post_projector", tuple(output.shape)))
-        return (output[:, :2],)  # a tuple: first element is used
+    def post_projector(inputs, output):  # Cornstarch's form: output[0] is the projected features
+        events.append(("post_projector", type(output).__name__, tuple(output[0].shape)))
+        return (output[0][:, :2],)  # a tuple: first element is used
 
     model = MultimodalModel(
         encoders={"vision": ModalEncoderModule(clip, Proj(), pre, post_module, post_projector)},
@@ -137,7 +137,7 @@ def test_callback_order_and_outputs_as_tuple_or_model_output():
         "pre",
         ("post_module", "BaseModelOutputWithPooling", 0.0),
         ("projector", (1, 5, 24)),
-        ("post_projector", (1, 5, 32)),
+        ("post_projector", "BaseModelOutput", (1, 5, 32)),
     ]
 
 

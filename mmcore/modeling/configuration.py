@@ -34,6 +34,7 @@ class MultimodalConfig(PreTrainedConfig):
         modality_token_ids: modality -> placeholder token id.
         modality_wrap_token_ids: modality -> ``[start_id, end_id]`` wrapped around each item's run.
         peft_config: the LLM's PEFT adapter config when it was wrapped by ``peft.get_peft_model``.
+        preprocess_llm_callback: record of the model's ``preprocess_llm`` callback (as an encoder's).
         merge_check: placeholder/feature count check (see `merge_modality_features`).
         concurrent_encoders: run the encoders of one call on separate device streams, so that on a GPU
             towers too small to fill it overlap (see `MultimodalModel.encode`). Off by default.
@@ -47,6 +48,7 @@ class MultimodalConfig(PreTrainedConfig):
     modality_token_ids: dict | None = None
     modality_wrap_token_ids: dict | None = None
     peft_config: dict | None = None
+    preprocess_llm_callback: dict | str | None = None
     merge_check: str = "auto"
     concurrent_encoders: bool = False
     tie_word_embeddings: bool = False
@@ -54,10 +56,16 @@ class MultimodalConfig(PreTrainedConfig):
     def __post_init__(self, **kwargs):
         # HF's base __post_init__ pushes this config's attention implementation (None unless asked
         # for) down into sub-configs; a live LLM's config must keep the implementation it runs with.
-        text_attn = getattr(self.text_config, "_attn_implementation_internal", None)
+        # The same holds for every config nested in the LLM's (a Qwen2-VL text model's sub-configs) and
+        # for the experts implementation.
+        kept = _implementations(self.text_config)
         super().__post_init__(**kwargs)
-        if text_attn is not None and kwargs.get("attn_implementation") is None:
-            self.text_config._attn_implementation_internal = text_attn
+        if kwargs.get("attn_implementation") is None:
+            for config, (attn, experts) in kept:
+                if attn is not None:
+                    config._attn_implementation_internal = attn
+                if experts is not None and kwargs.get("experts_implementation") is None:
+                    config._experts_implementation_internal = experts
         self.encoders = dict(self.encoders or {})
         self.modality_token_ids = {str(k): int(v) for k, v in (self.modality_token_ids or {}).items()}
         self.modality_wrap_token_ids = {
@@ -67,3 +75,24 @@ class MultimodalConfig(PreTrainedConfig):
             raise ConfigError(f"merge_check must be one of {MERGE_CHECKS}, got {self.merge_check!r}")
         if getattr(self.text_config, "tie_word_embeddings", False):
             self.tie_word_embeddings = True
+
+
+def _implementations(config) -> list[tuple[PreTrainedConfig, tuple[str | None, str | None]]]:
+    """``(config, (attention, experts implementation))`` for ``config`` and every config nested in it."""
+    found, stack, seen = [], [config], set()
+    while stack:
+        current = stack.pop()
+        if not isinstance(current, PreTrainedConfig) or id(current) in seen:
+            continue
+        seen.add(id(current))
+        found.append(
+            (
+                current,
+                (
+                    current.__dict__.get("_attn_implementation_internal"),
+                    current.__dict__.get("_experts_implementation_internal"),
+                ),
+            )
+        )
+        stack.extend(getattr(current, key, None) for key in type(current).sub_configs)
+    return found

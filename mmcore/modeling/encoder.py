@@ -1,8 +1,15 @@
 """`ModalEncoderModule`: one modality's encoder, its projector and the callbacks around them.
 
-Per forward: ``preprocess(inputs) -> inputs``, ``module(**inputs)``,
-``postprocess_module(inputs, output) -> output``, ``projector(output[0])``,
-``postprocess_projector(inputs, output) -> output``.
+Per forward (Cornstarch's callback contract)::
+
+    inputs = preprocess(inputs)                     # dict of the encoder's call arguments
+    output = module(**inputs)                       # BaseModelOutput or tuple (a bare tensor is wrapped)
+    output = postprocess_module(inputs, output)     # -> BaseModelOutput or tuple; [0]: (items, tokens, width)
+    output = BaseModelOutput(projector(output[0]))  # [0]: (items, tokens', llm_width)
+    output = postprocess_projector(inputs, output)  # -> BaseModelOutput or tuple; [0] goes to the merge
+
+``[0]`` may also be a list of per-item ``(tokens_i, llm_width)`` tensors (items with their own token
+count).
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers.modeling_outputs import BaseModelOutput
 
 from mmcore.errors import ConfigError
 
@@ -56,8 +64,17 @@ class ModalEncoderModule(nn.Module):
         projector: maps the encoder's features to the LLM's width. ``None``: `MultimodalModel` builds
             one from its ``init_projector_type``.
         preprocess_callback: ``(inputs) -> inputs`` before the encoder.
-        postprocess_module_callback: ``(inputs, output) -> output`` after the encoder.
-        postprocess_projector_callback: ``(inputs, output) -> output`` after the projector.
+        postprocess_module_callback: ``(inputs, output) -> output`` after the encoder; ``output`` is
+            what the encoder returned (a ``BaseModelOutput`` or tuple; a bare tensor arrives as
+            ``BaseModelOutput(last_hidden_state=tensor)``), and ``output[0]`` of the result feeds the
+            projector.
+        postprocess_projector_callback: ``(inputs, output) -> output`` after the projector; ``output``
+            is a ``BaseModelOutput`` whose ``[0]`` is the projected features, and ``output[0]`` of the
+            result goes to the merge.
+        model: Cornstarch's name for ``module`` (pass one of the two).
+        additional_args: call arguments routed to this encoder for its callbacks (e.g. ``image_sizes``
+            for a packing callback) that are not passed on to the encoder itself (Cornstarch's
+            ``additional_args``).
         input_names: which call arguments reach the encoder. Default: the encoder's forward signature
             (``pixel_values`` reaches a vision tower, ``input_features`` Whisper). A mapping renames,
             e.g. ``{"pixel_values": "x"}`` for a timm model whose forward takes ``x``.
@@ -68,19 +85,36 @@ class ModalEncoderModule(nn.Module):
 
     def __init__(
         self,
-        module: nn.Module,
+        module: nn.Module | None = None,
         projector: nn.Module | None = None,
         preprocess_callback: CallbackFn | None = None,
         postprocess_module_callback: CallbackFn | None = None,
         postprocess_projector_callback: CallbackFn | None = None,
         *,
+        model: nn.Module | None = None,
+        additional_args: Sequence[str] = (),
         input_names: Sequence[str] | Mapping[str, str] | None = None,
         output_width: int | None = None,
         source: dict[str, Any] | None = None,
     ):
         super().__init__()
+        if model is not None:
+            if module is not None:
+                raise ConfigError(
+                    "ModalEncoderModule: pass the encoder once, as module= or as model= (Cornstarch's name), not both"
+                )
+            module = model
+        if module is None:
+            raise ConfigError("ModalEncoderModule needs the encoder: ModalEncoderModule(module) or ModalEncoderModule(model=...)")
         if not isinstance(module, nn.Module):
             raise ConfigError(f"ModalEncoderModule: module must be an nn.Module, got {type(module).__name__}")
+        if isinstance(preprocess_callback, (list, tuple)):
+            raise ConfigError(
+                "ModalEncoderModule: the third positional argument is preprocess_callback; pass Cornstarch's "
+                f"additional_args by keyword: additional_args={list(preprocess_callback)!r}"
+            )
+        if isinstance(additional_args, str) or not all(isinstance(a, str) for a in additional_args):
+            raise ConfigError(f"ModalEncoderModule: additional_args must be a list of argument names, got {additional_args!r}")
         self.module = module
         self.projector = projector
         self.preprocess_callback = preprocess_callback
@@ -92,6 +126,10 @@ class ModalEncoderModule(nn.Module):
         self.input_map: dict[str, str] = (
             dict(input_names) if isinstance(input_names, Mapping) else {n: n for n in input_names}
         )
+        # routed here for the callbacks, never passed to the encoder itself
+        self.additional_args: tuple[str, ...] = tuple(dict.fromkeys(additional_args))
+        for name in self.additional_args:
+            self.input_map.setdefault(name, name)
         if not self.input_map:
             raise ConfigError(
                 f"ModalEncoderModule: cannot tell which inputs {type(module).__name__} takes from its forward "
@@ -135,10 +173,11 @@ class ModalEncoderModule(nn.Module):
 
     # -- forward -----------------------------------------------------------------------------------
     def encode(self, inputs: dict[str, Any]) -> Any:
-        """Callbacks + encoder, without the projector."""
+        """Callbacks + encoder, without the projector: ``(inputs, output)``, the (preprocessed) inputs
+        the callbacks see and the encoder's output after ``postprocess_module``."""
         if self.preprocess_callback is not None:
             inputs = self.preprocess_callback(inputs)
-        call_kwargs = dict(inputs)
+        call_kwargs = {k: v for k, v in inputs.items() if k not in self.additional_args}
         for callback in (self.postprocess_module_callback, self.postprocess_projector_callback):
             call_kwargs.update(getattr(callback, "module_kwargs", {}))
         # A frozen encoder keeps no activations for backward.
@@ -151,6 +190,8 @@ class ModalEncoderModule(nn.Module):
             else:
                 output = self.module(**call_kwargs)
         if self.postprocess_module_callback is not None:
+            if isinstance(output, torch.Tensor):  # a timm model's bare tensor, in the documented form
+                output = BaseModelOutput(last_hidden_state=output)
             output = self.postprocess_module_callback(inputs, output)
         return inputs, output
 
@@ -161,10 +202,18 @@ class ModalEncoderModule(nn.Module):
         if self.projector is not None:
             features = self.projector(features)
         if self.postprocess_projector_callback is not None:
-            features = self.postprocess_projector_callback(inputs, features)
-            if not isinstance(features, (torch.Tensor, list)):
-                features = first_output(features)
+            output = self.postprocess_projector_callback(inputs, BaseModelOutput(last_hidden_state=features))
+            # the documented form returns a BaseModelOutput or tuple; a bare tensor or list is taken as is
+            features = output if isinstance(output, (torch.Tensor, list)) else first_output(output)
         return features
+
+    def train(self, mode: bool = True, projector: bool | None = None) -> ModalEncoderModule:
+        """``train(mode)`` as any module; Cornstarch's ``train(module_mode, projector_mode)`` sets the
+        projector apart."""
+        super().train(mode)
+        if projector is not None and self.projector is not None:
+            self.projector.train(projector)
+        return self
 
     # -- activation checkpointing ------------------------------------------------------------------
     def set_checkpointing(self, enable: bool) -> None:

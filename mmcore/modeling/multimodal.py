@@ -103,9 +103,15 @@ class MultimodalModel(PreTrainedModel, GenerationMixin):
         encoders: modality name -> `ModalEncoderModule`.
         language_model: a transformers causal LM (``AutoModelForCausalLM``-style), optionally wrapped
             by ``peft.get_peft_model``.
-        init_projector_type: projector built for encoders that come without one: ``linear``, ``mlp``,
-            ``mlp<N>x_<act>`` or ``resampler``.
+        init_projector_type: projector built for encoders that come without one: ``linear`` (the
+            default, as in Cornstarch), ``mlp``, ``mlp<N>x_<act>``, ``resampler`` or a plugin's.
         init_activation: activation of ``mlp`` projectors (a key of ``ACT2CLS``).
+        preprocess_llm_callback: ``fn(**llm_inputs) -> dict`` of updates, called after the merge with
+            the language model's inputs its signature names (``inputs_embeds``, ``attention_mask``,
+            ``position_ids``, ``labels``, ``input_ids`` and the call's other arguments; all of them for
+            a ``**kwargs`` signature). Where a language model family's own needs live (3-D rotary
+            positions). A registered `~mmcore.callbacks.Callback` with slot ``preprocess_llm`` is
+            recorded in config.json like the encoders' callbacks.
         encoder_modules / callbacks: used by ``from_pretrained`` for parts that config.json cannot
             rebuild: ``encoder_modules={"vision": module_or_ModalEncoderModule}``,
             ``callbacks={"vision": {"preprocess": fn}}``.
@@ -126,21 +132,35 @@ class MultimodalModel(PreTrainedModel, GenerationMixin):
         self,
         encoders: Mapping[str, ModalEncoderModule] | MultimodalConfig | None = None,
         language_model: nn.Module | None = None,
-        init_projector_type: str = "mlp",
+        init_projector_type: str = "linear",
         init_activation: str = "gelu",
         *,
+        preprocess_llm_callback: Any = None,
         config: MultimodalConfig | None = None,
         encoder_modules: Mapping[str, nn.Module] | None = None,
         callbacks: Mapping[str, Mapping[str, Any]] | None = None,
     ):
         if isinstance(encoders, MultimodalConfig):  # the HF from_pretrained / from_config path
             config, encoders = encoders, None
+        if callable(init_projector_type):  # Cornstarch's order: (encoders, language_model, preprocess_llm_callback, ...)
+            if preprocess_llm_callback is not None:
+                raise ConfigError("preprocess_llm_callback given twice (third positional argument and keyword)")
+            preprocess_llm_callback, init_projector_type, init_activation = (
+                init_projector_type, init_activation if init_activation != "gelu" else "linear", "gelu"
+            )
+        if not isinstance(init_projector_type, str) or not isinstance(init_activation, str):
+            raise ConfigError(
+                f"init_projector_type and init_activation are names (e.g. 'mlp2x_gelu', 'gelu'), got "
+                f"{init_projector_type!r} and {init_activation!r}"
+            )
         if config is not None:
             if language_model is not None or encoders is not None:
                 raise ConfigError("pass either a config or encoders + language_model, not both")
             super().__init__(config)
             language_model = self._build_language_model(config)
             encoders = self._build_encoders(config, encoder_modules or {}, callbacks or {})
+            if preprocess_llm_callback is None:
+                preprocess_llm_callback = self._build_llm_callback(config, callbacks or {})
         else:
             if language_model is None:
                 raise ConfigError("MultimodalModel needs a language_model (a transformers causal LM)")
@@ -171,11 +191,61 @@ class MultimodalModel(PreTrainedModel, GenerationMixin):
             requested = getattr(encoder, "requested_projector", None)
             self._attach_projector(name, encoder, requested or init_projector_type, init_activation)
         self.encoders = nn.ModuleDict(encoders)
+        self.preprocess_llm_callback = preprocess_llm_callback
         if getattr(language_model, "generation_config", None) is not None:
             self.generation_config = language_model.generation_config
         self.config.encoders = self._record_encoders(strict=False)
+        self.config.preprocess_llm_callback = self._record_llm_callback(strict=False)
         self.post_init()
         self._collect_wrapped_tied_weights()
+
+    def __getattr__(self, name: str) -> Any:
+        # Cornstarch's model tree: ``mllm.vision_encoder`` is ``mllm.encoders["vision"]`` (an alias:
+        # state_dict keys and saved directories keep the ``encoders.vision.`` prefix).
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name.endswith("_encoder"):
+                encoders = self.__dict__.get("_modules", {}).get("encoders")
+                if encoders is not None and name[: -len("_encoder")] in encoders:
+                    return encoders[name[: -len("_encoder")]]
+            raise
+
+    def train(
+        self,
+        mode: bool = True,
+        *,
+        encoders_mode: Mapping[str, tuple[bool, bool]] | None = None,
+        llm_mode: bool | None = None,
+    ) -> MultimodalModel:
+        """``train(mode)``: the training mode of every part, as for any module (what HF Trainer calls).
+
+        Cornstarch's form, ``train(encoders_mode={"vision": (encoder_mode, projector_mode)},
+        llm_mode=...)``, sets the mode *and* ``requires_grad`` of the parts it names: the encoders in
+        ``encoders_mode`` (all of them, as ``(llm_mode, llm_mode)``, when it is omitted) and the
+        language model (``llm_mode``, default True).
+        """
+        if encoders_mode is None and llm_mode is None:
+            return super().train(mode)
+        llm_mode = True if llm_mode is None else bool(llm_mode)
+        if encoders_mode is None:
+            encoders_mode = {name: (llm_mode, llm_mode) for name in self.encoders}
+        unknown = sorted(set(encoders_mode) - set(self.encoders))
+        if unknown:
+            raise TrainableSpecError(f"encoders_mode names {unknown}, but the encoders are {sorted(self.encoders)}")
+        for name, modes in encoders_mode.items():
+            if not (isinstance(modes, (tuple, list)) and len(modes) == 2):
+                raise TrainableSpecError(
+                    f"encoders_mode[{name!r}] must be (encoder_mode, projector_mode), got {modes!r}"
+                )
+            encoder = self.encoders[name]
+            for part, flag in zip((encoder.module, encoder.projector), modes):
+                part.train(bool(flag))
+                part.requires_grad_(bool(flag))
+        self.language_model.train(llm_mode)
+        self.language_model.requires_grad_(llm_mode)
+        self.training = any(m.training for m in self.children())
+        return self
 
     # -- construction -----------------------------------------------------------------------------
     def _init_weights(self, module: nn.Module) -> None:
@@ -283,11 +353,37 @@ class MultimodalModel(PreTrainedModel, GenerationMixin):
                 slots.get("preprocess"),
                 slots.get("postprocess_module"),
                 slots.get("postprocess_projector"),
+                additional_args=record.get("additional_args") or (),
                 input_names=record.get("input_names"),
                 output_width=record.get("output_width"),
                 source=record.get("source") if (record.get("source") or {}).get("kind") == "plugin" else None,
             )
         return built
+
+    @staticmethod
+    def _build_llm_callback(config: MultimodalConfig, callbacks: Mapping[str, Any]) -> Any:
+        given = callbacks.get("preprocess_llm")
+        record = config.preprocess_llm_callback
+        if given is not None:
+            return given
+        if record == UNRECORDED:
+            raise SerializationError(
+                "the preprocess_llm callback was not recorded at save time; pass it again: "
+                "from_pretrained(..., callbacks={'preprocess_llm': fn})"
+            )
+        if record is None:
+            return None
+        return build_callback(record, "preprocess_llm callback", trust_remote_code=_TRUST_REMOTE_CODE.get())
+
+    def _record_llm_callback(self, strict: bool) -> Any:
+        if self.preprocess_llm_callback is None:
+            return None
+        try:
+            return record_callback(self.preprocess_llm_callback, "preprocess_llm callback")
+        except UnrecordableCallbackError:
+            if strict:
+                raise
+            return UNRECORDED
 
     def _record_encoders(self, strict: bool) -> dict[str, Any]:
         records = {}
@@ -313,6 +409,8 @@ class MultimodalModel(PreTrainedModel, GenerationMixin):
                 },
                 "callbacks": callbacks,
             }
+            if encoder.additional_args:
+                records[name]["additional_args"] = list(encoder.additional_args)
             adapters = getattr(encoder.module, "peft_config", None)  # LoRA injected in place (mmcore.training)
             if adapters:
                 records[name]["peft_config"] = {k: _jsonable(c.to_dict()) for k, c in adapters.items()}
@@ -336,10 +434,32 @@ class MultimodalModel(PreTrainedModel, GenerationMixin):
 
     # -- token ids ---------------------------------------------------------------------------------
     def set_modality_token_ids(
-        self, token_ids: Mapping[str, int], wrap_token_ids: Mapping[str, tuple[int, int]] | None = None
+        self,
+        token_ids: Mapping[str, int],
+        new_num_tokens: int | Mapping[str, tuple[int, int]] | None = None,
+        *,
+        wrap_token_ids: Mapping[str, tuple[int, int]] | None = None,
     ) -> None:
         """Set the placeholder id of each modality (ids may lie outside the vocabulary), and optionally
-        the ``(start, end)`` ids wrapped around each item's run."""
+        the ``(start, end)`` ids wrapped around each item's run (``wrap_token_ids=``).
+
+        ``new_num_tokens`` (Cornstarch's second argument, e.g. ``len(tokenizer)``): grow the language
+        model's embeddings to that many rows when they have fewer (new rows mean-initialised), so
+        tokens just added to the tokenizer have rows. A mapping there is taken as ``wrap_token_ids``
+        (mmcore's earlier positional form).
+        """
+        if isinstance(new_num_tokens, Mapping):
+            if wrap_token_ids is not None:
+                raise TokenIdError("wrap token ids given twice (second positional argument and wrap_token_ids=)")
+            wrap_token_ids, new_num_tokens = new_num_tokens, None
+        if new_num_tokens is not None:
+            if isinstance(new_num_tokens, bool) or not isinstance(new_num_tokens, int) or new_num_tokens < 1:
+                raise TokenIdError(f"new_num_tokens must be a positive vocabulary size, got {new_num_tokens!r}")
+            rows = self.get_input_embeddings().weight.shape[0]
+            if new_num_tokens > rows:
+                from mmcore.modeling.tokens import _grow_embeddings
+
+                _grow_embeddings(self.get_base_language_model(), list(range(rows, new_num_tokens)), new_num_tokens)
         unknown = set(token_ids) - set(self.encoders)
         if unknown:
             raise TokenIdError(f"token ids given for {sorted(unknown)}, but the encoders are {sorted(self.encoders)}")
@@ -580,7 +700,7 @@ class MultimodalModel(PreTrainedModel, GenerationMixin):
             raise ConfigError("modality inputs need input_ids (to find the placeholders), not inputs_embeds")
         if training:
             inputs_embeds = inputs_embeds + self._untouched_encoders_zero(set(features))
-        return self.language_model(
+        llm_inputs = dict(
             **({"input_ids": input_ids} if inputs_embeds is None else {"inputs_embeds": inputs_embeds}),
             attention_mask=attention_mask,
             position_ids=position_ids,
@@ -590,6 +710,32 @@ class MultimodalModel(PreTrainedModel, GenerationMixin):
             **({"logits_to_keep": logits_to_keep} if _keeps_some(logits_to_keep) else {}),
             **llm_kwargs,
         )
+        if self.preprocess_llm_callback is not None:
+            llm_inputs = self._preprocess_llm(llm_inputs, input_ids, kwargs)
+        return self.language_model(**llm_inputs)
+
+    def _preprocess_llm(self, llm_inputs: dict[str, Any], input_ids: Any, call_kwargs: Mapping[str, Any]) -> dict[str, Any]:
+        """Run ``preprocess_llm_callback`` on the language model's inputs (plus the call's ``input_ids``
+        and modality arguments, which it may need, e.g. for 3-D rotary positions) and apply the updates
+        it returns."""
+        callback = self.preprocess_llm_callback
+        seen = {**call_kwargs, **llm_inputs, "input_ids": input_ids}
+        params = inspect.signature(callback).parameters.values()
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            names = {p.name for p in params}
+            seen = {k: v for k, v in seen.items() if k in names}
+        updates = callback(**seen)
+        if updates is None:
+            return llm_inputs
+        if not isinstance(updates, Mapping):
+            raise ConfigError(
+                f"preprocess_llm_callback must return a dict of the language model inputs it changes (or None), "
+                f"got {type(updates).__name__}"
+            )
+        updated = {**llm_inputs, **updates}
+        if updated.get("inputs_embeds") is not None and "inputs_embeds" in llm_inputs:
+            updated.pop("input_ids", None)  # the language model takes one of the two
+        return updated
 
     def _cache_kwargs(self, kv_cache: Any) -> dict[str, Any]:
         """The KV cache under the name the language model takes it by: ``cache`` where transformers
@@ -646,6 +792,7 @@ class MultimodalModel(PreTrainedModel, GenerationMixin):
         be passed again to ``from_pretrained(callbacks=...)``).
         """
         self.config.encoders = self._record_encoders(strict=not allow_unrecorded_callbacks)
+        self.config.preprocess_llm_callback = self._record_llm_callback(strict=not allow_unrecorded_callbacks)
         if not kwargs.get("is_main_process", True):
             return
         # A symlinked target, a mount point or the working directory is updated in place (see

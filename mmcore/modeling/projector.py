@@ -39,9 +39,15 @@ class MultimodalProjectorConfig(PreTrainedConfig):
         bias: whether the Linear layers have a bias.
         num_queries: number of output tokens of the ``resampler``.
         num_heads: attention heads of the ``resampler`` (default: ``max(1, out_features // 128)``).
+
+    Cornstarch's form is accepted too: ``MultimodalProjectorConfig(encoder_config=..., text_config=...,
+    projection_type="mlp", activation="gelu")`` takes the widths from the two configs (the encoder's
+    ``hidden_size`` / ``d_model``, the language model's ``hidden_size``) and the type from
+    ``projection_type``. An argument this config does not know is a `ConfigError`, never ignored.
     """
 
     model_type = "mmcore_projector"
+    attribute_map = {"projection_type": "projector_type"}  # Cornstarch's name
 
     projector_type: str = "mlp"
     in_features: int | None = None
@@ -52,10 +58,50 @@ class MultimodalProjectorConfig(PreTrainedConfig):
     num_heads: int | None = None
     initializer_range: float = 0.02
 
-    def __post_init__(self, **kwargs):
+    def __post_init__(self, encoder_config=None, text_config=None, projection_type=None, **kwargs):
+        if projection_type is not None:
+            if self.projector_type not in ("mlp", projection_type):  # "mlp": the field's default
+                raise ConfigError(
+                    f"projector_type={self.projector_type!r} and projection_type={projection_type!r} disagree; pass one"
+                )
+            self.projector_type = projection_type
+        if encoder_config is not None:
+            self.in_features = _config_width("in_features", encoder_config, self.in_features, "encoder_config")
+        if text_config is not None:
+            text_config = text_config.get_text_config() if hasattr(text_config, "get_text_config") else text_config
+            self.out_features = _config_width("out_features", text_config, self.out_features, "text_config")
+        unknown = sorted(k for k in kwargs if k not in _KNOWN_CONFIG_KWARGS and not k.startswith("_"))
+        if unknown:
+            raise ConfigError(
+                f"MultimodalProjectorConfig: unknown argument(s) {unknown}; expected projector_type, in_features, "
+                "out_features, activation, bias, num_queries, num_heads, initializer_range (or Cornstarch's "
+                "encoder_config, text_config, projection_type)"
+            )
         super().__post_init__(**kwargs)
         if self.projector_type != CUSTOM:
             parse_projector_type(self.projector_type, self.activation)
+
+
+# What a saved config.json or HF's loading code may pass besides this config's own fields.
+_KNOWN_CONFIG_KWARGS = frozenset(
+    {
+        "model_type", "torch_dtype", "name_or_path", "output_attentions", "attn_implementation",
+        "experts_implementation", "num_labels", "per_layer_config", "use_cache", "tie_word_embeddings",
+        "pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id", "max_length",
+    }
+)  # fmt: skip
+
+
+def _config_width(field: str, config, given: int | None, name: str) -> int:
+    width = next(
+        (getattr(config, a) for a in ("hidden_size", "d_model", "embed_dim") if isinstance(getattr(config, a, None), int)),
+        None,
+    )
+    if width is None:
+        raise ConfigError(f"MultimodalProjectorConfig: {name} has no hidden_size / d_model to read {field} from")
+    if given is not None and given != width:
+        raise ConfigError(f"MultimodalProjectorConfig: {field}={given} but {name} says {width}")
+    return width
 
 
 def parse_projector_type(projector_type: str, activation: str = "gelu") -> tuple[str, int, str]:
