@@ -37,7 +37,7 @@ def source(request, tmp_path_factory):
     """A saved tiny LLaVA directory, LLaVA loaded back from it, its processor's batch and the conversion."""
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    from mmcore.convert import from_pretrained_multimodal_model
+    from mmcore import MultimodalModel
     from mmcore.convert.testing import tiny_llava
 
     llava, processor = tiny_llava(request.param)
@@ -50,7 +50,8 @@ def source(request, tmp_path_factory):
     batch = hf_processor(text=PROMPTS, images=images(), return_tensors="pt", padding=True)
     # Left-padded, images at different positions: the comparison covers both.
     assert batch["attention_mask"][:, 0].tolist() == [1, 0]
-    mllm, processor = from_pretrained_multimodal_model(path, return_processor=True)
+    # Cornstarch's call, on the class (mmcore.convert.from_pretrained_multimodal_model is the same)
+    mllm, processor = MultimodalModel.from_pretrained_multimodal_model(path, return_processor=True)
     return {"tower": request.param, "path": path, "hf": hf, "hf_processor": hf_processor, "batch": dict(batch),
             "mllm": mllm.eval(), "processor": processor}  # fmt: skip
 

@@ -66,13 +66,14 @@ def test_llava_to_mmcore_to_llava_is_bit_exact(tower, tmp_path):
     # In memory: the same modules come back.
     back = to_hf(from_hf(llava))
     assert back.model.vision_tower is llava.model.vision_tower
+    assert MultimodalModel.from_hf(llava).to_hf().model.vision_tower is llava.model.vision_tower
     assert back.model.language_model is llava.model.language_model and back.lm_head is llava.lm_head
     # Through both directories (LLaVA's, then the converted one's): the same tensors and config.
     llava.save_pretrained(tmp_path / "llava")
     processor.save_pretrained(tmp_path / "llava")
     converted = convert_pretrained(tmp_path / "llava")
     converted.model.save_pretrained(tmp_path / "mmcore")
-    again = to_hf(MultimodalModel.from_pretrained(tmp_path / "mmcore"))
+    again = MultimodalModel.from_pretrained(tmp_path / "mmcore").to_hf()  # the method, as users call it
     expected, got = llava.state_dict(), again.state_dict()
     assert sorted(got) == sorted(expected)
     for key, value in expected.items():

@@ -823,6 +823,37 @@ class MultimodalModel(PreTrainedModel, GenerationMixin):
             _TRUST_REMOTE_CODE.reset(token)
 
 
+    # -- the model zoo: transformers' own VLM classes in and out (mmcore.convert) ------------------------------
+    @classmethod
+    def from_hf(cls, hf_model: Any, **kwargs: Any) -> MultimodalModel:
+        """The mmcore model equivalent to transformers VLM ``hf_model`` (in memory), sharing its modules:
+        see `mmcore.convert.from_hf`."""
+        from mmcore.convert import from_hf
+
+        return from_hf(hf_model, **kwargs)
+
+    @classmethod
+    def from_pretrained_multimodal_model(cls, pretrained_model_id: str | os.PathLike, *args: Any, **kwargs: Any) -> Any:
+        """Cornstarch's name: the mmcore model converted from a transformers VLM directory or hub id
+        (``return_processor=True``: also its processor); see `mmcore.convert.from_pretrained_multimodal_model`."""
+        from mmcore.convert import from_pretrained_multimodal_model
+
+        if args:
+            raise ConfigError(
+                "from_pretrained_multimodal_model takes the model id and keyword arguments (dtype=, device=, "
+                f"trust_remote_code=, return_processor=), got {len(args)} more positional argument(s)"
+            )
+        return from_pretrained_multimodal_model(pretrained_model_id, **kwargs)
+
+    def to_hf(self) -> Any:
+        """The transformers model of the matching family, sharing this model's weights, or
+        `~mmcore.convert.NoTransformersCounterpartError` naming the part without one; see
+        `mmcore.convert.to_hf`."""
+        from mmcore.convert import to_hf
+
+        return to_hf(self)
+
+
 # Set by MultimodalModel.from_pretrained for the duration of one load (default: trust nothing).
 _TRUST_REMOTE_CODE: contextvars.ContextVar[bool] = contextvars.ContextVar("mmcore_trust_remote_code", default=False)
 
