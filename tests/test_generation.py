@@ -220,3 +220,17 @@ def test_image_and_audio_in_one_prompt(llama_model):
     # The audio reaches the model: other audio gives other logits at the first new token.
     other = mllm.generate(input_features=_audio(2, seed=7), **kwargs)
     assert not torch.allclose(out.logits[0], other.logits[0], atol=1e-5)
+
+
+@torch.no_grad()
+def test_generate_passes_the_language_models_own_arguments_through():
+    """token_type_ids is GPT-2's own argument (as mm_token_type_ids is a Qwen2-VL text model's): generate
+    hands it to the language model, with the same tokens as the language model's own generate."""
+    model, _ = tiny_multimodal_model("gpt2")
+    model.eval()
+    ids, types = torch.tensor([[1, 5, 6]]), torch.tensor([[0, 1, 1]])
+    ours = model.generate(input_ids=ids, token_type_ids=types, max_new_tokens=3, do_sample=False)
+    theirs = model.language_model.generate(input_ids=ids, token_type_ids=types, max_new_tokens=3, do_sample=False)
+    assert torch.equal(ours, theirs)
+    with pytest.raises(ValueError, match="bogus"):  # a typo is still caught, by the language model's check
+        model.generate(input_ids=ids, bogus=1, max_new_tokens=2)

@@ -775,9 +775,13 @@ class MultimodalModel(PreTrainedModel, GenerationMixin):
         return model_inputs
 
     def _validate_model_kwargs(self, model_kwargs: dict[str, Any]) -> None:
-        # Encoder inputs arrive by name through **kwargs; let HF check only the rest for typos.
-        encoder_names = {name for encoder in self.encoders.values() for name in encoder.input_map}
-        super()._validate_model_kwargs({k: v for k, v in model_kwargs.items() if k not in encoder_names})
+        # Encoder inputs arrive by name through **kwargs and this model's own arguments are its own;
+        # the rest goes to the language model, so the language model checks them for typos (its own
+        # arguments, e.g. a Qwen2-VL text model's mm_token_type_ids, pass through).
+        ours = {name for encoder in self.encoders.values() for name in encoder.input_map}
+        ours |= {"encoder_inputs", "cache"}
+        rest = {k: v for k, v in model_kwargs.items() if k not in ours}
+        self.get_base_language_model()._validate_model_kwargs(rest)
 
     # -- save / load ---------------------------------------------------------------------------------------
     def save_pretrained(
