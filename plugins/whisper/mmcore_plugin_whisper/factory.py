@@ -2,10 +2,14 @@
 
 Window: Whisper reads fixed windows, 100 log-mel frames per second and one output position per 20 ms
 (1500 for the released 30 s). The ``max_seconds`` option cuts the encoder's position table to a
-shorter window (5 s: 250 positions) and the processor pads or trims every clip to it, so a model that
-only hears short clips is not charged 1500 tokens per clip. The window, not each clip's own length,
-sets the token count: merged features have a fixed size per item, so a clip's padding is encoded
-with it (as Whisper itself does) rather than trimmed away per clip.
+shorter window (5 s: 250 positions) and the processor pads or trims every clip to it.
+
+Tokens per clip (``trim_padding``, on for new models): the whole padded window goes through the
+encoder, as Whisper itself does, and then each clip keeps only the positions its own samples cover,
+as Qwen2-Audio does: ``(frames - 1) // 2 + 1`` for the ``frames`` log-mel frames of its samples (the
+processor's ``feature_attention_mask``), so a 3 s clip costs 150 tokens, not 1500. The cut is the
+registered ``whisper:trim_padding`` callback (`mmcore_plugin_whisper.callbacks`). Off (and for
+recipes saved before the option existed), every clip costs the whole window's positions.
 
 Weights (``checkpoint``): a hub id or a local directory holding a Whisper checkpoint, of the whole
 model (``WhisperForConditionalGeneration`` / ``WhisperModel``: only the encoder's weights are kept)
@@ -26,6 +30,7 @@ from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 from mmcore.errors import ConfigError
 from mmcore.factory import EncoderFactory
+from mmcore_plugin_whisper.callbacks import TrimPadding, positions_of_frames
 from mmcore_plugin_whisper.presets import PRESETS
 
 SAMPLING_RATE = 16000
@@ -53,6 +58,12 @@ class WhisperAudioEncoder(WhisperEncoder):
         r"^classifier\.",
     ]
 
+    def forward(self, input_features, attention_mask=None, feature_attention_mask=None, **kwargs):
+        """`WhisperEncoder.forward`; ``feature_attention_mask`` is accepted for the ``trim_padding``
+        callback, which reads it after the projector. The encoder does not: the whole window, its
+        padding too, is encoded as Whisper does."""
+        return super().forward(input_features, attention_mask=attention_mask, **kwargs)
+
 
 def cut_window(encoder: WhisperEncoder, positions: int) -> None:
     """Keep the first ``positions`` rows of the encoder's position table (its window)."""
@@ -70,6 +81,9 @@ def cut_window(encoder: WhisperEncoder, positions: int) -> None:
 class WhisperAudioProcessor:
     """Waveforms -> ``{"input_features": (items, num_mel_bins, 2 * positions)}``, Whisper's log-mel
     spectrogram computed with torchaudio, batched, on the device the waveforms are on (or ``device``).
+    With ``return_mask`` also ``"feature_attention_mask": (items, 2 * positions)``, int32, 1 for each
+    frame the clip's own samples cover (``ceil(samples / 160)`` of them), as ``WhisperFeatureExtractor``'s
+    ``attention_mask`` (Qwen2-Audio's processor names it so).
 
     Items (a list; a single clip is accepted too): 1-D waveforms at 16 kHz (arrays, lists or tensors),
     floats in [-1, 1]; ``(waveform, sample_rate)`` pairs
@@ -78,18 +92,25 @@ class WhisperAudioProcessor:
     ``WhisperFeatureExtractor`` does (it matches it within 1e-4).
     """
 
-    def __init__(self, num_mel_bins: int, positions: int, device: str | torch.device | None = None):
+    def __init__(
+        self,
+        num_mel_bins: int,
+        positions: int,
+        device: str | torch.device | None = None,
+        return_mask: bool = False,
+    ):
         self.num_mel_bins = num_mel_bins
         self.positions = positions
         self.num_samples = positions * FRAMES_PER_POSITION * HOP_LENGTH
         self.device = device
+        self.return_mask = return_mask
         self._mel: dict[torch.device, nn.Module] = {}
 
     def __repr__(self) -> str:
         seconds = self.num_samples / SAMPLING_RATE
         return (
             f"WhisperAudioProcessor(num_mel_bins={self.num_mel_bins}, window={seconds:g} s, "
-            f"device={self.device})"
+            f"device={self.device}, return_mask={self.return_mask})"
         )
 
     def waveform(self, item: Any, index: int, sampling_rate: int) -> torch.Tensor:
@@ -157,7 +178,16 @@ class WhisperAudioProcessor:
         for i, wave in enumerate(waves):
             wave = wave[: self.num_samples]
             batch[i, : wave.numel()] = wave.to(device)
-        return {"input_features": self.log_mel(batch)}
+        out = {"input_features": self.log_mel(batch)}
+        if self.return_mask:
+            # frames whose STFT centre (every 160th sample) falls on the clip's samples, as the
+            # feature extractor's attention_mask[:, ::hop_length]
+            frames = torch.tensor(
+                [-(-min(wave.numel(), self.num_samples) // HOP_LENGTH) for wave in waves], device=device
+            )
+            window = torch.arange(self.num_samples // HOP_LENGTH, device=device)
+            out["feature_attention_mask"] = (window < frames[:, None]).to(torch.int32)  # (items, frames)
+        return out
 
 
 def _window_positions(max_seconds: Any, full_positions: int) -> int:
@@ -182,18 +212,30 @@ def _window_positions(max_seconds: Any, full_positions: int) -> int:
     return round(positions)
 
 
+def trims_padding(recipe: Mapping[str, Any]) -> bool:
+    """Whether clips keep only their own positions. A recipe saved before the option existed has no
+    ``trim_padding`` key and keeps its behaviour: the whole window per clip."""
+    return bool(recipe.get("trim_padding", False))
+
+
 class WhisperFactory(EncoderFactory):
     """Factory of the ``whisper`` encoder. Recipe: ``config`` (the WhisperConfig encoder fields, with
-    ``max_source_positions`` already cut to the window) and ``max_seconds`` (the window)."""
+    ``max_source_positions`` already cut to the window), ``max_seconds`` (the window) and
+    ``trim_padding`` (each clip's own positions; absent in recipes saved before it: off)."""
 
     presets = {name: entry["summary"] for name, entry in PRESETS.items()}
-    options = {"max_seconds": None}  # window in seconds (multiple of 0.02); None: the model's own (30 s)
+    options = {
+        "max_seconds": None,  # window in seconds (multiple of 0.02); None: the model's own (30 s)
+        "trim_padding": True,  # each clip keeps the positions its own samples cover (Qwen2-Audio)
+    }
 
     # -- recipe --------------------------------------------------------------------------------------
     def make_recipe(
         self, checkpoint: str | None = None, preset: str | None = None, **options: Any
     ) -> dict[str, Any]:
         opts = self.check_options(options)
+        if not isinstance(opts["trim_padding"], bool):
+            raise ConfigError(f"whisper: trim_padding must be true or false, got {opts['trim_padding']!r}")
         if preset is not None:
             config = WhisperConfig(**PRESETS[self.check_preset(preset)]["config"])
         else:
@@ -213,7 +255,11 @@ class WhisperFactory(EncoderFactory):
         fields["max_source_positions"] = positions = _window_positions(
             opts["max_seconds"], config.max_source_positions
         )
-        return {"config": fields, "max_seconds": round(positions * SECONDS_PER_POSITION, 6)}
+        return {
+            "config": fields,
+            "max_seconds": round(positions * SECONDS_PER_POSITION, 6),
+            "trim_padding": opts["trim_padding"],
+        }
 
     # -- module --------------------------------------------------------------------------------------
     def build_module(self, recipe: Mapping[str, Any], checkpoint: str | None = None) -> WhisperEncoder:
@@ -244,28 +290,48 @@ class WhisperFactory(EncoderFactory):
         return recipe["config"]["d_model"]
 
     def input_names(self, recipe: Mapping[str, Any]) -> list[str]:
-        return ["input_features"]
+        return ["input_features", "feature_attention_mask"] if trims_padding(recipe) else ["input_features"]
+
+    def default_callbacks(self, recipe: Mapping[str, Any]) -> dict[str, Any]:
+        return {"postprocess_projector": TrimPadding()} if trims_padding(recipe) else {}
 
     # -- data ----------------------------------------------------------------------------------------
     def processor(self, recipe: Mapping[str, Any]) -> WhisperAudioProcessor:
         return WhisperAudioProcessor(
-            recipe["config"]["num_mel_bins"], recipe["config"]["max_source_positions"]
+            recipe["config"]["num_mel_bins"],
+            recipe["config"]["max_source_positions"],
+            return_mask=trims_padding(recipe),
         )
 
     def num_tokens(self, recipe: Mapping[str, Any], inputs: Mapping[str, Any]) -> list[int]:
-        """Encoder positions per clip: half the log-mel frames (the window's, since clips are padded)."""
+        """Encoder positions per clip: with ``trim_padding`` and the processor's
+        ``feature_attention_mask``, those the clip's own frames cover (``positions_of_frames``);
+        otherwise the whole window's (half its log-mel frames)."""
         features = inputs["input_features"]
         if getattr(features, "dim", lambda: 0)() != 3:
             raise ConfigError(
                 "whisper: input_features must be (items, mel bins, frames), "
                 f"got {getattr(features, 'shape', features)!r}"
             )
-        return [math.ceil(features.shape[-1] / FRAMES_PER_POSITION)] * features.shape[0]
+        mask = inputs.get("feature_attention_mask")
+        if trims_padding(recipe) and mask is not None:
+            if tuple(mask.shape) != (features.shape[0], features.shape[-1]):
+                raise ConfigError(
+                    f"whisper: feature_attention_mask must be (items, frames) = "
+                    f"{(features.shape[0], features.shape[-1])}, got {tuple(mask.shape)}"
+                )
+            return [int(n) for n in positions_of_frames(mask.sum(-1)).tolist()]
+        return [positions_of_frames(features.shape[-1])] * features.shape[0]
 
     def dummy_inputs(self, recipe: Mapping[str, Any], batch_size: int = 1) -> dict[str, Any]:
         config = recipe["config"]
         frames = config["max_source_positions"] * FRAMES_PER_POSITION
-        return {"input_features": torch.randn(batch_size, config["num_mel_bins"], frames)}
+        inputs = {"input_features": torch.randn(batch_size, config["num_mel_bins"], frames)}
+        if trims_padding(recipe):
+            # clips that fill the window (a test run's worst case); on the host even in a meta-device
+            # dry run, so that the token count can still be read
+            inputs["feature_attention_mask"] = torch.ones(batch_size, frames, dtype=torch.int32, device="cpu")
+        return inputs
 
     def dummy_items(self, recipe: Mapping[str, Any], n: int = 1) -> list[Any]:
         """Sine tones: at 16 kHz shorter than the window, and as ``(waveform, 8000)`` longer than it."""

@@ -1,11 +1,14 @@
-"""mmcore-plugin-whisper: the contract, presets, the real loading path, log-mel features, windows."""
+"""mmcore-plugin-whisper: the contract, presets, the real loading path, log-mel features, windows,
+and each clip's own token count (trim_padding)."""
 
+import json
 import math
 import subprocess
 import sys
 
 import pytest
 import torch
+from mmcore_plugin_whisper.callbacks import TrimPadding, positions_of_frames
 from mmcore_plugin_whisper.factory import WhisperAudioProcessor
 from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
@@ -53,8 +56,12 @@ def test_build_from_tiny_preset():
     encoder = mmcore.build_encoder("whisper", preset="tiny")
     assert isinstance(encoder.module, WhisperEncoder)
     assert encoder.output_width == 16
-    assert encoder.input_map == {"input_features": "input_features"}
-    features = encoder(input_features=torch.randn(3, 8, 20))
+    assert encoder.input_map == {
+        "input_features": "input_features",
+        "feature_attention_mask": "feature_attention_mask",
+    }
+    assert encoder.postprocess_projector_callback == TrimPadding()
+    features = encoder(input_features=torch.randn(3, 8, 20))  # no mask: every clip keeps the window
     assert features.shape == (3, 10, 16)
 
 
@@ -208,9 +215,11 @@ def test_processor_rejects_bad_items(item, match):
 
 
 @pytest.mark.parametrize("max_seconds, tokens", [(None, 10), (0.1, 5), (0.04, 2)])
-def test_num_tokens_equals_real_feature_count(max_seconds, tokens):
+def test_without_trim_padding_every_clip_costs_the_window(max_seconds, tokens):
     options = {} if max_seconds is None else {"max_seconds": max_seconds}
-    encoder = mmcore.build_encoder("whisper", preset="tiny", **options).eval()
+    encoder = mmcore.build_encoder("whisper", preset="tiny", trim_padding=False, **options).eval()
+    assert encoder.input_map == {"input_features": "input_features"}
+    assert encoder.postprocess_projector_callback is None
     processor = factory().processor(recipe_of(encoder))
     clips = [
         tone(0.05, 16000),
@@ -228,6 +237,7 @@ def test_recipe_records_the_window():
     encoder = mmcore.build_encoder("whisper", preset="whisper-base", max_seconds=10, device="meta")
     recipe = recipe_of(encoder)
     assert recipe["max_seconds"] == 10 and recipe["config"]["max_source_positions"] == 500
+    assert recipe["trim_padding"] is True  # new recipes record the option (on by default)
     assert factory().processor(recipe).num_samples == 160000
 
 
@@ -235,7 +245,7 @@ def test_recipe_records_the_window():
     "kwargs, match",
     [({"preset": "whisper-huge"}, "whisper-huge"), ({"preset": "tiny", "max_seconds": 0.013}, "max_seconds"),
      ({"preset": "whisper-tiny", "max_seconds": 31}, "max_seconds"), ({"preset": "tiny", "max_seconds": "5"}, "max_seconds"),
-     ({"preset": "tiny", "window": 5}, "window")],
+     ({"preset": "tiny", "window": 5}, "window"), ({"preset": "tiny", "trim_padding": "yes"}, "trim_padding")],
 )  # fmt: skip
 def test_bad_preset_or_option_is_a_config_error(kwargs, match):
     with pytest.raises(ConfigError, match=match):
@@ -251,6 +261,16 @@ def assembled(encoder):
     return model, ids["audio"]
 
 
+def assembled_with_processor(encoder, **model_options):
+    """The encoder + a tiny LLM, and the `MultimodalProcessor` for both (the same tokenizer)."""
+    tokenizer = tiny_tokenizer()
+    model = mmcore.MultimodalModel(
+        encoders={"audio": encoder}, language_model=tiny_llm(vocab_size=len(tokenizer)), **model_options
+    )
+    mmcore.add_modality_tokens(tokenizer, model)
+    return model, mmcore.MultimodalProcessor.from_model(model, tokenizer)
+
+
 def test_processor_output_runs_through_the_assembled_model(tmp_path):
     torch.manual_seed(0)
     encoder = mmcore.build_encoder("whisper", preset="tiny", max_seconds=0.1)
@@ -258,13 +278,14 @@ def test_processor_output_runs_through_the_assembled_model(tmp_path):
     f, recipe = factory(), recipe_of(encoder)
     processed = f.processor(recipe)(f.dummy_items(recipe, 2))
     counts = f.num_tokens(recipe, processed)
-    input_ids = torch.tensor(
-        [[1, 5] + [audio_id] * counts[0] + [6, 7], [1] + [audio_id] * counts[1] + [8, 9, 10]]
-    )
+    assert counts == [3, 5]  # 0.05 s and a clip longer than the 0.1 s window (trim_padding)
+    rows = [[1, 5] + [audio_id] * counts[0] + [6, 7], [1] + [audio_id] * counts[1] + [8, 9, 10]]
+    width = max(map(len, rows))
+    input_ids = torch.tensor([row + [3] * (width - len(row)) for row in rows])  # right-padded
     out = model(input_ids=input_ids, labels=input_ids, **processed)
     assert torch.isfinite(out.loss)
     out.loss.backward()
-    assert model.encoders["audio"].projector.projection[0].weight.grad.abs().sum() > 0
+    assert all(p.grad.abs().sum() > 0 for p in model.encoders["audio"].projector.parameters())
 
     model.eval()
     model.save_pretrained(tmp_path / "model")
@@ -274,6 +295,139 @@ def test_processor_output_runs_through_the_assembled_model(tmp_path):
         before = model(input_ids=input_ids, **processed).logits
         after = loaded(input_ids=input_ids, **processed).logits
     assert torch.equal(before, after)
+
+
+# -- trim_padding: each clip pays for its own length ------------------------------------------------------
+@pytest.mark.parametrize("max_seconds, expected", [(None, [1, 3, 2, 10, 10]), (0.1, [1, 3, 2, 5, 5])])
+def test_trim_padding_keeps_the_positions_each_clip_covers(max_seconds, expected):
+    options = {} if max_seconds is None else {"max_seconds": max_seconds}
+    torch.manual_seed(0)
+    trimmed = mmcore.build_encoder("whisper", preset="tiny", **options).eval()
+    full = mmcore.build_encoder("whisper", preset="tiny", trim_padding=False, **options).eval()
+    full.module.load_state_dict(trimmed.module.state_dict())
+    # samples at 16 kHz: 16, 800, 482, 3200 and 8000 (resampled), so frames (hop 160, capped at the
+    # window) 1, 5, 4, 20 / 10 and 20 / 10; positions (frames - 1) // 2 + 1
+    clips = [tone(0.001, 16000), tone(0.05, 16000), tone(0.0301, 16000), tone(0.2, 16000), (tone(0.5, 44100), 44100)]
+    inputs = factory().processor(recipe_of(trimmed))(clips)
+    assert factory().num_tokens(recipe_of(trimmed), inputs) == expected
+    with torch.no_grad():
+        features = trimmed(**inputs)
+        window = full(input_features=inputs["input_features"])
+    assert [tuple(f.shape) for f in features] == [(n, 16) for n in expected]
+    # the padding is encoded as without the option; only the positions past each clip are dropped
+    assert all(torch.equal(f, window[i, :n]) for i, (f, n) in enumerate(zip(features, expected)))
+
+
+def test_mask_and_count_match_the_feature_extractor_and_qwen2_audio():
+    from transformers.models.qwen2_audio.modeling_qwen2_audio import Qwen2AudioEncoder
+
+    def qwen2_audio_lengths(frames):  # before its pooling step; the method does not read self
+        return Qwen2AudioEncoder._get_feat_extract_output_lengths(None, frames)[0]
+
+    frames = torch.arange(1, 3001)
+    assert torch.equal(positions_of_frames(frames), qwen2_audio_lengths(frames))
+    samples = [1, 159, 160, 161, 16000, 48000, 48001, 479999, 480000, 480777]
+    generator = torch.Generator().manual_seed(0)
+    waves = [0.1 * torch.randn(n, generator=generator) for n in samples]
+    reference = WhisperFeatureExtractor(feature_size=128)(
+        [w.numpy() for w in waves], sampling_rate=16000, return_attention_mask=True, return_tensors="pt"
+    )
+    ours = WhisperAudioProcessor(128, positions=1500, return_mask=True)(waves)
+    assert torch.equal(ours["feature_attention_mask"].long(), reference.attention_mask.long())
+    recipe = factory().make_recipe(preset="whisper-large-v3")
+    expected = qwen2_audio_lengths(reference.attention_mask.sum(-1)).tolist()
+    assert factory().num_tokens(recipe, ours) == expected == [1, 1, 1, 1, 50, 150, 151, 1500, 1500, 1500]
+
+
+def test_real_size_whisper_large_v3_3s_costs_150_tokens_and_30s_1500():
+    encoder = mmcore.build_encoder("whisper", preset="whisper-large-v3", device="meta")
+    recipe = recipe_of(encoder)
+    inputs = factory().processor(recipe)([tone(3, 16000), tone(30, 16000), tone(45, 16000)])
+    assert factory().num_tokens(recipe, inputs) == [150, 1500, 1500]
+    on_meta = {
+        "input_features": torch.empty(3, 128, 3000, device="meta"),
+        "feature_attention_mask": inputs["feature_attention_mask"],
+    }
+    with torch.no_grad():
+        features = encoder(**on_meta)  # a dry run: no memory
+    assert [tuple(f.shape) for f in features] == [(150, 1280), (1500, 1280), (1500, 1280)]
+
+
+def test_a_1s_and_a_3s_clip_batch_through_the_assembled_model():
+    torch.manual_seed(0)
+    encoder = mmcore.build_encoder("whisper", preset="whisper-tiny", max_seconds=3)
+    model, processor = assembled_with_processor(encoder)
+    clips = [tone(1, 16000), tone(3, 16000, 220.0)]
+    inputs, counts = processor.process_items({"audio": clips})
+    assert counts["audio"] == [50, 150]
+    with torch.no_grad():
+        features = model.encoders["audio"](**inputs["audio"])
+    assert [f.shape[0] for f in features] == counts["audio"]
+
+    batch = processor(["<audio> a low tone", "a high <audio> tone"], audio=[[clips[0]], [clips[1]]])
+    assert set(batch) >= {"input_features", "feature_attention_mask"}  # both reach the encoder
+    assert (batch["input_ids"] == processor.token_ids["audio"]).sum(-1).tolist() == [50, 150]
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    out = model(**batch, labels=labels)
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    assert all(p.grad.abs().sum() > 0 for p in model.encoders["audio"].projector.parameters())
+
+
+def test_trim_padding_is_recorded_and_rebuilt_at_load(tmp_path):
+    torch.manual_seed(0)
+    model, processor = assembled_with_processor(mmcore.build_encoder("whisper", preset="tiny"))
+    model.eval().save_pretrained(tmp_path / "model")
+    record = json.loads((tmp_path / "model" / "config.json").read_text())["encoders"]["audio"]
+    assert record["source"]["recipe"]["trim_padding"] is True
+    assert record["callbacks"] == {"postprocess_projector": {"name": "whisper:trim_padding", "params": {}}}
+    assert set(record["input_names"]) == {"input_features", "feature_attention_mask"}
+    loaded = mmcore.MultimodalModel.from_pretrained(tmp_path / "model").eval()
+    assert loaded.encoders["audio"].postprocess_projector_callback == TrimPadding()
+    processor = mmcore.MultimodalProcessor.from_model(loaded, processor.tokenizer)
+    batch = processor(["<audio> <audio> two clips"], audio=[[tone(0.05, 16000), tone(0.15, 16000)]])
+    assert (batch["input_ids"] == processor.token_ids["audio"]).sum() == 3 + 8
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, loaded(**batch).logits)
+
+
+def test_a_recipe_saved_without_the_option_loads_with_the_whole_window(tmp_path):
+    torch.manual_seed(0)
+    model, processor = assembled_with_processor(mmcore.build_encoder("whisper", preset="tiny", trim_padding=False))
+    model.eval().save_pretrained(tmp_path / "model")
+    config_path = tmp_path / "model" / "config.json"
+    config = json.loads(config_path.read_text())
+    record = config["encoders"]["audio"]
+    del record["source"]["recipe"]["trim_padding"]  # what this plugin wrote before the option existed
+    assert record["callbacks"] == {} and record["input_names"] == {"input_features": "input_features"}
+    config_path.write_text(json.dumps(config))
+
+    loaded = mmcore.MultimodalModel.from_pretrained(tmp_path / "model").eval()
+    encoder = loaded.encoders["audio"]
+    recipe = recipe_of(encoder)
+    assert "trim_padding" not in recipe and encoder.postprocess_projector_callback is None
+    assert encoder.input_map == {"input_features": "input_features"}
+    clips = [tone(0.05, 16000), tone(0.15, 16000)]
+    inputs = factory().processor(recipe)(clips)
+    assert set(inputs) == {"input_features"}
+    assert factory().num_tokens(recipe, inputs) == [10, 10]
+    processor = mmcore.MultimodalProcessor.from_model(loaded, processor.tokenizer)
+    batch = processor(["<audio> <audio> two clips"], audio=[clips])
+    assert (batch["input_ids"] == processor.token_ids["audio"]).sum() == 20
+    with torch.no_grad():
+        assert loaded.encoders["audio"](**inputs).shape == (2, 10, 32)  # projected to the LLM width
+        assert torch.equal(model(**batch).logits, loaded(**batch).logits)
+
+
+def test_a_resampler_keeps_its_own_count_with_trim_padding():
+    torch.manual_seed(0)
+    model, processor = assembled_with_processor(
+        mmcore.build_encoder("whisper", preset="tiny"), init_projector_type="resampler"
+    )
+    queries = model.encoders["audio"].projector.config.num_queries
+    batch = processor(["<audio> <audio> two clips"], audio=[[tone(0.05, 16000), tone(0.15, 16000)]])
+    assert (batch["input_ids"] == processor.token_ids["audio"]).sum() == 2 * queries
+    assert torch.isfinite(model(**batch, labels=batch["input_ids"]).loss)
 
 
 def test_readme_example_runs(tmp_path, monkeypatch):
