@@ -234,3 +234,30 @@ def test_generate_passes_the_language_models_own_arguments_through():
     assert torch.equal(ours, theirs)
     with pytest.raises(ValueError, match="bogus"):  # a typo is still caught, by the language model's check
         model.generate(input_ids=ids, bogus=1, max_new_tokens=2)
+
+
+@torch.no_grad()
+def test_features_encoded_once_are_reused_with_no_encoder_run():
+    """OmniLMM's return_vision_hidden_states / vision_hidden_states: a multi-turn chat about one image."""
+    mllm, tokenizer = _model("llama")
+    image = _images(1, seed=3)
+    first = torch.tensor([_prompt(mllm, tokenizer, "<image>", "what is this ?")])
+    second = torch.tensor([_prompt(mllm, tokenizer, "<image>", "and its colour ?")])
+    out, features = mllm.generate(input_ids=first, pixel_values=image, return_modality_features=True, **_greedy(4))
+    assert torch.equal(out, mllm.generate(input_ids=first, pixel_values=image, **_greedy(4)))
+    assert set(features) == {"vision"} and features["vision"].shape == (IMAGE_TOKENS, 32)
+    assert torch.equal(features["vision"], mllm.encode(pixel_values=image)["vision"])
+
+    fresh = mllm.generate(input_ids=second, pixel_values=image, **_greedy(4))
+    calls = []
+    hook = mllm.encoders["vision"].module.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        reused = mllm.generate(input_ids=second, modality_features=features, **_greedy(4))
+        logits = mllm(input_ids=second, modality_features=features).logits
+    finally:
+        hook.remove()
+    assert calls == []  # the vision tower did not run
+    assert torch.equal(reused, fresh)
+    torch.testing.assert_close(logits, mllm(input_ids=second, pixel_values=image).logits, rtol=0, atol=0)
+    with pytest.raises(Exception, match="not both"):
+        mllm(input_ids=second, pixel_values=image, modality_features=features)

@@ -589,12 +589,24 @@ class MultimodalModel(PreTrainedModel, GenerationMixin):
                 selected[name] = chosen
         return selected, rest
 
-    def encode(self, encoder_inputs: Mapping[str, Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+    def encode(
+        self, encoder_inputs: Mapping[str, Mapping[str, Any]] | None = None, **inputs: Any
+    ) -> dict[str, torch.Tensor]:
         """Run the encoders that have inputs; modality -> ``(total_tokens, llm_width)`` features.
+
+        ``mllm.encode(pixel_values=...)`` routes call arguments as `forward` does;
+        ``mllm.encode({"vision": {...}})`` gives each encoder its inputs. The features can be passed
+        back as ``forward(modality_features=...)`` / ``generate(modality_features=...)``, which then run
+        no encoder for those modalities (encode an image once, ask many questions about it).
 
         With ``config.concurrent_encoders`` and more than one encoder in the call, each encoder after
         the first runs on its own device stream (see `_encode_on_streams`).
         """
+        if inputs:
+            encoder_inputs, rest = self.route_inputs(inputs, encoder_inputs)
+            if rest:
+                raise EncoderInputError(f"encode: no encoder takes {sorted(rest)}")
+        encoder_inputs = encoder_inputs or {}
         if self.config.concurrent_encoders and len(encoder_inputs) > 1 and not torch.compiler.is_compiling():
             return self._encode_on_streams(encoder_inputs)
         return {
@@ -645,16 +657,26 @@ class MultimodalModel(PreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         encoder_inputs: Mapping[str, Mapping[str, Any]] | None = None,
+        modality_features: Mapping[str, Any] | None = None,
         **kwargs: Any,
     ):
         """Encode every modality present in the call, merge, and run the language model.
 
         Modality inputs (``pixel_values=``, ``input_features=``, ...) reach the encoder whose forward
-        takes them; ``encoder_inputs={"vision": {...}}`` says it explicitly. Returns the language
+        takes them; ``encoder_inputs={"vision": {...}}`` says it explicitly. ``modality_features``
+        (from `encode`) are merged as they are, with no encoder run for them. Returns the language
         model's output (``loss`` when ``labels`` are given; placeholder positions never count).
         """
         routed, llm_kwargs = self.route_inputs(kwargs, encoder_inputs)
-        features = self.encode(routed)
+        given = dict(modality_features or {})
+        both = sorted(set(given) & set(routed))
+        if both:
+            raise ConfigError(f"{both}: pass a modality's inputs or its modality_features, not both")
+        unknown = sorted(set(given) - set(self.encoders))
+        if unknown:
+            raise ConfigError(f"modality_features for {unknown}, but the encoders are {sorted(self.encoders)}")
+        # features: modality -> (total_tokens, llm_width), in item order
+        features = {**self.encode(routed), **{m: flatten_features(f, m) for m, f in given.items()}}
         token_ids = self.config.modality_token_ids
         missing = set(features) - set(token_ids)
         if missing:
@@ -769,17 +791,32 @@ class MultimodalModel(PreTrainedModel, GenerationMixin):
         # Encoders run once, at prefill; decode steps only see the new token and the KV cache.
         if not is_first_iteration and kwargs.get("use_cache", True):
             model_inputs.pop("encoder_inputs", None)
+            model_inputs.pop("modality_features", None)
             for encoder in self.encoders.values():
                 for name in encoder.input_map:
                     model_inputs.pop(name, None)
         return model_inputs
+
+    @torch.no_grad()
+    def generate(self, *args: Any, return_modality_features: bool = False, **kwargs: Any) -> Any:
+        """HF's ``generate``; with ``return_modality_features=True`` it returns ``(output, features)``,
+        the features of this call's modalities (OmniLMM's ``return_vision_hidden_states``), to pass as
+        ``modality_features=`` to a later call about the same items: its encoders then do not run."""
+        if not return_modality_features:
+            return super().generate(*args, **kwargs)
+        given = dict(kwargs.pop("modality_features", None) or {})
+        encoder_inputs = kwargs.pop("encoder_inputs", None)
+        routed, rest = self.route_inputs(kwargs, encoder_inputs)
+        features = {**self.encode(routed), **{m: flatten_features(f, m) for m, f in given.items()}}
+        output = super().generate(*args, modality_features=features, **rest)
+        return output, features
 
     def _validate_model_kwargs(self, model_kwargs: dict[str, Any]) -> None:
         # Encoder inputs arrive by name through **kwargs and this model's own arguments are its own;
         # the rest goes to the language model, so the language model checks them for typos (its own
         # arguments, e.g. a Qwen2-VL text model's mm_token_type_ids, pass through).
         ours = {name for encoder in self.encoders.values() for name in encoder.input_map}
-        ours |= {"encoder_inputs", "cache"}
+        ours |= {"encoder_inputs", "cache", "modality_features"}
         rest = {k: v for k, v in model_kwargs.items() if k not in ours}
         self.get_base_language_model()._validate_model_kwargs(rest)
 
