@@ -18,7 +18,10 @@ def register_encoders(register):
         EncoderSpec(
             name="whisper",
             modality="audio",
-            summary="Whisper encoder (transformers); torchaudio log-mel; window set by max_seconds, tokens by each clip's length",
+            summary=(
+                "Whisper encoder (transformers); torchaudio log-mel; window set by max_seconds, "
+                "tokens by each clip's length"
+            ),
             factory="mmcore_plugin_whisper.factory:WhisperFactory",
             default_checkpoint=DEFAULT_CHECKPOINT,
             presets=PRESET_NAMES,

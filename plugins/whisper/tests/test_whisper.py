@@ -307,7 +307,9 @@ def test_trim_padding_keeps_the_positions_each_clip_covers(max_seconds, expected
     full.module.load_state_dict(trimmed.module.state_dict())
     # samples at 16 kHz: 16, 800, 482, 3200 and 8000 (resampled), so frames (hop 160, capped at the
     # window) 1, 5, 4, 20 / 10 and 20 / 10; positions (frames - 1) // 2 + 1
-    clips = [tone(0.001, 16000), tone(0.05, 16000), tone(0.0301, 16000), tone(0.2, 16000), (tone(0.5, 44100), 44100)]
+    clips = [
+        tone(0.001, 16000), tone(0.05, 16000), tone(0.0301, 16000), tone(0.2, 16000), (tone(0.5, 44100), 44100),
+    ]  # fmt: skip
     inputs = factory().processor(recipe_of(trimmed))(clips)
     assert factory().num_tokens(recipe_of(trimmed), inputs) == expected
     with torch.no_grad():
@@ -353,6 +355,25 @@ def test_real_size_whisper_large_v3_3s_costs_150_tokens_and_30s_1500():
     assert [tuple(f.shape) for f in features] == [(150, 1280), (1500, 1280), (1500, 1280)]
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_trim_padding_on_the_gpu_counts_and_cuts_as_on_the_cpu():
+    torch.manual_seed(0)
+    encoder = mmcore.build_encoder("whisper", preset="tiny").eval()
+    recipe = recipe_of(encoder)
+    processor = factory().processor(recipe)
+    clips = [tone(0.05, 16000), tone(0.13, 16000)]  # 5 and 13 frames
+    on_cpu, on_gpu = processor(clips), processor(clips, device="cuda")
+    assert on_gpu["feature_attention_mask"].device.type == "cuda"
+    assert torch.equal(on_gpu["feature_attention_mask"].cpu(), on_cpu["feature_attention_mask"])
+    assert factory().num_tokens(recipe, on_gpu) == factory().num_tokens(recipe, on_cpu) == [3, 7]
+    with torch.no_grad():
+        cpu_features = encoder(**on_cpu)
+        gpu_features = encoder.cuda()(**on_gpu)
+    shapes = [tuple(f.shape) for f in gpu_features]
+    assert shapes == [tuple(f.shape) for f in cpu_features] == [(3, 16), (7, 16)]
+    assert all(torch.allclose(g.cpu(), c, atol=1e-3) for g, c in zip(gpu_features, cpu_features))
+
+
 def test_a_1s_and_a_3s_clip_batch_through_the_assembled_model():
     torch.manual_seed(0)
     encoder = mmcore.build_encoder("whisper", preset="whisper-tiny", max_seconds=3)
@@ -393,7 +414,8 @@ def test_trim_padding_is_recorded_and_rebuilt_at_load(tmp_path):
 
 def test_a_recipe_saved_without_the_option_loads_with_the_whole_window(tmp_path):
     torch.manual_seed(0)
-    model, processor = assembled_with_processor(mmcore.build_encoder("whisper", preset="tiny", trim_padding=False))
+    encoder = mmcore.build_encoder("whisper", preset="tiny", trim_padding=False)
+    model, processor = assembled_with_processor(encoder)
     model.eval().save_pretrained(tmp_path / "model")
     config_path = tmp_path / "model" / "config.json"
     config = json.loads(config_path.read_text())
