@@ -227,13 +227,14 @@ def test_projector_pattern_matches_a_family_and_an_exact_name_wins():
 
 
 def test_builtin_projectors_and_callbacks_are_an_ordinary_plugin(site):
+    from mmcore.builtin.anyres import AnyResFlatten, AnyResPack
     from mmcore.builtin.callbacks import DropPrefixTokens, SelectFeatureLayer
     from mmcore.modeling.projector import MultimodalProjector, MultimodalProjectorConfig
 
     reg = plugins.get_registry()
     assert status("builtin").state == "loaded"
     assert [s.name for s in reg.list_projectors()] == ["linear", "mlp", "mlpNx_act", "resampler"]
-    builtin_callbacks = {cls.name: cls for cls in (SelectFeatureLayer, DropPrefixTokens)}
+    builtin_callbacks = {cls.name: cls for cls in (SelectFeatureLayer, DropPrefixTokens, AnyResFlatten, AnyResPack)}
     assert {s.name for s in reg.list_callbacks() if s.plugin == "builtin"} == set(builtin_callbacks)
     for name, cls in builtin_callbacks.items():
         assert load_factory(reg.get_callback(f"builtin:{name}")) is cls

@@ -57,3 +57,19 @@ def register_callbacks(register):
             factory="mmcore.builtin.callbacks:DropPrefixTokens",
         )
     )
+    register(
+        CallbackSpec(
+            name="anyres_flatten",
+            slots=("preprocess",),
+            summary="LLaVA-NeXT anyres: the padded (images, tiles, 3, H, W) pixel_values become the real tiles",
+            factory="mmcore.builtin.anyres:AnyResFlatten",
+        )
+    )
+    register(
+        CallbackSpec(
+            name="anyres_pack",
+            slots=("postprocess_projector",),
+            summary="LLaVA-NeXT anyres: base tile + the unpadded tile grid with a learnable image_newline per row",
+            factory="mmcore.builtin.anyres:AnyResPack",
+        )
+    )

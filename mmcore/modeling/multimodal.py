@@ -527,6 +527,11 @@ class MultimodalModel(PreTrainedModel, GenerationMixin):
                 )
             for module in targets:
                 module.requires_grad_(bool(flag))
+                for encoder in self.encoders.values():
+                    if module is encoder.projector:  # a callback's parameters (anyres' image_newline) go with it
+                        for callback in encoder.callbacks().values():
+                            if isinstance(callback, nn.Module):
+                                callback.requires_grad_(bool(flag))
         return self.trainable_parameters()
 
     def trainable_parameters(self) -> dict[str, tuple[int, int]]:

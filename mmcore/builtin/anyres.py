@@ -1,0 +1,251 @@
+"""LLaVA-NeXT any-resolution tiling ("anyres") as two built-in callbacks and a token count.
+
+An image is resized to the best of a list of grid resolutions (``grid_pinpoints``), cut into tiles of
+the tower's input size, and the tower sees the tiles plus a downscaled copy of the whole image (the
+"base"). transformers' ``LlavaNextImageProcessor`` does that part and gives ``pixel_values`` of shape
+``(images, max_tiles + 1, 3, size, size)`` (zero-padded) and ``image_sizes`` ``(images, 2)``. Then:
+
+- `AnyResFlatten` (``preprocess``): the padded ``(images, tiles, 3, H, W)`` becomes the real tiles of
+  every image, ``(sum of tiles, 3, H, W)``, for the tower;
+- the tower, feature selection (`SelectFeatureLayer`: LLaVA-NeXT's ``vision_feature_layer`` and the
+  ``default`` strategy's dropped CLS) and the projector run as for any image;
+- `AnyResPack` (``postprocess_projector``): per image, the base tile's tokens, then the tiles' tokens
+  laid out as the image's grid, the padding rows/columns the resize added removed ("unpad"), and a
+  learnable ``image_newline`` after each row. It is a module: ``image_newline`` is a parameter of the
+  encoder's projector side, saved and loaded with the model.
+
+The encoder needs ``image_sizes`` routed to it but not passed to the tower:
+``ModalEncoderModule(tower, ..., additional_args=["image_sizes"])`` (`anyres_encoder` does all of it).
+`AnyResTokenCount` is the processor's per-image token count (``num_feature_calculation_funcs``).
+
+The layout follows transformers' ``LlavaNextModel.pack_image_features`` and reuses its grid helpers
+(``get_anyres_image_grid_shape``, ``image_size_to_num_patches``, ``unpad_image``), so the result is
+what ``LlavaNextForConditionalGeneration`` computes from the same parts.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.modeling_outputs import BaseModelOutput
+
+from mmcore.builtin.callbacks import Callback
+from mmcore.errors import ConfigError, EncoderInputError
+
+
+def _pinpoints(grid_pinpoints: Any) -> list[list[int]]:
+    ok = isinstance(grid_pinpoints, (list, tuple)) and grid_pinpoints and all(
+        isinstance(p, (list, tuple)) and len(p) == 2 and all(isinstance(x, int) and x > 0 for x in p)
+        for p in grid_pinpoints
+    )
+    if not ok:
+        raise ConfigError(f"anyres: grid_pinpoints must be a list of [height, width] pairs, got {grid_pinpoints!r}")
+    return [[int(h), int(w)] for h, w in grid_pinpoints]
+
+
+def _positive(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigError(f"anyres: {name} must be a positive int, got {value!r}")
+    return value
+
+
+def _sizes(inputs: dict, where: str) -> list[tuple[int, int]]:
+    sizes = inputs.get("image_sizes")
+    if sizes is None:
+        raise EncoderInputError(
+            f"{where}: needs image_sizes (the processor's, one (height, width) per image) routed to the encoder: "
+            "ModalEncoderModule(..., additional_args=['image_sizes'])"
+        )
+    return [(int(h), int(w)) for h, w in torch.as_tensor(sizes).tolist()]
+
+
+class AnyResFlatten(Callback):
+    """``pixel_values`` ``(images, tiles, 3, H, W)`` (zero-padded per image) -> the real tiles of every
+    image, ``(sum of tiles, 3, H, W)``; 4-D input passes through (already flat)."""
+
+    name = "anyres_flatten"
+    slot = "preprocess"
+
+    def __init__(self, grid_pinpoints: Sequence[Sequence[int]], image_size: int):
+        self.grid_pinpoints = _pinpoints(grid_pinpoints)
+        self.image_size = _positive("image_size", image_size)
+
+    def params(self) -> dict[str, Any]:
+        return {"grid_pinpoints": self.grid_pinpoints, "image_size": self.image_size}
+
+    def __call__(self, inputs: dict) -> dict:
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+        pixel_values = inputs["pixel_values"]
+        if pixel_values.dim() == 4:
+            return inputs
+        if pixel_values.dim() != 5:
+            raise EncoderInputError(
+                f"anyres_flatten: pixel_values must be (images, tiles, 3, H, W), got {tuple(pixel_values.shape)}"
+            )
+        sizes = _sizes(inputs, "anyres_flatten")
+        if len(sizes) != pixel_values.shape[0]:
+            raise EncoderInputError(
+                f"anyres_flatten: {pixel_values.shape[0]} images in pixel_values but {len(sizes)} image_sizes"
+            )
+        # (sum of tiles, 3, H, W)
+        tiles = [image_size_to_num_patches(s, self.grid_pinpoints, self.image_size) for s in sizes]
+        flat = torch.cat([images[:n] for images, n in zip(pixel_values, tiles)], dim=0)
+        return {**inputs, "pixel_values": flat}
+
+
+class AnyResPack(Callback, nn.Module):
+    """Per image: base-tile tokens, then the tile grid unpadded to the image's aspect ratio with a
+    learnable ``image_newline`` closing each row (LLaVA-NeXT's ``spatial_unpad``). Input ``output[0]``:
+    ``(sum of tiles, tokens_per_tile, hidden_size)``; result ``[0]``: one ``(tokens_i, hidden_size)``
+    tensor per image.
+
+    Args:
+        grid_pinpoints, image_size: as the image processor's (the tower's input size).
+        patch_size: the tower's patch size (``image_size // patch_size`` tokens per tile side).
+        hidden_size: the language model's width (the newline vector's).
+        newline: learn and insert ``image_newline`` (LLaVA-NeXT: yes).
+    """
+
+    name = "anyres_pack"
+    slot = "postprocess_projector"
+
+    def __init__(
+        self,
+        grid_pinpoints: Sequence[Sequence[int]],
+        image_size: int,
+        patch_size: int,
+        hidden_size: int,
+        newline: bool = True,
+    ):
+        nn.Module.__init__(self)
+        self.grid_pinpoints = _pinpoints(grid_pinpoints)
+        self.image_size = _positive("image_size", image_size)
+        self.patch_size = _positive("patch_size", patch_size)
+        self.hidden_size = _positive("hidden_size", hidden_size)
+        if self.image_size % self.patch_size:
+            raise ConfigError(f"anyres: image_size {image_size} is not a multiple of patch_size {patch_size}")
+        self.newline = bool(newline)
+        # LLaVA-NeXT's initialisation: N(0, 1 / hidden_size)
+        self.image_newline = (
+            nn.Parameter(torch.randn(self.hidden_size) / math.sqrt(self.hidden_size)) if self.newline else None
+        )
+
+    # A module: identity semantics (hashable, as nn.Module needs), not Callback's equality by parameters.
+    __eq__ = object.__eq__
+    __hash__ = object.__hash__
+
+    def params(self) -> dict[str, Any]:
+        return {
+            "grid_pinpoints": self.grid_pinpoints,
+            "image_size": self.image_size,
+            "patch_size": self.patch_size,
+            "hidden_size": self.hidden_size,
+            "newline": self.newline,
+        }
+
+    def __repr__(self) -> str:
+        return Callback.__repr__(self)
+
+    def forward(self, inputs: dict, output: Any) -> BaseModelOutput:
+        from transformers.models.llava_next.modeling_llava_next import (
+            get_anyres_image_grid_shape,
+            image_size_to_num_patches,
+            unpad_image,
+        )
+
+        features = output[0]  # (sum of tiles, tokens_per_tile, hidden)
+        sizes = _sizes(inputs, "anyres_pack")
+        tiles = [image_size_to_num_patches(s, self.grid_pinpoints, self.image_size) for s in sizes]
+        if sum(tiles) != features.shape[0]:
+            raise EncoderInputError(
+                f"anyres_pack: image_sizes {sizes} make {sum(tiles)} tiles but the tower gave features for "
+                f"{features.shape[0]}"
+            )
+        side = self.image_size // self.patch_size
+        if features.shape[1] != side * side:
+            raise EncoderInputError(
+                f"anyres_pack: expected {side}x{side}={side * side} tokens per tile (image_size / patch_size), got "
+                f"{features.shape[1]}; drop the CLS token first (select_feature_layer drop_prefix_tokens=1)"
+            )
+        packed = []
+        for image, size in zip(torch.split(features, tiles, dim=0), sizes):
+            base = image[0]  # (side*side, hidden)
+            if image.shape[0] == 1:  # no grid tiles: base only (and one newline), as LLaVA-NeXT
+                rows = [base] + ([self.image_newline[None].to(base)] if self.newline else [])
+                packed.append(torch.cat(rows, dim=0))
+                continue
+            grid_h, grid_w = get_anyres_image_grid_shape(size, self.grid_pinpoints, self.image_size)
+            grid = image[1:].view(grid_h, grid_w, side, side, -1)
+            grid = grid.permute(4, 0, 2, 1, 3).contiguous().flatten(1, 2).flatten(2, 3)  # (hidden, H, W)
+            grid = unpad_image(grid, torch.tensor(size))
+            if self.newline:
+                newline = self.image_newline[:, None, None].expand(*grid.shape[:-1], 1).to(grid)
+                grid = torch.cat((grid, newline), dim=-1)
+            packed.append(torch.cat((base, grid.flatten(1, 2).transpose(0, 1)), dim=0))
+        return BaseModelOutput(last_hidden_state=packed)
+
+
+class AnyResTokenCount:
+    """The processor's token count per image for `AnyResFlatten` + `AnyResPack`: exactly the rows the
+    pack yields (``num_feature_calculation_funcs={"vision": AnyResTokenCount(...)}``). Reads
+    ``image_sizes`` from the image processor's output."""
+
+    def __init__(self, grid_pinpoints: Sequence[Sequence[int]], image_size: int, patch_size: int, newline: bool = True):
+        self.grid_pinpoints = _pinpoints(grid_pinpoints)
+        self.image_size = _positive("image_size", image_size)
+        self.patch_size = _positive("patch_size", patch_size)
+        self.newline = bool(newline)
+
+    def count(self, size: tuple[int, int]) -> int:
+        from transformers.models.llava_next.modeling_llava_next import (
+            get_anyres_image_grid_shape,
+            image_size_to_num_patches,
+            unpad_image,
+        )
+
+        side = self.image_size // self.patch_size
+        if image_size_to_num_patches(size, self.grid_pinpoints, self.image_size) == 1:
+            return side * side + int(self.newline)
+        grid_h, grid_w = get_anyres_image_grid_shape(size, self.grid_pinpoints, self.image_size)
+        # the unpadded grid's shape, by transformers' own unpad on an empty tensor of the grid's size
+        height, width = unpad_image(torch.empty(0, grid_h * side, grid_w * side), torch.tensor(size)).shape[1:]
+        return side * side + height * (width + int(self.newline))
+
+    def __call__(self, items: Sequence[Any], processed: dict) -> list[int]:
+        sizes = _sizes(processed, "anyres token count")
+        return [self.count(s) for s in sizes]
+
+
+def anyres_encoder(
+    tower: nn.Module,
+    projector: nn.Module | None,
+    *,
+    grid_pinpoints: Sequence[Sequence[int]],
+    hidden_size: int,
+    feature_layer: int | list[int] = -2,
+    strategy: str = "default",
+    newline: bool = True,
+):
+    """A `ModalEncoderModule` for a CLIP / SigLIP ``tower`` with LLaVA-NeXT's anyres tiling: its
+    ``image_size`` and ``patch_size`` are read from ``tower.config``; ``strategy`` is LLaVA-NeXT's
+    ``vision_feature_select_strategy`` (``default`` drops the first token, ``full`` keeps all);
+    ``hidden_size`` is the language model's width."""
+    from mmcore.builtin.callbacks import SelectFeatureLayer
+    from mmcore.modeling.encoder import ModalEncoderModule
+
+    if strategy not in ("default", "full"):
+        raise ConfigError(f"anyres: strategy must be 'default' or 'full', got {strategy!r}")
+    image_size, patch_size = tower.config.image_size, tower.config.patch_size
+    return ModalEncoderModule(
+        tower,
+        projector,
+        AnyResFlatten(grid_pinpoints, image_size),
+        SelectFeatureLayer(feature_layer, drop_prefix_tokens=1 if strategy == "default" else 0),
+        AnyResPack(grid_pinpoints, image_size, patch_size, hidden_size, newline),
+        additional_args=["image_sizes"],
+    )
