@@ -667,6 +667,8 @@ class MultimodalProcessor:
                     record["processor"] = {"kind": "unsaved", "class": _qualname(processor)}
                 if m in self._count_from_plugin:
                     record["num_tokens"] = {"kind": PLUGIN}
+                elif _builtin_counter_record(self._counters[m]) is not None:
+                    record["num_tokens"] = _builtin_counter_record(self._counters[m])
                 else:
                     record["num_tokens"] = {"kind": "function", "name": _qualname(self._counters[m])}
                 modalities[m] = record
@@ -757,6 +759,8 @@ class MultimodalProcessor:
                     f"{m!r}: its processor ({saved.get('class')}) was not saved (it has no save_pretrained or is not "
                     f"a transformers class); pass it again: from_pretrained(..., encoder_processors={{{m!r}: processor}})"
                 )
+            if m not in funcs and (record.get("num_tokens") or {}).get("kind") == "builtin":
+                funcs[m] = _builtin_counter(record["num_tokens"], config_file)
             if m not in funcs and (record.get("num_tokens") or {}).get("kind") != PLUGIN:
                 raise SerializationError(
                     f"{m!r}: its token count function ({(record.get('num_tokens') or {}).get('name')}) cannot be "
@@ -924,3 +928,28 @@ def _load_saved_processor(modality: str, record: Mapping[str, Any], root: Path, 
     if cls is None or not hasattr(cls, "from_pretrained"):
         raise SerializationError(f"{modality!r}: saved processor class {path!r} is not a transformers class")
     return cls.from_pretrained(str(root / record["subfolder"]), trust_remote_code=bool(trust_remote_code))
+
+
+# Token counters of mmcore's own (e.g. `mmcore.builtin.anyres.AnyResTokenCount`) are saved by class and
+# parameters and rebuilt at load; only classes inside mmcore are rebuilt this way (no other code runs).
+_BUILTIN_COUNTERS = ("mmcore.builtin.anyres:AnyResTokenCount",)
+
+
+def _builtin_counter_record(counter: Any) -> dict[str, Any] | None:
+    path = f"{type(counter).__module__}:{type(counter).__qualname__}"
+    if path not in _BUILTIN_COUNTERS or not callable(getattr(counter, "params", None)):
+        return None
+    return {"kind": "builtin", "class": path, "params": counter.params()}
+
+
+def _builtin_counter(record: Mapping[str, Any], where: Path) -> Any:
+    import importlib
+
+    path = record.get("class")
+    if path not in _BUILTIN_COUNTERS:
+        raise SerializationError(f"{where}: unknown built-in token counter {path!r}; expected one of {_BUILTIN_COUNTERS}")
+    module, _, name = path.partition(":")
+    try:
+        return getattr(importlib.import_module(module), name)(**(record.get("params") or {}))
+    except (TypeError, ConfigError) as exc:
+        raise SerializationError(f"{where}: token counter {path} cannot be rebuilt from {record.get('params')!r}: {exc}") from exc

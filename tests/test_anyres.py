@@ -181,3 +181,18 @@ def test_anyres_errors_name_what_is_missing():
         pack({}, (torch.zeros(3, 4, 32),))
     with pytest.raises(EncoderInputError, match="make 3 tiles but the tower gave features for 2"):
         pack({"image_sizes": torch.tensor([[20, 50]])}, (torch.zeros(2, 4, 32),))
+
+
+def test_processor_with_the_anyres_count_saves_and_reloads_without_passing_it_again(pair, tmp_path):
+    from mmcore.processing import MultimodalProcessor
+
+    hf, mllm, processor, batch = pair
+    ours = MultimodalProcessor(
+        {"vision": processor.image_processor}, processor.tokenizer, mllm,
+        {"vision": AnyResTokenCount(hf.config.image_grid_pinpoints, TILE, PATCH)},
+        predefined_tokens={"vision": "<image>"}, padding_side="left",
+    )  # fmt: skip
+    mllm.save_pretrained(tmp_path)
+    ours.save_pretrained(tmp_path)
+    again = MultimodalProcessor.from_pretrained(tmp_path)
+    assert torch.equal(again(PROMPTS, vision=_images())["input_ids"], batch["input_ids"])

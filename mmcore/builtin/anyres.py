@@ -201,6 +201,14 @@ class AnyResTokenCount:
         self.patch_size = _positive("patch_size", patch_size)
         self.newline = bool(newline)
 
+    def params(self) -> dict[str, Any]:
+        return {
+            "grid_pinpoints": self.grid_pinpoints,
+            "image_size": self.image_size,
+            "patch_size": self.patch_size,
+            "newline": self.newline,
+        }
+
     def count(self, size: tuple[int, int]) -> int:
         from transformers.models.llava_next.modeling_llava_next import (
             get_anyres_image_grid_shape,
