@@ -16,65 +16,18 @@ from PIL import Image
 
 from mmcore import MultimodalModel
 from mmcore.builtin.anyres import AnyResFlatten, AnyResPack, AnyResTokenCount, anyres_encoder
+from mmcore.convert.testing import tiny_llava_next
 from mmcore.errors import ConfigError, EncoderInputError
 from mmcore.modeling.projector import MultimodalProjector, MultimodalProjectorConfig
 
 TILE, PATCH = 28, 14  # 2x2 tokens per tile
-PINPOINTS = [[28, 56], [56, 28], [56, 56], [28, 84]]
+PINPOINTS = [[28, 56], [56, 28], [56, 56], [28, 84]]  # as tiny_llava_next's
 PROMPTS = ["user: <image> what is this? assistant:", "user: describe <image> please assistant:"]
 
 
 def _images():
     rng = np.random.default_rng(0)
     return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in ((30, 70), (64, 40))]
-
-
-def tiny_llava_next(tower: str):
-    from tokenizers import AddedToken
-    from transformers import (
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaNextConfig,
-        LlavaNextForConditionalGeneration,
-        LlavaNextImageProcessor,
-        LlavaNextProcessor,
-        MistralConfig,
-        SiglipVisionConfig,
-    )
-
-    from mmcore.testing import tiny_tokenizer
-
-    tokenizer = tiny_tokenizer()
-    tokenizer.add_tokens([AddedToken("<image>", special=True, normalized=False)], special_tokens=True)
-    vision = dict(hidden_size=24, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
-                  image_size=TILE, patch_size=PATCH)  # fmt: skip
-    text = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)  # fmt: skip
-    if tower == "clip":
-        vision_config, text_config, strategy, prefix = CLIPVisionConfig(**vision), MistralConfig(**text), "default", 1
-    else:
-        vision_config, text_config, strategy, prefix = SiglipVisionConfig(**vision), LlamaConfig(**text), "full", 0
-    config = LlavaNextConfig(
-        vision_config=vision_config,
-        text_config=text_config,
-        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-        vision_feature_layer=-2,
-        vision_feature_select_strategy=strategy,
-        image_grid_pinpoints=PINPOINTS,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    hf = LlavaNextForConditionalGeneration(config).to(torch.float32).eval()
-    image_processor = LlavaNextImageProcessor(
-        size={"shortest_edge": TILE}, crop_size={"height": TILE, "width": TILE}, image_grid_pinpoints=PINPOINTS
-    )
-    processor = LlavaNextProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, patch_size=PATCH,
-        vision_feature_select_strategy=strategy, num_additional_image_tokens=prefix,
-    )  # fmt: skip
-    return hf, processor
 
 
 def mmcore_twin(hf):

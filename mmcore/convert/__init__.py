@@ -9,7 +9,7 @@ Out: an mmcore model of a shape transformers has a class for becomes that class,
 >>> mllm = from_pretrained_multimodal_model("llava-hf/llava-1.5-7b-hf")   # doctest: +SKIP
 >>> llava = to_hf(mllm)                                                    # doctest: +SKIP
 
-Families: see `mmcore.convert.families` (``llava`` today). This module imports no torch; the
+Families: see `mmcore.convert.families` (``llava`` and ``llava_next`` today). This module imports no torch; the
 functions import what they need.
 """
 
@@ -51,11 +51,21 @@ def from_hf(hf_model: Any, **kwargs: Any) -> Any:
 
 
 def to_hf(mllm: Any) -> Any:
-    """The transformers VLM (``LlavaForConditionalGeneration``) holding ``mllm``'s modules;
-    `NoTransformersCounterpartError` naming the part that has no transformers counterpart."""
-    from mmcore.convert import llava
+    """The transformers VLM holding ``mllm``'s modules: ``LlavaNextForConditionalGeneration`` for an
+    anyres encoder, ``LlavaForConditionalGeneration`` otherwise; `NoTransformersCounterpartError`
+    naming the part that has no transformers counterpart."""
+    return family_for(mllm).to_hf(mllm)
 
-    return llava.to_hf(mllm)
+
+def family_for(mllm: Any) -> Any:
+    """The converter module whose transformers class can hold ``mllm``'s shape."""
+    from mmcore.builtin.anyres import AnyResPack
+    from mmcore.convert import llava, llava_next
+
+    encoders = list(getattr(mllm, "encoders", {}).values())
+    if len(encoders) == 1 and isinstance(encoders[0].postprocess_projector_callback, AnyResPack):
+        return llava_next
+    return llava
 
 
 @dataclass
@@ -111,7 +121,9 @@ def convert_pretrained(
         from mmcore.errors import MMCoreError
 
         try:
-            processor = family.processor_from_hf(mllm, tokenizer, getattr(hf_processor, "chat_template", None))
+            processor = family.processor_from_hf(
+                mllm, tokenizer, getattr(hf_processor, "chat_template", None), image_processor=image_processor
+            )
         except MMCoreError as exc:
             notes.append(f"no processor: {exc}")
     return Converted(mllm, processor, config.model_type, notes)

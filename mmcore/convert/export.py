@@ -2,7 +2,8 @@
 
 The output holds what ``AutoModelForImageTextToText.from_pretrained`` and ``AutoProcessor.from_pretrained``
 load with no mmcore installed, and what serving engines take (``vllm serve OUT``): safetensors
-weights, ``config.json`` with ``architectures: ["LlavaForConditionalGeneration"]``, the processor
+weights, ``config.json`` with ``architectures: ["LlavaForConditionalGeneration"]`` (or
+``LlavaNextForConditionalGeneration`` for an anyres model), the processor
 (image processor, tokenizer, chat template). Written atomically (`mmcore._files.staged_directory`).
 """
 
@@ -19,11 +20,12 @@ def export_hf(mllm: Any, processor: Any, output: str | os.PathLike) -> dict[str,
     """Write ``mllm`` (see `mmcore.convert.to_hf` for the shapes that convert) and its
     `MultimodalProcessor` into ``output`` as a transformers directory; return a summary."""
     from mmcore._files import staged_directory
-    from mmcore.convert import llava as family
+    from mmcore.convert import family_for
 
+    family = family_for(mllm)
     hf_model = family.to_hf(mllm)
     (modality,) = mllm.encoders
-    hf_processor = family.llava_processor(hf_model, processor.tokenizer, _image_processor(processor, modality))
+    hf_processor = family.hf_processor(hf_model, processor.tokenizer, _image_processor(processor, modality))
     with staged_directory(output) as staging:
         hf_model.save_pretrained(staging)
         hf_processor.save_pretrained(staging)

@@ -16,12 +16,12 @@ from mmcore.errors import ConfigError
 #: model_type -> module of mmcore.convert that converts it.
 FAMILIES: dict[str, str] = {
     "llava": "mmcore.convert.llava",
+    "llava_next": "mmcore.convert.llava_next",
 }
 
 #: model_type -> why it is not converted yet (shown in errors and in docs/converting.md).
 MISSING: dict[str, str] = {
-    "llava_next": "any-resolution tiling (image_grid_pinpoints, image_newline) has no mmcore encoder yet",
-    "llava_onevision": "any-resolution tiling and video pooling have no mmcore encoder yet",
+    "llava_onevision": "its anyres_max tiling, the unpad-then-downscale step and video pooling are not expressed yet",
     "qwen2_vl": "needs the Qwen2-VL native-resolution tower and 3-D rotary positions (dynamic-tokens issue)",
     "qwen2_5_vl": "needs the Qwen2.5-VL native-resolution tower and 3-D rotary positions (dynamic-tokens issue)",
     "qwen2_audio": "needs the Qwen2-Audio Whisper tower with its pooling as an mmcore encoder (dynamic-tokens issue)",

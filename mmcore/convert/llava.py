@@ -161,24 +161,32 @@ def _language_model(hf_model: LlavaForConditionalGeneration) -> nn.Module:
     return llm
 
 
-def processor_from_hf(mllm: MultimodalModel, tokenizer: Any, chat_template: str | None = None) -> Any:
+def processor_from_hf(
+    mllm: MultimodalModel, tokenizer: Any, chat_template: str | None = None, image_processor: Any = None
+) -> Any:
     """The `MultimodalProcessor` of a converted model: the checkpoint's tokenizer (its ``<image>`` is the
-    model's image token) and the plugin's image processor from the recipe. The chat template goes
-    onto the tokenizer when it has none. `TokenIdError` when the tokenizer's ``<image>`` is not the
-    model's image token."""
+    model's image token) and the plugin's image processor from the recipe (``image_processor``, the
+    checkpoint's, is in the recipe already). The chat template goes onto the tokenizer when it has
+    none. `TokenIdError` when the tokenizer's ``<image>`` is not the model's image token."""
     from mmcore.processing import MultimodalProcessor
 
+    check_image_token(mllm, tokenizer, chat_template)
+    return MultimodalProcessor.from_model(mllm, tokenizer)
+
+
+def check_image_token(mllm: MultimodalModel, tokenizer: Any, chat_template: str | None) -> None:
+    """`TokenIdError` unless the tokenizer's ``<modality>`` is the model's image token; puts the chat
+    template onto the tokenizer when it has none."""
     (modality,) = mllm.encoders
     token = f"<{modality}>"
     token_id = mllm.config.modality_token_ids[modality]
     if tokenizer.get_vocab().get(token) != token_id:
         raise TokenIdError(
-            f"llava: the tokenizer's {token} is id {tokenizer.get_vocab().get(token)}, but the model's image "
-            f"token is id {token_id}; expected the checkpoint's own tokenizer"
+            f"the tokenizer's {token} is id {tokenizer.get_vocab().get(token)}, but the model's image token is id "
+            f"{token_id}; expected the checkpoint's own tokenizer"
         )
     if chat_template and not getattr(tokenizer, "chat_template", None):
         tokenizer.chat_template = chat_template
-    return MultimodalProcessor.from_model(mllm, tokenizer)
 
 
 # -- out: mmcore -> LLaVA -----------------------------------------------------------------------------------
@@ -240,10 +248,13 @@ def _tower(name: str, encoder: ModalEncoderModule) -> nn.Module:
     return module
 
 
-def _feature_selection(name: str, encoder: ModalEncoderModule, tower: nn.Module) -> tuple[Any, str]:
-    """(vision_feature_layer, vision_feature_select_strategy) equal to the encoder's callbacks."""
+def _feature_selection(
+    name: str, encoder: ModalEncoderModule, tower: nn.Module, *, other_slots: bool = True
+) -> tuple[Any, str]:
+    """(vision_feature_layer, vision_feature_select_strategy) equal to the encoder's callbacks;
+    ``other_slots``: the preprocess and postprocess_projector slots must be empty (LLaVA's case)."""
     for slot, callback in (("preprocess", encoder.preprocess_callback), ("postprocess_projector", encoder.postprocess_projector_callback)):
-        if callback is not None:
+        if callback is not None and other_slots:
             raise NoTransformersCounterpartError(
                 f"encoder {name!r}: its {slot} callback {callback!r} has no LLaVA counterpart"
             )
@@ -359,3 +370,6 @@ def _check_no_meta(module: nn.Module, what: str) -> None:
     left = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
     if left and not all(t.is_meta for t in [*module.parameters(), *module.buffers()]):
         raise ConfigError(f"{what}: parts {left[:5]} were not replaced by the source's modules")
+
+
+hf_processor = llava_processor  # the family interface's name (mmcore.convert.export)

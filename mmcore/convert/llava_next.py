@@ -1,0 +1,180 @@
+"""LLaVA-NeXT (``LlavaNextForConditionalGeneration``) to mmcore and back, sharing every weight.
+
+LLaVA-NeXT is LLaVA plus any-resolution tiling; in mmcore that is LLaVA's encoder (the ``clip`` or
+``siglip`` plugin encoder with LLaVA's feature selection, an ``mlp2x_<act>`` projector) with the
+built-in anyres callbacks around it (`mmcore.builtin.anyres`):
+
+=====================================  ======================================================
+LLaVA-NeXT                             mmcore
+=====================================  ======================================================
+``model.vision_tower``, projector,     as for LLaVA (`mmcore.convert.llava`)
+feature layer and strategy
+``image_grid_pinpoints``               ``anyres_flatten`` (preprocess) and ``anyres_pack``
+                                       (postprocess_projector) parameters
+``model.image_newline``                ``anyres_pack``'s ``image_newline`` (the same parameter)
+``image_sizes``                        routed to the encoder for the callbacks (``additional_args``)
+the image processor                    the checkpoint's ``LlavaNextImageProcessor`` with
+                                       `~mmcore.builtin.anyres.AnyResTokenCount` as the count
+=====================================  ======================================================
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextProcessor
+
+from mmcore.builtin.anyres import AnyResFlatten, AnyResPack, AnyResTokenCount
+from mmcore.convert import llava
+from mmcore.convert.families import NoTransformersCounterpartError
+from mmcore.errors import ConfigError, TokenIdError
+from mmcore.factory import encoder_from_recipe, get_factory
+from mmcore.modeling.multimodal import MultimodalModel
+
+MODEL_TYPE = "llava_next"
+MODALITY = llava.MODALITY
+ARCHITECTURE = "LlavaNextForConditionalGeneration"
+
+
+def hf_class() -> type[LlavaNextForConditionalGeneration]:
+    return LlavaNextForConditionalGeneration
+
+
+# -- in: LLaVA-NeXT -> mmcore -------------------------------------------------------------------------------
+def from_hf(
+    hf_model: LlavaNextForConditionalGeneration,
+    *,
+    image_processor: Any = None,
+    source: str | None = None,
+    modality: str = MODALITY,
+) -> MultimodalModel:
+    """The `MultimodalModel` that computes what ``hf_model`` computes, holding its own modules (tower,
+    projector Linears, ``image_newline``, decoder and head; no weight copied). ``image_processor`` is
+    the checkpoint's (it goes to the processor, see `processor_from_hf`); ``source`` is recorded for
+    reference."""
+    config = hf_model.config
+    plugin = llava._vision_plugin(config)
+    factory = get_factory(plugin)
+    # The plugin's recipe rebuilds the tower (its own preprocessing at the tile size); the tiling is
+    # the checkpoint's image processor's, kept by the processor.
+    recipe = llava._recipe(factory, config, None, llava._encoder_options(plugin, config), source)
+    encoder = encoder_from_recipe(factory, recipe, device="meta")
+    encoder.module = hf_model.model.vision_tower
+    encoder.projector = llava._projector(hf_model.model.multi_modal_projector, config)
+    vision = config.vision_config
+    pinpoints = [list(p) for p in config.image_grid_pinpoints]
+    encoder.preprocess_callback = AnyResFlatten(pinpoints, vision.image_size)
+    pack = AnyResPack(pinpoints, vision.image_size, vision.patch_size, config.text_config.hidden_size)
+    pack.image_newline = hf_model.model.image_newline  # the checkpoint's own parameter
+    encoder.postprocess_projector_callback = pack
+    encoder.additional_args = ("image_sizes",)
+    encoder.input_map.setdefault("image_sizes", "image_sizes")
+    mllm = MultimodalModel(encoders={modality: encoder}, language_model=llava._language_model(hf_model))
+    mllm.set_modality_token_ids({modality: config.image_token_index})
+    return mllm
+
+
+def processor_from_hf(
+    mllm: MultimodalModel, tokenizer: Any, chat_template: str | None = None, image_processor: Any = None
+) -> Any:
+    """The `MultimodalProcessor` of a converted model: the checkpoint's tokenizer and
+    ``LlavaNextImageProcessor`` (tiles and ``image_sizes``), counting each image's tokens with
+    `AnyResTokenCount`."""
+    from mmcore.processing import MultimodalProcessor
+
+    llava.check_image_token(mllm, tokenizer, chat_template)
+    if image_processor is None:
+        raise ConfigError("llava_next: the checkpoint has no image processor; expected its LlavaNextImageProcessor")
+    ((modality, encoder),) = mllm.encoders.items()
+    pack = encoder.postprocess_projector_callback
+    count = AnyResTokenCount(pack.grid_pinpoints, pack.image_size, pack.patch_size, pack.newline)
+    return MultimodalProcessor({modality: image_processor}, tokenizer, mllm, {modality: count})
+
+
+# -- out: mmcore -> LLaVA-NeXT ------------------------------------------------------------------------------
+def to_hf(mllm: MultimodalModel) -> LlavaNextForConditionalGeneration:
+    """The ``LlavaNextForConditionalGeneration`` holding ``mllm``'s own modules, when ``mllm`` is LLaVA's
+    shape (see `mmcore.convert.llava.to_hf`) with the anyres callbacks; `NoTransformersCounterpartError`
+    naming the part otherwise."""
+    if len(mllm.encoders) != 1:
+        raise NoTransformersCounterpartError(
+            f"{len(mllm.encoders)} encoders ({', '.join(mllm.encoders)}): LlavaNextForConditionalGeneration holds "
+            "exactly one vision tower"
+        )
+    ((name, encoder),) = mllm.encoders.items()
+    tower = llava._tower(name, encoder)
+    flatten, pack = encoder.preprocess_callback, encoder.postprocess_projector_callback
+    if not isinstance(flatten, AnyResFlatten) or not isinstance(pack, AnyResPack):
+        raise NoTransformersCounterpartError(
+            f"encoder {name!r}: LLaVA-NeXT's tiling needs anyres_flatten (preprocess) and anyres_pack "
+            f"(postprocess_projector), got {flatten!r} and {pack!r}"
+        )
+    vision = tower.config
+    if (pack.image_size, pack.patch_size, flatten.image_size) != (vision.image_size, vision.patch_size, vision.image_size):
+        raise NoTransformersCounterpartError(
+            f"encoder {name!r}: the anyres tile ({pack.image_size} px, patch {pack.patch_size}) is not the tower's "
+            f"({vision.image_size} px, patch {vision.patch_size}); LLaVA-NeXT tiles at the tower's input size"
+        )
+    if not pack.newline or flatten.grid_pinpoints != pack.grid_pinpoints:
+        raise NoTransformersCounterpartError(
+            f"encoder {name!r}: LLaVA-NeXT always adds image_newline and tiles with one grid list"
+        )
+    layer, strategy = llava._feature_selection(name, encoder, tower, other_slots=False)
+    act, bias, linear_1, linear_2 = llava._projector_parts(name, encoder.projector)
+    llm, base = llava._llm_parts(mllm)
+    token_id = llava._image_token_id(mllm, name, llm)
+    text_config = llm.config
+    config = LlavaNextConfig(
+        vision_config=vision.to_dict(),
+        text_config=text_config.to_dict(),
+        image_token_index=token_id,
+        projector_hidden_act=act,
+        vision_feature_layer=layer,
+        vision_feature_select_strategy=strategy,
+        image_grid_pinpoints=[list(p) for p in pack.grid_pinpoints],
+        multimodal_projector_bias=bias,
+        tie_word_embeddings=bool(getattr(text_config, "tie_word_embeddings", False)),
+    )
+    with torch.device("meta"):  # a shell: every module is replaced by mllm's own
+        hf = LlavaNextForConditionalGeneration(config)
+    hf.model.vision_tower = tower
+    hf.model.multi_modal_projector.linear_1 = linear_1
+    hf.model.multi_modal_projector.linear_2 = linear_2
+    hf.model.image_newline = pack.image_newline
+    hf.model.language_model = base
+    hf.lm_head = llm.get_output_embeddings()
+    llava._check_no_meta(hf, ARCHITECTURE)
+    if getattr(mllm, "generation_config", None) is not None:
+        hf.generation_config = copy.deepcopy(mllm.generation_config)
+    hf.train(mllm.training)
+    return hf
+
+
+def hf_processor(hf_model: LlavaNextForConditionalGeneration, tokenizer: Any, image_processor: Any) -> LlavaNextProcessor:
+    """transformers' ``LlavaNextProcessor`` for an exported model (``image_processor``: the
+    ``LlavaNextImageProcessor`` the model was trained with)."""
+    from transformers import LlavaNextImageProcessor
+
+    config = hf_model.config
+    if not isinstance(image_processor, LlavaNextImageProcessor):
+        raise NoTransformersCounterpartError(
+            f"the processor's image processor is {type(image_processor).__name__}; LLaVA-NeXT's is a "
+            "LlavaNextImageProcessor (tiles and image_sizes)"
+        )
+    image_token = tokenizer.convert_ids_to_tokens(config.image_token_index)
+    if tokenizer.encode(image_token, add_special_tokens=False) != [config.image_token_index]:
+        raise TokenIdError(
+            f"the image token {image_token!r} (id {config.image_token_index}) does not tokenize as itself; "
+            "expected a special token of the tokenizer"
+        )
+    return LlavaNextProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=config.vision_config.patch_size,
+        vision_feature_select_strategy=config.vision_feature_select_strategy,
+        chat_template=getattr(tokenizer, "chat_template", None),
+        image_token=image_token,
+        num_additional_image_tokens=llava._prefix_tokens(hf_model.model.vision_tower),
+    )
