@@ -158,17 +158,17 @@ def test_dry_run_builds_on_meta_without_reading_weights(source, tmp_path):
 
 # -- errors ------------------------------------------------------------------------------------------------
 def test_unknown_model_type_names_it_and_the_known_families(tmp_path):
-    from transformers import LlamaConfig, LlavaNextConfig
+    from transformers import LlamaConfig, LlavaOnevisionConfig
 
     from mmcore.convert import UnknownFamilyError, convert_pretrained, from_hf
     from mmcore.testing import tiny_llm
 
     LlamaConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4).save_pretrained(tmp_path / "llama")
-    with pytest.raises(UnknownFamilyError, match=r"model_type 'llama'.*families mmcore converts: llava"):
+    with pytest.raises(UnknownFamilyError, match=r"model_type 'llama'.*families mmcore converts: llava, llava_next"):
         convert_pretrained(tmp_path / "llama")
-    LlavaNextConfig().save_pretrained(tmp_path / "next")
-    with pytest.raises(UnknownFamilyError, match=r"'llava_next' is not converted yet \(any-resolution"):
-        convert_pretrained(tmp_path / "next")
+    LlavaOnevisionConfig().save_pretrained(tmp_path / "onevision")
+    with pytest.raises(UnknownFamilyError, match=r"'llava_onevision' is not converted yet \(its anyres_max"):
+        convert_pretrained(tmp_path / "onevision")
     with pytest.raises(UnknownFamilyError, match=r"model_type 'llama'"):
         from_hf(tiny_llm())
 
