@@ -29,6 +29,8 @@ _LAZY = {
     "MultimodalCollator": "mmcore.training.collator",
     "ConversationDataset": "mmcore.training.data",
     "GroupedBatchSampler": "mmcore.training.data",
+    "TokenBudgetBatchSampler": "mmcore.training.token_budget",
+    "plan_rows": "mmcore.training.packing",
     "DataFormatError": "mmcore.training.data",
     "read_jsonl": "mmcore.training.data",
     "shard": "mmcore.training.distributed",

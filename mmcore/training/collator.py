@@ -11,6 +11,11 @@ A sample is ``{"messages": [{"role": ..., "content": ...}, ...], "vision": [img,
 "audio": [clip, ...]}`` (`ConversationDataset` yields these), or ``{"text": ..., <items>}`` to train
 on the whole text (placeholders excepted).
 
+``MultimodalCollator(processor, pack_to=N)`` packs the samples into rows of at most N tokens instead
+of padding one row each (`mmcore.training.packing`): no ``attention_mask``, ``position_ids`` from 0 at
+every sample, which transformers turns into attention within each sample; the same batch works in
+mmcore's loop and under `transformers.Trainer`.
+
 >>> collator = MultimodalCollator(processor)                              # doctest: +SKIP
 >>> batch = collator([dataset[0], dataset[1]])                          # doctest: +SKIP
 >>> model(**batch).loss                                                   # doctest: +SKIP
@@ -36,6 +41,9 @@ class MultimodalCollator:
         padding_side: ``"right"`` for training.
         pad_to_multiple_of: pad lengths up to a multiple (tensor-core friendly on GPU).
         processor_kwargs: modality -> keyword arguments for its processor.
+        pack_to: pack the samples into rows of at most this many tokens (`mmcore.training.packing`:
+            first-fit decreasing, position ids from 0 per sample, attention within each sample, no
+            ``attention_mask``); a longer sample gets a row of its own. None: one padded row each.
     """
 
     def __init__(
@@ -46,6 +54,7 @@ class MultimodalCollator:
         padding_side: str = "right",
         pad_to_multiple_of: int | None = None,
         processor_kwargs: Mapping[str, Mapping[str, Any]] | None = None,
+        pack_to: int | None = None,
     ):
         if train_on not in ("assistant", "all"):
             raise ConfigError(f"train_on must be 'assistant' or 'all', got {train_on!r}")
@@ -58,6 +67,9 @@ class MultimodalCollator:
         self.padding_side = padding_side
         self.pad_to_multiple_of = pad_to_multiple_of
         self.processor_kwargs = processor_kwargs
+        if pack_to is not None and pack_to < 1:
+            raise ConfigError(f"pack_to must be >= 1, got {pack_to}")
+        self.pack_to = pack_to
         special = set(processor.token_ids.values())
         for start, end in processor.wrap_token_ids.values():
             special |= {start, end}
@@ -78,11 +90,14 @@ class MultimodalCollator:
         inputs, counts = self.processor.process_items(flat, processor_kwargs=self.processor_kwargs)
         offsets = {m: 0 for m in counts}
         all_ids, all_labels = [], []
+        item_indices: list[dict[str, range]] = []  # per sample: modality -> its items' indices
         for index, (sample, (ids, labels)) in enumerate(zip(samples, tokenized)):
             sample_counts = {}
+            item_indices.append({})
             for m in counts:
                 n = len(sample.get(m) or [])
                 sample_counts[m] = counts[m][offsets[m] : offsets[m] + n]
+                item_indices[-1][m] = range(offsets[m], offsets[m] + n)
                 offsets[m] += n
             expanded = self.processor.expand(ids, sample_counts, sample=index)
             # Labels expand the same way: placeholders (kept in the labels for this) grow into their
@@ -90,6 +105,8 @@ class MultimodalCollator:
             expanded_labels = self.processor.expand(labels, sample_counts, sample=index)
             all_ids.append(expanded)
             all_labels.append([IGNORE if t in self._special else t for t in expanded_labels])
+        if self.pack_to is not None:
+            return self._packed(all_ids, all_labels, inputs, item_indices)
         batch = self.processor.pad(
             all_ids,
             labels=all_labels,
@@ -100,6 +117,42 @@ class MultimodalCollator:
         )
         batch.update(self.processor.model_kwargs(inputs))
         return dict(batch)
+
+    def _packed(
+        self,
+        all_ids: list[list[int]],
+        all_labels: list[list[int]],
+        inputs: dict[str, dict[str, Any]],
+        item_indices: list[dict[str, range]],
+    ) -> dict[str, Any]:
+        """The expanded samples packed into rows; the items follow the samples into their new order
+        (the merge takes them in the order of their placeholders), or, where a processor's output
+        cannot be reordered, the rows keep the samples in order."""
+        from mmcore.training.packing import pack, plan_rows, reorder_items
+
+        lengths = [len(ids) for ids in all_ids]
+        rows = plan_rows(lengths, self.pack_to)
+        order = [i for row in rows for i in row]
+        moved = reorder_items(inputs, {m: [k for i in order for k in item_indices[i][m]] for m in inputs})
+        if moved is None:
+            rows = plan_rows(lengths, self.pack_to, keep_order=True)
+        else:
+            inputs = moved
+        samples = list(zip(all_ids, all_labels))
+        pad = self.processor.tokenizer.pad_token_id
+        batch = pack(samples, rows, pad_token_id=pad, pad_to_multiple_of=self.pad_to_multiple_of)
+        batch.update(self.processor.model_kwargs(inputs))
+        return batch
+
+    def with_packing(self, pack_to: int | None) -> MultimodalCollator:
+        """A copy of this collator that packs into rows of ``pack_to`` tokens (None: no packing)."""
+        import copy
+
+        other = copy.copy(self)
+        if pack_to is not None and pack_to < 1:
+            raise ConfigError(f"pack_to must be >= 1, got {pack_to}")
+        other.pack_to = pack_to
+        return other
 
     def tokenize(self, sample: Mapping[str, Any], index: int = 0) -> tuple[list[int], list[int]]:
         """One sample -> ``(ids, labels)`` with one placeholder per item; labels hold the placeholder ids

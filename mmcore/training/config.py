@@ -135,6 +135,24 @@ class TrainConfig:
         ),
     )
     group_by_modality: bool = True
+    pack_to: int | None = field(
+        default=None,
+        metadata=option(
+            "--pack-to",
+            help="Pack each micro-batch's samples into rows of at most N tokens (position ids restart per "
+            "sample, attention stays within it; the loss counts the same tokens).",
+            min=1,
+        ),
+    )
+    batch_length: int | None = field(
+        default=None,
+        metadata=option(
+            "--batch-length",
+            help="Micro-batches by a length budget instead of --batch-size: samples whose lengths (the "
+            "data set's estimate; JSONL data: characters of the conversation) sum to at most N.",
+            min=1,
+        ),
+    )
     mixed_precision: str = field(
         default="auto", metadata=option("--mixed-precision", help=" | ".join(MIXED_PRECISIONS) + ".")
     )
@@ -167,6 +185,9 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError(f"max_steps must be >= 1, got {self.max_steps}")
+        for name in ("pack_to", "batch_length"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
 def latest_checkpoint(output_dir: str | Path) -> Path | None:

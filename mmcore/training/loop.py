@@ -1,6 +1,7 @@
 """The training loop behind ``mmcore train``: one process or many under ``torchrun``.
 
-Per optimizer step: ``grad_accum`` micro-batches from a `GroupedBatchSampler`; the loss is
+Per optimizer step: ``grad_accum`` micro-batches from a `GroupedBatchSampler` (``batch_length``: a
+`TokenBudgetBatchSampler`), each packed into rows when ``pack_to`` is set; the loss is
 normalised by the number of label tokens of the whole global step (all ranks, all micro-batches),
 so N ranks with batch B train exactly as one process with batch N*B does; gradients are reduced by
 FSDP2 (`mmcore.training.distributed.shard`) when distributed; then clipping, AdamW (projector and
@@ -51,6 +52,7 @@ from mmcore.training.distributed import (
 )
 from mmcore.training.lora import has_lora
 from mmcore.training.stages import apply_stage, param_groups
+from mmcore.training.token_budget import TokenBudgetBatchSampler
 
 
 @dataclass
@@ -268,10 +270,15 @@ def _train(model, dataset, collator, config, processor, info, console, say) -> T
     autocast = _prepare_model(model, config, info, say)
     run = _plan_run(model, dataset, collator, config, info, autocast)
     _resume(run, say)
+    per_step = (
+        f"{run.global_batch} samples per step ({config.batch_size} x "
+        if config.batch_length is None
+        else f"{info.world_size * config.grad_accum} batches of up to {config.batch_length} length per step ("
+    )
     say(
-        f"training {run.total} steps: {run.global_batch} samples per step ({config.batch_size} x "
-        f"{info.world_size} process(es) x {config.grad_accum} accumulation), {run.per_epoch} steps per "
-        f"epoch, on {info.device}"
+        f"training {run.total} steps: {per_step}{info.world_size} process(es) x {config.grad_accum} "
+        f"accumulation), {run.per_epoch} steps per epoch, on {info.device}"
+        + (f"; samples packed into rows of up to {config.pack_to} tokens" if config.pack_to else "")
     )
     _run_steps(run, console, say)
     if run.result.skipped:
@@ -295,7 +302,7 @@ class _Run:
     autocast: Any
     optimizer: Any
     scheduler: Any
-    sampler: GroupedBatchSampler
+    sampler: GroupedBatchSampler | TokenBudgetBatchSampler
     checkpoints: _Checkpoints
     total: int
     per_epoch: int
@@ -357,14 +364,27 @@ def _plan_run(model, dataset, collator, config: TrainConfig, info: DistInfo, aut
     optimizer = torch.optim.AdamW(
         param_groups(model, config.lr, config.projector_lr, config.weight_decay), lr=config.lr
     )
-    sampler = GroupedBatchSampler.for_dataset(
-        dataset,
-        config.batch_size,
-        world_size=info.world_size,
-        rank=info.rank,
-        seed=config.seed,
-        group_by_modality=config.group_by_modality,
-    )
+    if config.batch_length is not None:
+        sampler = TokenBudgetBatchSampler.for_dataset(
+            dataset, config.batch_length, world_size=info.world_size, rank=info.rank, seed=config.seed,
+            group_by_modality=config.group_by_modality,
+        )  # fmt: skip
+    else:
+        sampler = GroupedBatchSampler.for_dataset(
+            dataset,
+            config.batch_size,
+            world_size=info.world_size,
+            rank=info.rank,
+            seed=config.seed,
+            group_by_modality=config.group_by_modality,
+        )
+    if config.pack_to is not None:
+        if not hasattr(collator, "with_packing"):
+            raise ConfigError(
+                "pack_to (--pack-to) needs a collator that packs (MultimodalCollator), got "
+                f"{type(collator).__name__}"
+            )
+        collator = collator.with_packing(config.pack_to)
     if len(sampler) < config.grad_accum:
         raise ConfigError(
             f"one epoch holds {len(sampler)} batches, fewer than grad_accum={config.grad_accum}; "
@@ -378,7 +398,9 @@ def _plan_run(model, dataset, collator, config: TrainConfig, info: DistInfo, aut
         num_warmup_steps=round(config.warmup_ratio * total),
         num_training_steps=total,
     )
-    global_batch = config.batch_size * info.world_size * config.grad_accum
+    global_batch: int | str = config.batch_size * info.world_size * config.grad_accum
+    if config.batch_length is not None:  # a length budget: the number of samples varies
+        global_batch = f"{info.world_size * config.grad_accum} x up to {config.batch_length} length"
     return _Run(
         model=model, dataset=dataset, collator=collator, config=config, info=info, autocast=autocast,
         optimizer=optimizer, scheduler=scheduler, sampler=sampler,
@@ -539,7 +561,7 @@ def _optimizer_step(model, micro, optimizer, scheduler, config, info, autocast) 
         if is_sharded(model):
             model.set_requires_gradient_sync(index == len(micro) - 1)
         with autocast:
-            out = model(**_to_device(batch, device), num_items_in_batch=items, use_cache=False)
+            out = model(**{**_to_device(batch, device), "use_cache": False}, num_items_in_batch=items)
         # The data-parallel reduction averages over ranks; the loss already is a share of the global sum.
         (out.loss * info.world_size).backward()
         total += out.loss.detach().float()
