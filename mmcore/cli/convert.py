@@ -29,7 +29,7 @@ def convert(
     ),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
-    """Convert a transformers VLM (LLaVA) into an mmcore model directory.
+    """Convert a transformers VLM (LLaVA, LLaVA-NeXT) into an mmcore model directory.
 
     Examples:
 
@@ -74,7 +74,7 @@ def export(
     ),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
-    """Export an mmcore model directory as a plain transformers one (LlavaForConditionalGeneration).
+    """Export an mmcore model directory as a plain transformers one (LlavaForConditionalGeneration, or LlavaNextForConditionalGeneration for anyres).
 
     The output loads with AutoModelForImageTextToText / AutoProcessor and no mmcore, and serves with
     `vllm serve OUT`.
