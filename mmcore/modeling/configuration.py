@@ -38,6 +38,9 @@ class MultimodalConfig(PreTrainedConfig):
         merge_check: placeholder/feature count check (see `merge_modality_features`).
         concurrent_encoders: run the encoders of one call on separate device streams, so that on a GPU
             towers too small to fill it overlap (see `MultimodalModel.encode`). Off by default.
+        agree_on_modalities: in data-parallel training, ranks agree at each step which encoders run,
+            and a rank without inputs for one runs it on a stand-in item with zero contribution (see
+            `MultimodalModel._agree_on_modalities`). On by default.
     """
 
     model_type = "mmcore"
@@ -51,6 +54,7 @@ class MultimodalConfig(PreTrainedConfig):
     preprocess_llm_callback: dict | str | None = None
     merge_check: str = "auto"
     concurrent_encoders: bool = False
+    agree_on_modalities: bool = True
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):

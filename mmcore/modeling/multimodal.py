@@ -680,8 +680,16 @@ class MultimodalModel(PreTrainedModel, GenerationMixin):
         unknown = sorted(set(given) - set(self.encoders))
         if unknown:
             raise ConfigError(f"modality_features for {unknown}, but the encoders are {sorted(self.encoders)}")
+        training = self.training and torch.is_grad_enabled()
+        # Data parallel: every rank runs every encoder some rank has inputs for (FSDP2's collectives).
+        stand_ins = self._agree_on_modalities(routed, set(given)) if training else {}
+        # Encoders run in the model's order (the same on every rank), stand-ins among them.
+        ordered = {n: routed[n] if n in routed else stand_ins[n] for n in self.encoders if n in routed or n in stand_ins}
+        encoded = self.encode(ordered)
         # features: modality -> (total_tokens, llm_width), in item order
-        features = {**self.encode(routed), **{m: flatten_features(f, m) for m, f in given.items()}}
+        features = {**{m: f for m, f in encoded.items() if m not in stand_ins},
+                    **{m: flatten_features(f, m) for m, f in given.items()}}  # fmt: skip
+        zero_from_stand_ins = sum((encoded[m].sum() * 0.0 for m in stand_ins), 0.0)
         token_ids = self.config.modality_token_ids
         missing = set(features) - set(token_ids)
         if missing:
@@ -689,7 +697,6 @@ class MultimodalModel(PreTrainedModel, GenerationMixin):
                 f"no placeholder token id for {sorted(missing)}; call set_modality_token_ids(...) first"
             )
         vocab = getattr(self.get_input_embeddings(), "num_embeddings", None)
-        training = self.training and torch.is_grad_enabled()
         if input_ids is not None and inputs_embeds is None and not features and labels is None and not training:
             # Text only (every decode step): nothing to merge, so the language model embeds the ids
             # itself, as it would alone; only placeholder ids outside its vocabulary need replacing.
@@ -726,7 +733,8 @@ class MultimodalModel(PreTrainedModel, GenerationMixin):
         elif features:
             raise ConfigError("modality inputs need input_ids (to find the placeholders), not inputs_embeds")
         if training:
-            inputs_embeds = inputs_embeds + self._untouched_encoders_zero(set(features))
+            inputs_embeds = inputs_embeds + self._untouched_encoders_zero(set(features) | set(stand_ins))
+            inputs_embeds = inputs_embeds + zero_from_stand_ins
         llm_inputs = dict(
             **({"input_ids": input_ids} if inputs_embeds is None else {"inputs_embeds": inputs_embeds}),
             attention_mask=attention_mask,
@@ -763,6 +771,40 @@ class MultimodalModel(PreTrainedModel, GenerationMixin):
         if updated.get("inputs_embeds") is not None and "inputs_embeds" in llm_inputs:
             updated.pop("input_ids", None)  # the language model takes one of the two
         return updated
+
+    def _agree_on_modalities(self, routed: Mapping[str, Mapping[str, Any]], given: set[str]) -> dict[str, dict[str, Any]]:
+        """Under a process group of several ranks (training): the ranks agree, with one all-gather of a
+        presence vector, which encoders run this step; a rank without inputs for one of them gets one
+        item of a rank that has them (a broadcast, only when the ranks differ) and runs the encoder on
+        it with a contribution of exactly zero. So every FSDP2 unit's all-gather and reduce-scatter
+        happen on every rank (no hang, no size mismatch) whatever modalities each rank's batch holds.
+        Returns encoder name -> the stand-in inputs this rank runs. ``config.agree_on_modalities=False``
+        turns it off (every rank's batch then must hold the same modalities)."""
+        import torch.distributed as dist
+
+        if not (self.config.agree_on_modalities and dist.is_available() and dist.is_initialized()):
+            return {}
+        world = dist.get_world_size()
+        if world < 2:
+            return {}
+        names = list(self.encoders)
+        have = set(routed) | given
+        device = _collective_device()
+        local = torch.tensor([n in have for n in names], dtype=torch.int32, device=device)
+        gathered = torch.empty(world * len(names), dtype=torch.int32, device=device)
+        dist.all_gather_into_tensor(gathered, local)
+        presence = gathered.view(world, len(names)).cpu().tolist()  # one small host read per step
+        rank = dist.get_rank()
+        stand_ins: dict[str, dict[str, Any]] = {}
+        for j, name in enumerate(names):  # the same order on every rank
+            holders = [r for r in range(world) if presence[r][j]]
+            if not holders or len(holders) == world:
+                continue
+            payload = [_one_item(routed[name]) if rank == holders[0] else None]
+            dist.broadcast_object_list(payload, src=holders[0], device=device)
+            if name not in have:
+                stand_ins[name] = _to_device(payload[0], self.device)
+        return stand_ins
 
     def _cache_kwargs(self, kv_cache: Any) -> dict[str, Any]:
         """The KV cache under the name the language model takes it by: ``cache`` where transformers
@@ -898,6 +940,24 @@ class MultimodalModel(PreTrainedModel, GenerationMixin):
         from mmcore.convert import to_hf
 
         return to_hf(self)
+
+
+def _collective_device() -> torch.device:
+    """Where the default process group's collectives take tensors (CUDA for NCCL, CPU for gloo)."""
+    import torch.distributed as dist
+
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _one_item(inputs: Mapping[str, Any]) -> dict[str, Any]:
+    """The first item of an encoder's inputs (dimension 0 of each tensor), on the CPU."""
+    return {k: (v[:1].detach().cpu() if isinstance(v, torch.Tensor) and v.dim() else v) for k, v in inputs.items()}
+
+
+def _to_device(inputs: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
 
 
 # Set by MultimodalModel.from_pretrained for the duration of one load (default: trust nothing).

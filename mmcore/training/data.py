@@ -304,7 +304,8 @@ class GroupedBatchSampler(torch.utils.data.Sampler[list[int]]):
     Each step takes a *global* batch (``batch_size * world_size`` samples of one group), and rank
     ``r`` gets its ``r``-th slice. The global batches depend only on ``seed``, ``epoch`` and the global
     batch size, so N ranks see, together, exactly what one process with an N-times larger batch
-    sees -- and all ranks run the same encoders at each step (FSDP needs that).
+    sees -- and all ranks run the same encoders at each step (no stand-in items are needed, see
+    `MultimodalModel._agree_on_modalities`).
 
     Lengths are grouped LLaVA-style: shuffle, cut into mega-batches of ``mega_batches`` global
     batches, sort each by length, cut into global batches, shuffle the batch order. Incomplete

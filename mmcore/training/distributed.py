@@ -9,9 +9,10 @@ computes in bf16 and reduces gradients in fp32.
 Launch with ``torchrun`` (see docs/training.md); `init_distributed` reads its environment. It works
 on CPU with the gloo backend as well (tests use it).
 
-One rule comes with sharding: every rank must run the same encoders at each step (a unit's
-all-gather is a collective). The training sampler (`mmcore.training.data.GroupedBatchSampler`)
-gives all ranks the same modality group at each step.
+Ranks may hold different modalities in one step: `MultimodalModel` agrees across ranks which
+encoders run and runs the missing ones on a stand-in item with zero contribution, so every unit's
+collectives match (``config.agree_on_modalities``). The training sampler
+(`mmcore.training.data.GroupedBatchSampler`) gives all ranks the same modality group anyway.
 """
 
 from __future__ import annotations
