@@ -55,7 +55,7 @@ from typing import Any
 import torch
 from transformers import BatchFeature
 
-from mmcore._files import staged_directory
+from mmcore.files import staged_directory
 from mmcore.errors import (
     ConfigError,
     EncoderInputError,
@@ -638,7 +638,7 @@ class MultimodalProcessor:
 
         Plugin processors are not written: they are rebuilt from the recipe in the model's
         ``config.json``. The files are written into a staging copy of the directory that then replaces it
-        atomically (`mmcore._files.staged_directory`); files already there (the model) are kept.
+        atomically (`mmcore.files.staged_directory`); files already there (the model) are kept.
         """
         # Everything already in the directory (the model) is kept; what this save writes replaces it.
         with staged_directory(save_directory, keep=lambda name: True, last=(PROCESSOR_CONFIG,)) as staging:
@@ -766,7 +766,7 @@ class MultimodalProcessor:
                     f"{m!r}: its token count function ({(record.get('num_tokens') or {}).get('name')}) cannot be "
                     f"saved; pass it again: from_pretrained(..., num_feature_calculation_funcs={{{m!r}: fn}})"
                 )
-        from mmcore._trust import refusing_remote_code
+        from mmcore.trust import refusing_remote_code
 
         with refusing_remote_code(f"{root} (tokenizer)"):
             tokenizer = AutoTokenizer.from_pretrained(str(root), trust_remote_code=bool(trust_remote_code))

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import mmcore._files as files
+import mmcore.files as files
 from mmcore.errors import SaveError
 from mmcore.modeling.multimodal import MultimodalModel
 

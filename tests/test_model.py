@@ -496,3 +496,26 @@ def test_bad_constructor_arguments_are_typed_errors():
         MultimodalModel(encoders={"vision": ModalEncoderModule(tiny_clip_vision())})
     with pytest.raises(ConfigError, match="unknown projector type 'conv'"):
         MultimodalModel(encoders={"vision": ModalEncoderModule(tiny_clip_vision())}, language_model=tiny_llm(), init_projector_type="conv")
+
+
+def test_a_callback_declares_how_it_changes_the_width_and_the_projector_follows():
+    from mmcore.callbacks import Callback
+
+    class TwoLayers(Callback):  # concatenates the last two hidden states: twice the width
+        name = "two_layers"
+        slot = "postprocess_module"
+        module_kwargs = {"output_hidden_states": True}
+
+        def output_width(self, width):
+            return 2 * width
+
+        def __call__(self, inputs, output):
+            return (torch.cat([output.hidden_states[-1], output.hidden_states[-2]], dim=-1),)
+
+    model = MultimodalModel(
+        encoders={"vision": ModalEncoderModule(tiny_clip_vision(), postprocess_module_callback=TwoLayers())},
+        language_model=tiny_llm(),
+    )
+    assert model.encoders["vision"].projector.config.in_features == 48  # CLIP's 24, doubled
+    model.set_modality_token_ids({"vision": 7})
+    assert model(input_ids=torch.tensor([[1] + [7] * 5]), pixel_values=torch.randn(IMG)).logits.shape == (1, 6, 384)

@@ -36,6 +36,11 @@ class Callback:
     def params(self) -> dict[str, Any]:
         return {}
 
+    def output_width(self, width: int) -> int:
+        """The feature width after this callback, for an encoder whose output is ``width`` wide (a
+        ``postprocess_module`` callback that concatenates layers widens it); the projector is sized by it."""
+        return width
+
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.params().items())
         return f"{type(self).__name__}({args})"
@@ -67,6 +72,9 @@ class SelectFeatureLayer(Callback):
 
     def params(self) -> dict[str, Any]:
         return {"layer": self.layer, "drop_prefix_tokens": self.drop_prefix_tokens}
+
+    def output_width(self, width: int) -> int:
+        return width * len(self.layer) if isinstance(self.layer, list) else width
 
     def __call__(self, inputs: dict, output: Any) -> tuple:
         hidden_states = getattr(output, "hidden_states", None)

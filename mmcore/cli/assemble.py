@@ -224,7 +224,7 @@ def _check_target(target: Path, overwrite: bool) -> None:
 def write_model_dir(built: Any, spec: AssemblySpec, target: Path) -> None:
     """Write model, tokenizer, processor and the spec into ``target`` atomically (temp dir + rename)."""
     from mmcore import __version__
-    from mmcore._files import staged_directory
+    from mmcore.files import staged_directory
 
     # --overwrite: the new directory replaces the old one whole (keep=None)
     with staged_directory(target) as staging:

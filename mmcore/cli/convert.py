@@ -107,7 +107,7 @@ def _check_target(output: Path, overwrite: bool) -> Path:
 
 def _write(converted: Any, target: Path) -> None:
     """Model and processor (tokenizer, chat template) into ``target``, atomically."""
-    from mmcore._files import staged_directory
+    from mmcore.files import staged_directory
 
     with staged_directory(target) as staging:
         converted.model.save_pretrained(staging)

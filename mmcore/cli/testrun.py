@@ -150,7 +150,7 @@ def load_target(target: Path, dtype: Any, trust_remote_code: bool = False) -> tu
 def _load_dir(target: Path, dtype: Any, trust_remote_code: bool = False) -> tuple[Any, Any, Any]:
     from transformers import AutoTokenizer
 
-    from mmcore._trust import refusing_remote_code
+    from mmcore.trust import refusing_remote_code
     from mmcore.modeling.multimodal import MultimodalModel
 
     where = f"MODEL_DIR {str(target)!r}"

@@ -4,7 +4,7 @@ The output holds what ``AutoModelForImageTextToText.from_pretrained`` and ``Auto
 load with no mmcore installed, and what serving engines take (``vllm serve OUT``): safetensors
 weights, ``config.json`` with ``architectures: ["LlavaForConditionalGeneration"]`` (or
 ``LlavaNextForConditionalGeneration`` for an anyres model), the processor
-(image processor, tokenizer, chat template). Written atomically (`mmcore._files.staged_directory`).
+(image processor, tokenizer, chat template). Written atomically (`mmcore.files.staged_directory`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from mmcore.errors import SerializationError
 def export_hf(mllm: Any, processor: Any, output: str | os.PathLike) -> dict[str, Any]:
     """Write ``mllm`` (see `mmcore.convert.to_hf` for the shapes that convert) and its
     `MultimodalProcessor` into ``output`` as a transformers directory; return a summary."""
-    from mmcore._files import staged_directory
+    from mmcore.files import staged_directory
     from mmcore.convert import family_for
 
     family = family_for(mllm)

@@ -157,8 +157,9 @@ class ModalEncoderModule(nn.Module):
         return None
 
     def _callback_width(self, width: int) -> int:
-        layer = getattr(self.postprocess_module_callback, "layer", None)
-        return width * len(layer) if isinstance(layer, list) else width
+        """The width after the ``postprocess_module`` callback, as it declares (`Callback.output_width`)."""
+        declared = getattr(self.postprocess_module_callback, "output_width", None)
+        return int(declared(width)) if callable(declared) else width
 
     def callbacks(self) -> dict[str, CallbackFn | None]:
         return {

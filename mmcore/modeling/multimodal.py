@@ -22,7 +22,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers.utils import logging
 
-from mmcore._files import recover, staged_directory
+from mmcore.files import recover, staged_directory
 from mmcore.builtin.callbacks import SLOTS, build_callback, record_callback
 from mmcore.errors import (
     ConfigError,
@@ -33,6 +33,7 @@ from mmcore.errors import (
     UnrecordableCallbackError,
     WidthMismatchError,
 )
+from mmcore.modeling.adapters import adapter_configs, is_peft_model
 from mmcore.modeling.configuration import MultimodalConfig
 from mmcore.modeling.encoder import ModalEncoderModule
 from mmcore.modeling.merge import (
@@ -54,10 +55,6 @@ logger = logging.get_logger(__name__)
 UNRECORDED = "unrecorded"
 
 
-def _is_peft_model(module: nn.Module) -> bool:
-    return type(module).__module__.startswith("peft.") and hasattr(module, "get_base_model")
-
-
 def _is_dtensor(tensor: torch.Tensor) -> bool:
     return type(tensor).__name__ == "DTensor" or type(getattr(tensor, "data", None)).__name__ == "DTensor"
 
@@ -65,19 +62,6 @@ def _is_dtensor(tensor: torch.Tensor) -> bool:
 def _keeps_some(logits_to_keep: int | torch.Tensor) -> bool:
     """Pass ``logits_to_keep`` on only when it asks for something, so LLMs without it still work."""
     return isinstance(logits_to_keep, torch.Tensor) or logits_to_keep != 0
-
-
-def _jsonable(value: Any) -> Any:
-    """PEFT configs hold sets and enums; config.json wants lists and strings."""
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (set, frozenset)):
-        return sorted(_jsonable(v) for v in value)
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if hasattr(value, "value") and type(value).__module__.startswith("peft"):
-        return value.value
-    return value
 
 
 def _mark_initialized(module: nn.Module) -> None:
@@ -180,8 +164,8 @@ class MultimodalModel(PreTrainedModel, GenerationMixin):
             for encoder in encoders.values():
                 _mark_initialized(encoder)
             peft_config = None
-            if _is_peft_model(language_model):
-                peft_config = {name: _jsonable(cfg.to_dict()) for name, cfg in language_model.peft_config.items()}
+            if is_peft_model(language_model):
+                peft_config = adapter_configs(language_model)
                 llm_config = language_model.get_base_model().config
             config = MultimodalConfig(text_config=llm_config, peft_config=peft_config)
             super().__init__(config)
@@ -411,15 +395,15 @@ class MultimodalModel(PreTrainedModel, GenerationMixin):
             }
             if encoder.additional_args:
                 records[name]["additional_args"] = list(encoder.additional_args)
-            adapters = getattr(encoder.module, "peft_config", None)  # LoRA injected in place (mmcore.training)
+            adapters = adapter_configs(encoder.module)  # LoRA injected in place (mmcore.training)
             if adapters:
-                records[name]["peft_config"] = {k: _jsonable(c.to_dict()) for k, c in adapters.items()}
+                records[name]["peft_config"] = adapters
         return records
 
     def _collect_wrapped_tied_weights(self) -> None:
         """PEFT wrappers hide the LLM's tied-weight declaration from HF's child scan (which, through the
         wrapper's attribute forwarding, records it under unwrapped names); record it under the real ones."""
-        if not _is_peft_model(self.language_model):
+        if not is_peft_model(self.language_model):
             return
         self.all_tied_weights_keys = {
             k: v for k, v in self.all_tied_weights_keys.items() if not k.startswith("language_model.")
@@ -495,7 +479,7 @@ class MultimodalModel(PreTrainedModel, GenerationMixin):
     def get_base_language_model(self) -> PreTrainedModel:
         """The transformers model inside a possible PEFT wrapper."""
         llm = self.language_model
-        return llm.get_base_model() if _is_peft_model(llm) else llm
+        return llm.get_base_model() if is_peft_model(llm) else llm
 
     # -- what trains ---------------------------------------------------------------------------------
     def parts(self) -> dict[str, nn.Module]:
@@ -558,16 +542,13 @@ class MultimodalModel(PreTrainedModel, GenerationMixin):
     ) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
         """Split call kwargs into per-encoder inputs and the rest (for the LLM)."""
         if not encoder_inputs:  # the common text-only case (every decode step) in one set test
-            if all(arg not in kwargs for encoder in self.encoders.values() for arg in encoder.input_map):
+            if not any(arg in kwargs for arg in self._input_takers()):
                 return {}, dict(kwargs)
         encoder_inputs = dict(encoder_inputs or {})
         unknown = set(encoder_inputs) - set(self.encoders)
         if unknown:
             raise EncoderInputError(f"encoder_inputs for {sorted(unknown)}, but the encoders are {sorted(self.encoders)}")
-        takers: dict[str, list[str]] = {}
-        for name, encoder in self.encoders.items():
-            for arg in encoder.input_map:
-                takers.setdefault(arg, []).append(name)
+        takers = self._input_takers()
         routed: dict[str, dict[str, Any]] = {}
         rest: dict[str, Any] = {}
         for key, value in kwargs.items():
@@ -593,6 +574,19 @@ class MultimodalModel(PreTrainedModel, GenerationMixin):
             if chosen:
                 selected[name] = chosen
         return selected, rest
+
+    def _input_takers(self) -> dict[str, list[str]]:
+        """Call argument -> the encoders that take it; rebuilt only when the encoders or their input
+        names change."""
+        key = tuple((name, id(encoder), tuple(encoder.input_map)) for name, encoder in self.encoders.items())
+        cached = self.__dict__.get("_takers_cache")
+        if cached is None or cached[0] != key:
+            takers: dict[str, list[str]] = {}
+            for name, encoder in self.encoders.items():
+                for arg in encoder.input_map:
+                    takers.setdefault(arg, []).append(name)
+            cached = self.__dict__["_takers_cache"] = (key, takers)
+        return cached[1]
 
     def encode(
         self, encoder_inputs: Mapping[str, Mapping[str, Any]] | None = None, **inputs: Any
@@ -812,7 +806,7 @@ class MultimodalModel(PreTrainedModel, GenerationMixin):
         when there is no cache, so neither name is passed in vain."""
         if kv_cache is None:
             return {}
-        llm = self.language_model.get_base_model() if _is_peft_model(self.language_model) else self.language_model
+        llm = self.language_model.get_base_model() if is_peft_model(self.language_model) else self.language_model
         name = "cache" if "cache" in inspect.signature(llm.forward).parameters else "past_key_values"
         return {name: kv_cache}
 

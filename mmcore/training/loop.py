@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mmcore._files import swap_into
+from mmcore.files import swap_into
 from mmcore.errors import ConfigError, NonFiniteError, SaveError
 from mmcore.training.config import (  # noqa: F401 (FINAL, SCHEDULERS: re-exported)
     CHECKPOINTS,

@@ -62,18 +62,16 @@ def add_lora(
     ``requires_grad``. A language model that is already PEFT-wrapped keeps its adapters. Returns
     ``model`` (changed in place).
     """
-    from mmcore.modeling.multimodal import _is_peft_model, _jsonable
+    from mmcore.modeling.adapters import adapter_configs, is_peft_model
 
     peft = _peft()
     alpha = 2 * r if alpha is None else alpha
-    if not _is_peft_model(model.language_model):
+    if not is_peft_model(model.language_model):
         config = peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules)
         wrapped = peft.get_peft_model(model.language_model, config)
         _adopt_language_model(model, wrapped)
     else:
-        model.config.peft_config = {
-            n: _jsonable(c.to_dict()) for n, c in model.language_model.peft_config.items()
-        }
+        model.config.peft_config = adapter_configs(model.language_model)
     _only_adapters_train(model.language_model)
 
     names = list(model.encoders) if encoders is True else list(encoders or [])
@@ -102,10 +100,10 @@ def merge_lora(model: nn.Module) -> nn.Module:
     """Fold every LoRA adapter into its base weight and drop PEFT: the language model becomes the plain
     transformers model again and the encoders lose their adapter layers. The result saves and loads
     as a plain model (no ``peft_config`` in ``config.json``). Changes ``model`` in place; returns it."""
-    from mmcore.modeling.multimodal import _is_peft_model
+    from mmcore.modeling.adapters import is_peft_model
 
     peft = _peft()
-    if _is_peft_model(model.language_model):
+    if is_peft_model(model.language_model):
         _adopt_language_model(model, model.language_model.merge_and_unload())
     for encoder in model.encoders.values():
         module = encoder.module
@@ -121,12 +119,10 @@ def merge_lora(model: nn.Module) -> nn.Module:
 
 def _adopt_language_model(model: nn.Module, llm: nn.Module) -> None:
     """Put ``llm`` (wrapped or unwrapped) in place and bring config and tied-weight keys up to date."""
-    from mmcore.modeling.multimodal import _is_peft_model, _jsonable
+    from mmcore.modeling.adapters import adapter_configs, is_peft_model
 
     model.language_model = llm
-    model.config.peft_config = (
-        {n: _jsonable(c.to_dict()) for n, c in llm.peft_config.items()} if _is_peft_model(llm) else None
-    )
+    model.config.peft_config = adapter_configs(llm) if is_peft_model(llm) else None
     # What post_init computes, again: the LLM's tied weights now live under other names.
     keys = model.get_expanded_tied_weights_keys(all_submodels=False)
     for name, child in model.named_children():
