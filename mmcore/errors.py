@@ -67,11 +67,6 @@ class PluginWarning(UserWarning):
     """A plugin was set aside (failed, incompatible) or two plugins registered the same name."""
 
 
-class SaveError(MMCoreError, OSError):
-    """A directory could not be saved (a full disk, a file where a directory was expected); the
-    previous contents are kept."""
-
-
 class DataError(MMCoreError, ValueError):
     """Training data has problems; ``problems`` lists them, one ``file:line: what`` string each."""
 
@@ -89,7 +84,8 @@ class NonFiniteError(MMCoreError, FloatingPointError):
 
 
 class SaveError(MMCoreError, OSError):
-    """Writing a model or checkpoint failed (a full disk, no permission); the message says what was kept."""
+    """Writing a model, processor or checkpoint failed (a full disk, no permission, a file where a
+    folder should be); the previous contents are kept and the message says what was kept."""
 
 
 class CheckpointError(SerializationError):

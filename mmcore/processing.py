@@ -55,7 +55,6 @@ from typing import Any
 import torch
 from transformers import BatchFeature
 
-from mmcore.files import staged_directory
 from mmcore.errors import (
     ConfigError,
     EncoderInputError,
@@ -63,6 +62,7 @@ from mmcore.errors import (
     SerializationError,
     TokenIdError,
 )
+from mmcore.files import staged_directory
 from mmcore.modeling.encoder import RESERVED_INPUT_NAMES
 from mmcore.modeling.merge import expand_placeholders
 from mmcore.modeling.tokens import add_modality_tokens, placeholder_token, wrap_tokens

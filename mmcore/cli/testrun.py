@@ -150,8 +150,8 @@ def load_target(target: Path, dtype: Any, trust_remote_code: bool = False) -> tu
 def _load_dir(target: Path, dtype: Any, trust_remote_code: bool = False) -> tuple[Any, Any, Any]:
     from transformers import AutoTokenizer
 
-    from mmcore.trust import refusing_remote_code
     from mmcore.modeling.multimodal import MultimodalModel
+    from mmcore.trust import refusing_remote_code
 
     where = f"MODEL_DIR {str(target)!r}"
     if not (target / "config.json").is_file():

@@ -16,7 +16,6 @@ import typer
 
 from mmcore.errors import ConfigError, DataError
 
-
 # The options that are not `TrainConfig` fields (those come from its field metadata, see `_signature`).
 _ARGUMENTS = {
     "target": (

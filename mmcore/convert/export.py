@@ -19,8 +19,8 @@ from mmcore.errors import SerializationError
 def export_hf(mllm: Any, processor: Any, output: str | os.PathLike) -> dict[str, Any]:
     """Write ``mllm`` (see `mmcore.convert.to_hf` for the shapes that convert) and its
     `MultimodalProcessor` into ``output`` as a transformers directory; return a summary."""
-    from mmcore.files import staged_directory
     from mmcore.convert import family_for
+    from mmcore.files import staged_directory
 
     family = family_for(mllm)
     hf_model = family.to_hf(mllm)

@@ -1,38 +1,39 @@
 """`MultimodalModel`: modality encoders + projectors feeding any HuggingFace causal LM.
 
-Data path of one forward: route the call's inputs to the encoders (by their forward signatures, or
-``encoder_inputs``), run each present encoder (callbacks, encoder, projector), embed the text with
-placeholder ids masked out, merge the features into the placeholder positions, mask those positions
-out of the labels, and call the language model with ``inputs_embeds``.
+Data path of one forward, in `MultimodalModel.forward`'s four named steps:
+
+1. modality features: route the call's inputs to the encoders (by their forward signatures, or
+   ``encoder_inputs``) and run each present encoder (callbacks, encoder, projector):
+   modality -> ``(total_tokens, llm_width)``;
+2. merge: embed the text with the placeholder ids masked out, ``(batch, seq, llm_width)``, and write
+   the features into the placeholder positions;
+3. labels: mask those positions out of the labels;
+4. call the language model with ``inputs_embeds``.
+
+Recording the parts in config.json and rebuilding them at load lives in
+`mmcore.modeling.serialization`.
 """
 
 from __future__ import annotations
 
-import contextvars
-import importlib
 import inspect
 import os
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
-import transformers
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers.utils import logging
 
-from mmcore.files import recover, staged_directory
-from mmcore.builtin.callbacks import SLOTS, build_callback, record_callback
 from mmcore.errors import (
     ConfigError,
     EncoderInputError,
-    SerializationError,
     TokenIdError,
     TrainableSpecError,
-    UnrecordableCallbackError,
     WidthMismatchError,
 )
+from mmcore.files import recover, staged_directory
 from mmcore.modeling.adapters import adapter_configs, is_peft_model
 from mmcore.modeling.configuration import MultimodalConfig
 from mmcore.modeling.encoder import ModalEncoderModule
@@ -49,10 +50,18 @@ from mmcore.modeling.projector import (
     parse_projector_type,
     projector_widths,
 )
+from mmcore.modeling.serialization import (
+    MODEL_FILES,
+    TRUST_REMOTE_CODE,
+    build_encoders,
+    build_llm_callback,
+    load_checked,
+    record_encoders,
+    record_llm_callback,
+)
 
 logger = logging.get_logger(__name__)
 
-UNRECORDED = "unrecorded"
 
 
 def _is_dtensor(tensor: torch.Tensor) -> bool:
@@ -142,9 +151,9 @@ class MultimodalModel(PreTrainedModel, GenerationMixin):
                 raise ConfigError("pass either a config or encoders + language_model, not both")
             super().__init__(config)
             language_model = self._build_language_model(config)
-            encoders = self._build_encoders(config, encoder_modules or {}, callbacks or {})
+            encoders = build_encoders(config, encoder_modules or {}, callbacks or {})
             if preprocess_llm_callback is None:
-                preprocess_llm_callback = self._build_llm_callback(config, callbacks or {})
+                preprocess_llm_callback = build_llm_callback(config, callbacks or {})
         else:
             if language_model is None:
                 raise ConfigError("MultimodalModel needs a language_model (a transformers causal LM)")
@@ -178,11 +187,316 @@ class MultimodalModel(PreTrainedModel, GenerationMixin):
         self.preprocess_llm_callback = preprocess_llm_callback
         if getattr(language_model, "generation_config", None) is not None:
             self.generation_config = language_model.generation_config
-        self.config.encoders = self._record_encoders(strict=False)
-        self.config.preprocess_llm_callback = self._record_llm_callback(strict=False)
+        self.config.encoders = record_encoders(self.encoders, strict=False)
+        self.config.preprocess_llm_callback = record_llm_callback(self.preprocess_llm_callback, strict=False)
         self.post_init()
         self._collect_wrapped_tied_weights()
 
+    # -- forward: modality features -> merge -> labels -> language model --------------------------------
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Any = None,
+        cache: Any = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        encoder_inputs: Mapping[str, Mapping[str, Any]] | None = None,
+        modality_features: Mapping[str, Any] | None = None,
+        **kwargs: Any,
+    ):
+        """Encode every modality present in the call, merge, and run the language model.
+
+        Modality inputs (``pixel_values=``, ``input_features=``, ...) reach the encoder whose forward
+        takes them; ``encoder_inputs={"vision": {...}}`` says it explicitly. ``modality_features``
+        (from `encode`) are merged as they are, with no encoder run for them. Returns the language
+        model's output (``loss`` when ``labels`` are given; placeholder positions never count).
+        """
+        training = self.training and torch.is_grad_enabled()
+        # 1. modality features: modality -> (total_tokens, llm_width), items in text order
+        routed, llm_kwargs = self.route_inputs(kwargs, encoder_inputs)
+        features, zero = self._modality_features(routed, modality_features, training)
+        # 2. merge into the text embeddings (batch, seq, llm_width), 3. placeholders out of the labels
+        text_ids, inputs_embeds, labels = self._merge(input_ids, inputs_embeds, labels, features, training)
+        if training:
+            inputs_embeds = inputs_embeds + zero  # every trainable encoder parameter is in the graph
+        # 4. the language model
+        llm_inputs = dict(
+            **({"input_ids": text_ids} if inputs_embeds is None else {"inputs_embeds": inputs_embeds}),
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            **self._cache_kwargs(cache if cache is not None else past_key_values),
+            labels=labels,
+            use_cache=use_cache,
+            **({"logits_to_keep": logits_to_keep} if _keeps_some(logits_to_keep) else {}),
+            **llm_kwargs,
+        )
+        if self.preprocess_llm_callback is not None:
+            llm_inputs = self._preprocess_llm(llm_inputs, input_ids, kwargs)
+        return self.language_model(**llm_inputs)
+
+    def _modality_features(
+        self, routed: Mapping[str, Mapping[str, Any]], given: Mapping[str, Any] | None, training: bool
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor | float]:
+        """The features of every modality in the call (its encoder's, or ``modality_features`` as
+        given), and in training a zero that depends on every trainable encoder parameter (data parallel
+        reduces them all; see `_agree_on_modalities` and `_untouched_encoders_zero`)."""
+        given = dict(given or {})
+        both = sorted(set(given) & set(routed))
+        if both:
+            raise ConfigError(f"{both}: pass a modality's inputs or its modality_features, not both")
+        unknown = sorted(set(given) - set(self.encoders))
+        if unknown:
+            raise ConfigError(f"modality_features for {unknown}, but the encoders are {sorted(self.encoders)}")
+        stand_ins = self._agree_on_modalities(routed, set(given)) if training else {}
+        # Encoders run in the model's order (the same on every rank), stand-ins among them.
+        ordered = {n: routed[n] if n in routed else stand_ins[n] for n in self.encoders if n in routed or n in stand_ins}
+        encoded = self.encode(ordered)  # modality -> (total_tokens, llm_width)
+        features = {**{m: f for m, f in encoded.items() if m not in stand_ins},
+                    **{m: flatten_features(f, m) for m, f in given.items()}}  # fmt: skip
+        if not training:
+            return features, 0.0
+        zero = sum((encoded[m].sum() * 0.0 for m in stand_ins), 0.0)
+        return features, zero + self._untouched_encoders_zero(set(features) | set(stand_ins))
+
+    def _merge(
+        self,
+        input_ids: torch.Tensor | None,
+        inputs_embeds: torch.Tensor | None,
+        labels: torch.Tensor | None,
+        features: Mapping[str, torch.Tensor],
+        training: bool,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """``(input_ids, inputs_embeds, labels)`` for the language model: the text embeddings with each
+        modality's features written at its placeholders, and the placeholders masked out of the
+        labels. With nothing to merge outside training (every decode step) the language model gets
+        the ids and embeds them itself, as it would alone."""
+        if inputs_embeds is not None:
+            if features:
+                raise ConfigError("modality inputs need input_ids (to find the placeholders), not inputs_embeds")
+            return None, inputs_embeds, labels
+        if input_ids is None:
+            raise ConfigError("pass input_ids or inputs_embeds")
+        token_ids = self.config.modality_token_ids
+        missing = set(features) - set(token_ids)
+        if missing:
+            raise TokenIdError(f"no placeholder token id for {sorted(missing)}; call set_modality_token_ids(...) first")
+        # modality -> (batch, seq) bool: where its placeholders are
+        masks = placeholder_masks(input_ids, {m: token_ids[m] for m in self.encoders if m in token_ids})
+        if labels is not None and training:
+            check_placeholders_have_inputs(masks, features, self.config.merge_check)
+        # Masked for the lookup: placeholders about to be replaced by features, and ids outside the
+        # vocabulary. Any other placeholder (one the model generated while decoding) is embedded as the
+        # token it is, as HF's LLaVA does.
+        vocab = getattr(self.get_input_embeddings(), "num_embeddings", None)
+        embed_mask = _union(m for name, m in masks.items() if name in features or vocab is None or token_ids[name] >= vocab)
+        text_ids = input_ids.masked_fill(embed_mask, 0) if embed_mask is not None else input_ids
+        placeholders = _union(masks.values())
+        if labels is not None and placeholders is not None:
+            labels = labels.masked_fill(placeholders, -100)
+        if not features and not training:
+            return text_ids, None, labels
+        inputs_embeds = self.get_input_embeddings()(text_ids)  # (batch, seq, llm_width)
+        # The lookup is a fresh tensor this call owns: write the feature rows into it rather than copying
+        # all of it. Not when it is a view (an unusual embedding module), nor a leaf that requires grad
+        # (HF's enable_input_require_grads hook makes it one under frozen embeddings).
+        owned = inputs_embeds._base is None and not (inputs_embeds.is_leaf and inputs_embeds.requires_grad)
+        inputs_embeds = merge_modality_features(inputs_embeds, masks, features, self.config.merge_check, inplace=owned)
+        return None, inputs_embeds, labels
+
+    def _preprocess_llm(self, llm_inputs: dict[str, Any], input_ids: Any, call_kwargs: Mapping[str, Any]) -> dict[str, Any]:
+        """Run ``preprocess_llm_callback`` on the language model's inputs (plus the call's ``input_ids``
+        and modality arguments, which it may need, e.g. for 3-D rotary positions) and apply the updates
+        it returns."""
+        callback = self.preprocess_llm_callback
+        seen = {**call_kwargs, **llm_inputs, "input_ids": input_ids}
+        params = inspect.signature(callback).parameters.values()
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            names = {p.name for p in params}
+            seen = {k: v for k, v in seen.items() if k in names}
+        updates = callback(**seen)
+        if updates is None:
+            return llm_inputs
+        if not isinstance(updates, Mapping):
+            raise ConfigError(
+                f"preprocess_llm_callback must return a dict of the language model inputs it changes (or None), "
+                f"got {type(updates).__name__}"
+            )
+        updated = {**llm_inputs, **updates}
+        if updated.get("inputs_embeds") is not None and "inputs_embeds" in llm_inputs:
+            updated.pop("input_ids", None)  # the language model takes one of the two
+        return updated
+
+    def _agree_on_modalities(self, routed: Mapping[str, Mapping[str, Any]], given: set[str]) -> dict[str, dict[str, Any]]:
+        """Under a process group of several ranks (training): the ranks agree, with one all-gather of a
+        presence vector, which encoders run this step; a rank without inputs for one of them gets one
+        item of a rank that has them (a broadcast, only when the ranks differ) and runs the encoder on
+        it with a contribution of exactly zero. So every FSDP2 unit's all-gather and reduce-scatter
+        happen on every rank (no hang, no size mismatch) whatever modalities each rank's batch holds.
+        Returns encoder name -> the stand-in inputs this rank runs. ``config.agree_on_modalities=False``
+        turns it off (every rank's batch then must hold the same modalities)."""
+        import torch.distributed as dist
+
+        if not (self.config.agree_on_modalities and dist.is_available() and dist.is_initialized()):
+            return {}
+        world = dist.get_world_size()
+        if world < 2:
+            return {}
+        names = list(self.encoders)
+        have = set(routed) | given
+        device = _collective_device()
+        local = torch.tensor([n in have for n in names], dtype=torch.int32, device=device)
+        gathered = torch.empty(world * len(names), dtype=torch.int32, device=device)
+        dist.all_gather_into_tensor(gathered, local)
+        presence = gathered.view(world, len(names)).cpu().tolist()  # one small host read per step
+        rank = dist.get_rank()
+        stand_ins: dict[str, dict[str, Any]] = {}
+        for j, name in enumerate(names):  # the same order on every rank
+            holders = [r for r in range(world) if presence[r][j]]
+            if not holders or len(holders) == world:
+                continue
+            payload = [_one_item(routed[name]) if rank == holders[0] else None]
+            dist.broadcast_object_list(payload, src=holders[0], device=device)
+            if name not in have:
+                stand_ins[name] = _to_device(payload[0], self.device)
+        return stand_ins
+
+    def _cache_kwargs(self, kv_cache: Any) -> dict[str, Any]:
+        """The KV cache under the name the language model takes it by: ``cache`` where transformers
+        has renamed it (5.24+, ``past_key_values`` deprecated), ``past_key_values`` before. Nothing
+        when there is no cache, so neither name is passed in vain."""
+        if kv_cache is None:
+            return {}
+        llm = self.language_model.get_base_model() if is_peft_model(self.language_model) else self.language_model
+        name = "cache" if "cache" in inspect.signature(llm.forward).parameters else "past_key_values"
+        return {name: kv_cache}
+
+    def _untouched_encoders_zero(self, used: set[str]) -> torch.Tensor | float:
+        """A zero that depends on every trainable parameter of encoders absent from this batch, so
+        data-parallel gradient reduction never waits on parameters that got no gradient (DDP). FSDP2's
+        sharded parameters (DTensors) are left out: FSDP2 reduces only what got gradients, and its
+        training sampler gives every rank the same modalities per step."""
+        zero: torch.Tensor | float = 0.0
+        for name, encoder in self.encoders.items():
+            if name in used:
+                continue
+            for param in encoder.parameters():
+                if param.requires_grad and not _is_dtensor(param):
+                    zero = zero + param.sum() * 0.0
+        return zero
+
+    # -- routing and encoding ---------------------------------------------------------------------------
+    def route_inputs(
+        self, kwargs: dict[str, Any], encoder_inputs: Mapping[str, Mapping[str, Any]] | None = None
+    ) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+        """Split call kwargs into per-encoder inputs and the rest (for the LLM)."""
+        if not encoder_inputs:  # the common text-only case (every decode step) in one set test
+            if not any(arg in kwargs for arg in self._input_takers()):
+                return {}, dict(kwargs)
+        encoder_inputs = dict(encoder_inputs or {})
+        unknown = set(encoder_inputs) - set(self.encoders)
+        if unknown:
+            raise EncoderInputError(f"encoder_inputs for {sorted(unknown)}, but the encoders are {sorted(self.encoders)}")
+        takers = self._input_takers()
+        routed: dict[str, dict[str, Any]] = {}
+        rest: dict[str, Any] = {}
+        for key, value in kwargs.items():
+            names = [n for n in takers.get(key, ()) if n not in encoder_inputs]
+            if not takers.get(key):
+                rest[key] = value
+                continue
+            if value is None:
+                continue
+            if len(names) > 1:
+                raise EncoderInputError(
+                    f"{key!r} is taken by encoders {names}; say which gets what: "
+                    f"encoder_inputs={{{names[0]!r}: {{{key!r}: ...}}, ...}}"
+                )
+            if names:
+                routed.setdefault(names[0], {})[key] = value
+        for name, explicit in encoder_inputs.items():
+            routed[name] = {k: v for k, v in explicit.items() if v is not None}
+        selected = {}
+        for name, inputs in routed.items():
+            encoder = self.encoders[name]
+            chosen = {encoder.input_map.get(k, k): v for k, v in inputs.items()}
+            if chosen:
+                selected[name] = chosen
+        return selected, rest
+
+    def _input_takers(self) -> dict[str, list[str]]:
+        """Call argument -> the encoders that take it; rebuilt only when the encoders or their input
+        names change."""
+        key = tuple((name, id(encoder), tuple(encoder.input_map)) for name, encoder in self.encoders.items())
+        cached = self.__dict__.get("_takers_cache")
+        if cached is None or cached[0] != key:
+            takers: dict[str, list[str]] = {}
+            for name, encoder in self.encoders.items():
+                for arg in encoder.input_map:
+                    takers.setdefault(arg, []).append(name)
+            cached = self.__dict__["_takers_cache"] = (key, takers)
+        return cached[1]
+
+    def encode(
+        self, encoder_inputs: Mapping[str, Mapping[str, Any]] | None = None, **inputs: Any
+    ) -> dict[str, torch.Tensor]:
+        """Run the encoders that have inputs; modality -> ``(total_tokens, llm_width)`` features.
+
+        ``mllm.encode(pixel_values=...)`` routes call arguments as `forward` does;
+        ``mllm.encode({"vision": {...}})`` gives each encoder its inputs. The features can be passed
+        back as ``forward(modality_features=...)`` / ``generate(modality_features=...)``, which then run
+        no encoder for those modalities (encode an image once, ask many questions about it).
+
+        With ``config.concurrent_encoders`` and more than one encoder in the call, each encoder after
+        the first runs on its own device stream (see `_encode_on_streams`).
+        """
+        if inputs:
+            encoder_inputs, rest = self.route_inputs(inputs, encoder_inputs)
+            if rest:
+                raise EncoderInputError(f"encode: no encoder takes {sorted(rest)}")
+        encoder_inputs = encoder_inputs or {}
+        if self.config.concurrent_encoders and len(encoder_inputs) > 1 and not torch.compiler.is_compiling():
+            return self._encode_on_streams(encoder_inputs)
+        return {
+            name: flatten_features(self.encoders[name](**inputs), name) for name, inputs in encoder_inputs.items()
+        }
+
+    def _encode_on_streams(self, encoder_inputs: Mapping[str, Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        """Launch independent encoders on separate streams so that, on a GPU, towers too small to fill
+        it overlap. The first encoder runs on the current stream, every other one on a fresh side
+        stream that first waits for the current one (the inputs are ready); the current stream waits
+        for all of them before the merge. Autograd runs each op's backward on the stream its forward
+        ran on and orders the streams itself. Features made on a side stream are recorded on the
+        current one, so the caching allocator does not hand their memory back to the side stream
+        while the merge may still read it. On CPU, streams are no-ops and this is the sequential path.
+        """
+        tensors = (v for inputs in encoder_inputs.values() for v in inputs.values() if isinstance(v, torch.Tensor))
+        device = next(tensors, None)
+        device = device.device if device is not None else next(self.parameters()).device
+        backend = torch.get_device_module(device)  # torch.cuda, torch.xpu, ...; torch.cpu's are no-ops
+        main = backend.current_stream(device)
+        names = list(encoder_inputs)
+        sides = {name: backend.Stream() if device.type == "cpu" else backend.Stream(device) for name in names[1:]}
+        for stream in sides.values():
+            stream.wait_stream(main)
+        features = {}
+        for name in names:
+            stream = sides.get(name)
+            if stream is None:
+                features[name] = flatten_features(self.encoders[name](**encoder_inputs[name]), name)
+                continue
+            with backend.stream(stream):
+                features[name] = flatten_features(self.encoders[name](**encoder_inputs[name]), name)
+        for name, stream in sides.items():
+            main.wait_stream(stream)
+            if device.type != "cpu":
+                features[name].record_stream(main)
+        return features
+
+    # -- Cornstarch's model tree and training modes ------------------------------------------------------
     def __getattr__(self, name: str) -> Any:
         # Cornstarch's model tree: ``mllm.vision_encoder`` is ``mllm.encoders["vision"]`` (an alias:
         # state_dict keys and saved directories keep the ``encoders.vision.`` prefix).
@@ -287,118 +601,6 @@ class MultimodalModel(PreTrainedModel, GenerationMixin):
             for name, other in adapters[1:]:
                 llm.add_adapter(name, peft.PeftConfig.from_peft_type(**other))
         return llm
-
-    def _build_encoders(
-        self,
-        config: MultimodalConfig,
-        encoder_modules: Mapping[str, nn.Module],
-        callbacks: Mapping[str, Mapping[str, Any]],
-    ) -> dict[str, ModalEncoderModule]:
-        unknown = set(encoder_modules) - set(config.encoders)
-        if unknown:
-            raise ConfigError(f"encoder_modules names {sorted(unknown)} not in the saved model ({sorted(config.encoders)})")
-        built = {}
-        for name, record in config.encoders.items():
-            given = encoder_modules.get(name)
-            if isinstance(given, ModalEncoderModule):
-                built[name] = given
-                continue
-            module = given if given is not None else _build_source(name, record.get("source") or {})
-            if record.get("peft_config") and getattr(module, "peft_config", None) is None:
-                _inject_adapters(module, record["peft_config"])
-            slots = {}
-            for slot in SLOTS:
-                override = callbacks.get(name, {}).get(slot)
-                rec = (record.get("callbacks") or {}).get(slot)
-                if override is not None:
-                    slots[slot] = override
-                elif rec == UNRECORDED:
-                    raise SerializationError(
-                        f"encoder {name!r}: its {slot} callback was not recorded at save time; pass it again: "
-                        f"from_pretrained(..., callbacks={{{name!r}: {{{slot!r}: fn}}}})"
-                    )
-                elif rec is not None:
-                    slots[slot] = build_callback(
-                        rec, f"encoder {name!r} {slot} callback", trust_remote_code=_TRUST_REMOTE_CODE.get()
-                    )
-            projector_record = record.get("projector")
-            projector = None
-            if projector_record is not None:
-                projector_config = MultimodalProjectorConfig(**projector_record)
-                if projector_config.projector_type == CUSTOM:
-                    raise SerializationError(
-                        f"encoder {name!r}: its projector is a custom module config.json cannot rebuild; pass the "
-                        f"whole encoder again: from_pretrained(..., encoder_modules={{{name!r}: ModalEncoderModule(module, projector=...)}})"
-                    )
-                projector = MultimodalProjector(projector_config)
-            built[name] = ModalEncoderModule(
-                module,
-                projector,
-                slots.get("preprocess"),
-                slots.get("postprocess_module"),
-                slots.get("postprocess_projector"),
-                additional_args=record.get("additional_args") or (),
-                input_names=record.get("input_names"),
-                output_width=record.get("output_width"),
-                source=record.get("source") if (record.get("source") or {}).get("kind") == "plugin" else None,
-            )
-        return built
-
-    @staticmethod
-    def _build_llm_callback(config: MultimodalConfig, callbacks: Mapping[str, Any]) -> Any:
-        given = callbacks.get("preprocess_llm")
-        record = config.preprocess_llm_callback
-        if given is not None:
-            return given
-        if record == UNRECORDED:
-            raise SerializationError(
-                "the preprocess_llm callback was not recorded at save time; pass it again: "
-                "from_pretrained(..., callbacks={'preprocess_llm': fn})"
-            )
-        if record is None:
-            return None
-        return build_callback(record, "preprocess_llm callback", trust_remote_code=_TRUST_REMOTE_CODE.get())
-
-    def _record_llm_callback(self, strict: bool) -> Any:
-        if self.preprocess_llm_callback is None:
-            return None
-        try:
-            return record_callback(self.preprocess_llm_callback, "preprocess_llm callback")
-        except UnrecordableCallbackError:
-            if strict:
-                raise
-            return UNRECORDED
-
-    def _record_encoders(self, strict: bool) -> dict[str, Any]:
-        records = {}
-        for name, encoder in self.encoders.items():
-            callbacks = {}
-            for slot, callback in encoder.callbacks().items():
-                if callback is None:
-                    continue
-                try:
-                    callbacks[slot] = record_callback(callback, f"encoder {name!r} {slot} callback")
-                except UnrecordableCallbackError:
-                    if strict:
-                        raise
-                    callbacks[slot] = UNRECORDED
-            records[name] = {
-                "source": _record_source(encoder),
-                "input_names": dict(encoder.input_map),
-                "output_width": encoder._output_width,
-                "projector": encoder.projector.config.to_diff_dict() | {
-                    "projector_type": encoder.projector.config.projector_type,
-                    "in_features": encoder.projector.config.in_features,
-                    "out_features": encoder.projector.config.out_features,
-                },
-                "callbacks": callbacks,
-            }
-            if encoder.additional_args:
-                records[name]["additional_args"] = list(encoder.additional_args)
-            adapters = adapter_configs(encoder.module)  # LoRA injected in place (mmcore.training)
-            if adapters:
-                records[name]["peft_config"] = adapters
-        return records
 
     def _collect_wrapped_tied_weights(self) -> None:
         """PEFT wrappers hide the LLM's tied-weight declaration from HF's child scan (which, through the
@@ -536,294 +738,6 @@ class MultimodalModel(PreTrainedModel, GenerationMixin):
         for encoder in self.encoders.values():
             encoder.set_checkpointing(enable)
 
-    # -- forward -----------------------------------------------------------------------------------------
-    def route_inputs(
-        self, kwargs: dict[str, Any], encoder_inputs: Mapping[str, Mapping[str, Any]] | None = None
-    ) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
-        """Split call kwargs into per-encoder inputs and the rest (for the LLM)."""
-        if not encoder_inputs:  # the common text-only case (every decode step) in one set test
-            if not any(arg in kwargs for arg in self._input_takers()):
-                return {}, dict(kwargs)
-        encoder_inputs = dict(encoder_inputs or {})
-        unknown = set(encoder_inputs) - set(self.encoders)
-        if unknown:
-            raise EncoderInputError(f"encoder_inputs for {sorted(unknown)}, but the encoders are {sorted(self.encoders)}")
-        takers = self._input_takers()
-        routed: dict[str, dict[str, Any]] = {}
-        rest: dict[str, Any] = {}
-        for key, value in kwargs.items():
-            names = [n for n in takers.get(key, ()) if n not in encoder_inputs]
-            if not takers.get(key):
-                rest[key] = value
-                continue
-            if value is None:
-                continue
-            if len(names) > 1:
-                raise EncoderInputError(
-                    f"{key!r} is taken by encoders {names}; say which gets what: "
-                    f"encoder_inputs={{{names[0]!r}: {{{key!r}: ...}}, ...}}"
-                )
-            if names:
-                routed.setdefault(names[0], {})[key] = value
-        for name, explicit in encoder_inputs.items():
-            routed[name] = {k: v for k, v in explicit.items() if v is not None}
-        selected = {}
-        for name, inputs in routed.items():
-            encoder = self.encoders[name]
-            chosen = {encoder.input_map.get(k, k): v for k, v in inputs.items()}
-            if chosen:
-                selected[name] = chosen
-        return selected, rest
-
-    def _input_takers(self) -> dict[str, list[str]]:
-        """Call argument -> the encoders that take it; rebuilt only when the encoders or their input
-        names change."""
-        key = tuple((name, id(encoder), tuple(encoder.input_map)) for name, encoder in self.encoders.items())
-        cached = self.__dict__.get("_takers_cache")
-        if cached is None or cached[0] != key:
-            takers: dict[str, list[str]] = {}
-            for name, encoder in self.encoders.items():
-                for arg in encoder.input_map:
-                    takers.setdefault(arg, []).append(name)
-            cached = self.__dict__["_takers_cache"] = (key, takers)
-        return cached[1]
-
-    def encode(
-        self, encoder_inputs: Mapping[str, Mapping[str, Any]] | None = None, **inputs: Any
-    ) -> dict[str, torch.Tensor]:
-        """Run the encoders that have inputs; modality -> ``(total_tokens, llm_width)`` features.
-
-        ``mllm.encode(pixel_values=...)`` routes call arguments as `forward` does;
-        ``mllm.encode({"vision": {...}})`` gives each encoder its inputs. The features can be passed
-        back as ``forward(modality_features=...)`` / ``generate(modality_features=...)``, which then run
-        no encoder for those modalities (encode an image once, ask many questions about it).
-
-        With ``config.concurrent_encoders`` and more than one encoder in the call, each encoder after
-        the first runs on its own device stream (see `_encode_on_streams`).
-        """
-        if inputs:
-            encoder_inputs, rest = self.route_inputs(inputs, encoder_inputs)
-            if rest:
-                raise EncoderInputError(f"encode: no encoder takes {sorted(rest)}")
-        encoder_inputs = encoder_inputs or {}
-        if self.config.concurrent_encoders and len(encoder_inputs) > 1 and not torch.compiler.is_compiling():
-            return self._encode_on_streams(encoder_inputs)
-        return {
-            name: flatten_features(self.encoders[name](**inputs), name) for name, inputs in encoder_inputs.items()
-        }
-
-    def _encode_on_streams(self, encoder_inputs: Mapping[str, Mapping[str, Any]]) -> dict[str, torch.Tensor]:
-        """Launch independent encoders on separate streams so that, on a GPU, towers too small to fill
-        it overlap. The first encoder runs on the current stream, every other one on a fresh side
-        stream that first waits for the current one (the inputs are ready); the current stream waits
-        for all of them before the merge. Autograd runs each op's backward on the stream its forward
-        ran on and orders the streams itself. Features made on a side stream are recorded on the
-        current one, so the caching allocator does not hand their memory back to the side stream
-        while the merge may still read it. On CPU, streams are no-ops and this is the sequential path.
-        """
-        tensors = (v for inputs in encoder_inputs.values() for v in inputs.values() if isinstance(v, torch.Tensor))
-        device = next(tensors, None)
-        device = device.device if device is not None else next(self.parameters()).device
-        backend = torch.get_device_module(device)  # torch.cuda, torch.xpu, ...; torch.cpu's are no-ops
-        main = backend.current_stream(device)
-        names = list(encoder_inputs)
-        sides = {name: backend.Stream() if device.type == "cpu" else backend.Stream(device) for name in names[1:]}
-        for stream in sides.values():
-            stream.wait_stream(main)
-        features = {}
-        for name in names:
-            stream = sides.get(name)
-            if stream is None:
-                features[name] = flatten_features(self.encoders[name](**encoder_inputs[name]), name)
-                continue
-            with backend.stream(stream):
-                features[name] = flatten_features(self.encoders[name](**encoder_inputs[name]), name)
-        for name, stream in sides.items():
-            main.wait_stream(stream)
-            if device.type != "cpu":
-                features[name].record_stream(main)
-        return features
-
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        past_key_values: Any = None,
-        cache: Any = None,
-        inputs_embeds: torch.Tensor | None = None,
-        labels: torch.LongTensor | None = None,
-        use_cache: bool | None = None,
-        logits_to_keep: int | torch.Tensor = 0,
-        encoder_inputs: Mapping[str, Mapping[str, Any]] | None = None,
-        modality_features: Mapping[str, Any] | None = None,
-        **kwargs: Any,
-    ):
-        """Encode every modality present in the call, merge, and run the language model.
-
-        Modality inputs (``pixel_values=``, ``input_features=``, ...) reach the encoder whose forward
-        takes them; ``encoder_inputs={"vision": {...}}`` says it explicitly. ``modality_features``
-        (from `encode`) are merged as they are, with no encoder run for them. Returns the language
-        model's output (``loss`` when ``labels`` are given; placeholder positions never count).
-        """
-        routed, llm_kwargs = self.route_inputs(kwargs, encoder_inputs)
-        given = dict(modality_features or {})
-        both = sorted(set(given) & set(routed))
-        if both:
-            raise ConfigError(f"{both}: pass a modality's inputs or its modality_features, not both")
-        unknown = sorted(set(given) - set(self.encoders))
-        if unknown:
-            raise ConfigError(f"modality_features for {unknown}, but the encoders are {sorted(self.encoders)}")
-        training = self.training and torch.is_grad_enabled()
-        # Data parallel: every rank runs every encoder some rank has inputs for (FSDP2's collectives).
-        stand_ins = self._agree_on_modalities(routed, set(given)) if training else {}
-        # Encoders run in the model's order (the same on every rank), stand-ins among them.
-        ordered = {n: routed[n] if n in routed else stand_ins[n] for n in self.encoders if n in routed or n in stand_ins}
-        encoded = self.encode(ordered)
-        # features: modality -> (total_tokens, llm_width), in item order
-        features = {**{m: f for m, f in encoded.items() if m not in stand_ins},
-                    **{m: flatten_features(f, m) for m, f in given.items()}}  # fmt: skip
-        zero_from_stand_ins = sum((encoded[m].sum() * 0.0 for m in stand_ins), 0.0)
-        token_ids = self.config.modality_token_ids
-        missing = set(features) - set(token_ids)
-        if missing:
-            raise TokenIdError(
-                f"no placeholder token id for {sorted(missing)}; call set_modality_token_ids(...) first"
-            )
-        vocab = getattr(self.get_input_embeddings(), "num_embeddings", None)
-        if input_ids is not None and inputs_embeds is None and not features and labels is None and not training:
-            # Text only (every decode step): nothing to merge, so the language model embeds the ids
-            # itself, as it would alone; only placeholder ids outside its vocabulary need replacing.
-            for token_id in token_ids.values():
-                if vocab is None or token_id >= vocab:
-                    input_ids = input_ids.masked_fill(input_ids == token_id, 0)
-        elif inputs_embeds is None:
-            if input_ids is None:
-                raise ConfigError("pass input_ids or inputs_embeds")
-            masks = placeholder_masks(input_ids, {m: token_ids[m] for m in self.encoders if m in token_ids})
-            if labels is not None and training:
-                check_placeholders_have_inputs(masks, features, self.config.merge_check)
-            any_mask = None
-            for mask in masks.values():
-                any_mask = mask if any_mask is None else any_mask | mask
-            # Only placeholders about to be replaced by features (or ids outside the vocabulary) are
-            # masked for the lookup; any other placeholder, e.g. one the model generated during decode,
-            # is embedded as the token it is, as HF's LLaVA does.
-            embed_mask = None
-            for modality, mask in masks.items():
-                if modality in features or vocab is None or token_ids[modality] >= vocab:
-                    embed_mask = mask if embed_mask is None else embed_mask | mask
-            text_ids = input_ids.masked_fill(embed_mask, 0) if embed_mask is not None else input_ids
-            inputs_embeds = self.get_input_embeddings()(text_ids)
-            # The lookup is a fresh tensor this call owns: write the feature rows into it rather than
-            # copying all of it. Not when it is a view (an unusual embedding module), nor a leaf that
-            # requires grad (HF's enable_input_require_grads hook makes it one under frozen embeddings).
-            owned = inputs_embeds._base is None and not (inputs_embeds.is_leaf and inputs_embeds.requires_grad)
-            inputs_embeds = merge_modality_features(
-                inputs_embeds, masks, features, self.config.merge_check, inplace=owned
-            )
-            if labels is not None and any_mask is not None:
-                labels = labels.masked_fill(any_mask, -100)
-        elif features:
-            raise ConfigError("modality inputs need input_ids (to find the placeholders), not inputs_embeds")
-        if training:
-            inputs_embeds = inputs_embeds + self._untouched_encoders_zero(set(features) | set(stand_ins))
-            inputs_embeds = inputs_embeds + zero_from_stand_ins
-        llm_inputs = dict(
-            **({"input_ids": input_ids} if inputs_embeds is None else {"inputs_embeds": inputs_embeds}),
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            **self._cache_kwargs(cache if cache is not None else past_key_values),
-            labels=labels,
-            use_cache=use_cache,
-            **({"logits_to_keep": logits_to_keep} if _keeps_some(logits_to_keep) else {}),
-            **llm_kwargs,
-        )
-        if self.preprocess_llm_callback is not None:
-            llm_inputs = self._preprocess_llm(llm_inputs, input_ids, kwargs)
-        return self.language_model(**llm_inputs)
-
-    def _preprocess_llm(self, llm_inputs: dict[str, Any], input_ids: Any, call_kwargs: Mapping[str, Any]) -> dict[str, Any]:
-        """Run ``preprocess_llm_callback`` on the language model's inputs (plus the call's ``input_ids``
-        and modality arguments, which it may need, e.g. for 3-D rotary positions) and apply the updates
-        it returns."""
-        callback = self.preprocess_llm_callback
-        seen = {**call_kwargs, **llm_inputs, "input_ids": input_ids}
-        params = inspect.signature(callback).parameters.values()
-        if not any(p.kind is p.VAR_KEYWORD for p in params):
-            names = {p.name for p in params}
-            seen = {k: v for k, v in seen.items() if k in names}
-        updates = callback(**seen)
-        if updates is None:
-            return llm_inputs
-        if not isinstance(updates, Mapping):
-            raise ConfigError(
-                f"preprocess_llm_callback must return a dict of the language model inputs it changes (or None), "
-                f"got {type(updates).__name__}"
-            )
-        updated = {**llm_inputs, **updates}
-        if updated.get("inputs_embeds") is not None and "inputs_embeds" in llm_inputs:
-            updated.pop("input_ids", None)  # the language model takes one of the two
-        return updated
-
-    def _agree_on_modalities(self, routed: Mapping[str, Mapping[str, Any]], given: set[str]) -> dict[str, dict[str, Any]]:
-        """Under a process group of several ranks (training): the ranks agree, with one all-gather of a
-        presence vector, which encoders run this step; a rank without inputs for one of them gets one
-        item of a rank that has them (a broadcast, only when the ranks differ) and runs the encoder on
-        it with a contribution of exactly zero. So every FSDP2 unit's all-gather and reduce-scatter
-        happen on every rank (no hang, no size mismatch) whatever modalities each rank's batch holds.
-        Returns encoder name -> the stand-in inputs this rank runs. ``config.agree_on_modalities=False``
-        turns it off (every rank's batch then must hold the same modalities)."""
-        import torch.distributed as dist
-
-        if not (self.config.agree_on_modalities and dist.is_available() and dist.is_initialized()):
-            return {}
-        world = dist.get_world_size()
-        if world < 2:
-            return {}
-        names = list(self.encoders)
-        have = set(routed) | given
-        device = _collective_device()
-        local = torch.tensor([n in have for n in names], dtype=torch.int32, device=device)
-        gathered = torch.empty(world * len(names), dtype=torch.int32, device=device)
-        dist.all_gather_into_tensor(gathered, local)
-        presence = gathered.view(world, len(names)).cpu().tolist()  # one small host read per step
-        rank = dist.get_rank()
-        stand_ins: dict[str, dict[str, Any]] = {}
-        for j, name in enumerate(names):  # the same order on every rank
-            holders = [r for r in range(world) if presence[r][j]]
-            if not holders or len(holders) == world:
-                continue
-            payload = [_one_item(routed[name]) if rank == holders[0] else None]
-            dist.broadcast_object_list(payload, src=holders[0], device=device)
-            if name not in have:
-                stand_ins[name] = _to_device(payload[0], self.device)
-        return stand_ins
-
-    def _cache_kwargs(self, kv_cache: Any) -> dict[str, Any]:
-        """The KV cache under the name the language model takes it by: ``cache`` where transformers
-        has renamed it (5.24+, ``past_key_values`` deprecated), ``past_key_values`` before. Nothing
-        when there is no cache, so neither name is passed in vain."""
-        if kv_cache is None:
-            return {}
-        llm = self.language_model.get_base_model() if is_peft_model(self.language_model) else self.language_model
-        name = "cache" if "cache" in inspect.signature(llm.forward).parameters else "past_key_values"
-        return {name: kv_cache}
-
-    def _untouched_encoders_zero(self, used: set[str]) -> torch.Tensor | float:
-        """A zero that depends on every trainable parameter of encoders absent from this batch, so
-        data-parallel gradient reduction never waits on parameters that got no gradient (DDP). FSDP2's
-        sharded parameters (DTensors) are left out: FSDP2 reduces only what got gradients, and its
-        training sampler gives every rank the same modalities per step."""
-        zero: torch.Tensor | float = 0.0
-        for name, encoder in self.encoders.items():
-            if name in used:
-                continue
-            for param in encoder.parameters():
-                if param.requires_grad and not _is_dtensor(param):
-                    zero = zero + param.sum() * 0.0
-        return zero
-
     # -- generation ---------------------------------------------------------------------------------------
     def prepare_inputs_for_generation(self, input_ids, *args, is_first_iteration: bool | None = False, **kwargs):
         model_inputs = super().prepare_inputs_for_generation(
@@ -873,13 +787,13 @@ class MultimodalModel(PreTrainedModel, GenerationMixin):
         `UnrecordableCallbackError` naming it, unless ``allow_unrecorded_callbacks=True`` (then it must
         be passed again to ``from_pretrained(callbacks=...)``).
         """
-        self.config.encoders = self._record_encoders(strict=not allow_unrecorded_callbacks)
-        self.config.preprocess_llm_callback = self._record_llm_callback(strict=not allow_unrecorded_callbacks)
+        self.config.encoders = record_encoders(self.encoders, strict=not allow_unrecorded_callbacks)
+        self.config.preprocess_llm_callback = record_llm_callback(self.preprocess_llm_callback, strict=not allow_unrecorded_callbacks)
         if not kwargs.get("is_main_process", True):
             return
         # A symlinked target, a mount point or the working directory is updated in place (see
         # `staged_directory`); model files this save does not write again (stale shards) go.
-        with staged_directory(save_directory, keep=_MODEL_FILES, last=("config.json",)) as staging:
+        with staged_directory(save_directory, keep=MODEL_FILES, last=("config.json",)) as staging:
             super().save_pretrained(staging, **kwargs)
 
     @classmethod
@@ -898,11 +812,11 @@ class MultimodalModel(PreTrainedModel, GenerationMixin):
             recover(pretrained_model_name_or_path)  # a save killed mid-swap: put the directory back
         # HF builds the model through __init__ -> _build_encoders; the choice travels beside that call
         # (not as a kwarg HF would forward to the config or warn about).
-        token = _TRUST_REMOTE_CODE.set(bool(trust_remote_code))
+        token = TRUST_REMOTE_CODE.set(bool(trust_remote_code))
         try:
-            return _load_checked(super().from_pretrained, pretrained_model_name_or_path, *args, **kwargs)
+            return load_checked(super().from_pretrained, pretrained_model_name_or_path, *args, **kwargs)
         finally:
-            _TRUST_REMOTE_CODE.reset(token)
+            TRUST_REMOTE_CODE.reset(token)
 
 
     # -- the model zoo: transformers' own VLM classes in and out (mmcore.convert) ------------------------------
@@ -936,6 +850,14 @@ class MultimodalModel(PreTrainedModel, GenerationMixin):
         return to_hf(self)
 
 
+def _union(masks) -> torch.Tensor | None:
+    """The elementwise OR of boolean masks (None for none)."""
+    out = None
+    for mask in masks:
+        out = mask if out is None else out | mask
+    return out
+
+
 def _collective_device() -> torch.device:
     """Where the default process group's collectives take tensors (CUDA for NCCL, CPU for gloo)."""
     import torch.distributed as dist
@@ -952,162 +874,6 @@ def _one_item(inputs: Mapping[str, Any]) -> dict[str, Any]:
 
 def _to_device(inputs: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
-
-
-# Set by MultimodalModel.from_pretrained for the duration of one load (default: trust nothing).
-_TRUST_REMOTE_CODE: contextvars.ContextVar[bool] = contextvars.ContextVar("mmcore_trust_remote_code", default=False)
-
-
-def _load_checked(load, path, *args, **kwargs):
-    """``load(path, ...)`` with a bad checkpoint file turned into a `CheckpointError` naming the file."""
-    import json
-    import pickle
-
-    from safetensors import SafetensorError
-
-    from mmcore.errors import CheckpointError
-
-    where = str(path)
-    if isinstance(path, (str, os.PathLike)) and os.path.isdir(path):
-        config = os.path.join(path, "config.json")
-        if not os.path.isfile(config):
-            raise CheckpointError(f"{where}: no config.json; expected a directory written by save_pretrained")
-        try:
-            with open(config, encoding="utf-8") as f:
-                json.load(f)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise CheckpointError(f"{config}: not valid JSON ({exc}); expected the model's config") from exc
-    report = _HeldLoadReport()
-    try:
-        with report:
-            loaded = load(path, *args, **kwargs)
-    except SafetensorError as exc:
-        raise CheckpointError(
-            f"{where}: a .safetensors weights file is truncated or corrupt ({exc}); save the model again"
-        ) from exc
-    except pickle.UnpicklingError as exc:
-        raise CheckpointError(
-            f"{where}: pytorch_model.bin holds more than tensors and was refused (loaded weights_only): "
-            f"{str(exc).splitlines()[0]}"
-        ) from exc
-    except RuntimeError as exc:
-        if "size mismatch" not in str(exc) and "ignore_mismatched_sizes" not in str(exc):
-            raise
-        mismatch = report.first_row("MISMATCH")
-        raise CheckpointError(
-            f"{where}: the weights' sizes do not match config.json"
-            + (f" ({mismatch})" if mismatch else "")
-            + "; expected a checkpoint saved with this config"
-        ) from exc
-    report.release()  # a load that worked: HF's report (missing or unexpected keys) is shown as usual
-    return loaded
-
-
-class _HeldLoadReport:
-    """Holds transformers' LOAD REPORT warning during a load: a load that fails on mismatched sizes is
-    one `CheckpointError` line naming the first mismatched weight, not a table and then an error."""
-
-    # where transformers logs the report from (modeling_utils passes its own logger; the default is
-    # loading_report's)
-    LOGGERS = ("transformers.modeling_utils", "transformers.utils.loading_report")
-
-    def __init__(self) -> None:
-        import logging
-
-        self.loggers = [logging.getLogger(name) for name in self.LOGGERS]
-        self.records: list[logging.LogRecord] = []
-
-    def filter(self, record) -> bool:
-        if "LOAD REPORT" not in str(record.msg):
-            return True
-        self.records.append(record)
-        return False
-
-    def __enter__(self):
-        for logger in self.loggers:
-            logger.addFilter(self)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for logger in self.loggers:
-            logger.removeFilter(self)
-
-    def first_row(self, status: str) -> str | None:
-        """``key: detail`` of the report's first row with this status, ANSI colours removed."""
-        import re
-
-        for record in self.records:
-            for line in re.sub(r"\x1b\[[0-9;]*m", "", record.getMessage()).splitlines():
-                cells = [c.strip() for c in line.split("|")]
-                if len(cells) >= 3 and cells[1] == status:
-                    return f"{cells[0]}: {cells[2]}" if cells[2] else cells[0]
-        return None
-
-    def release(self) -> None:
-        import logging
-
-        for record in self.records:
-            logging.getLogger(record.name).handle(record)
-        self.records.clear()
-
-
-# Files a model save writes; anything else already in the directory (the tokenizer, a processor saved
-# first) is carried over when the model is saved into it again, as with HF's in-place save.
-_MODEL_FILES = ("config.json", "generation_config.json", "model*.safetensors*", "pytorch_model*.bin*")
-
-
-def _record_source(encoder: ModalEncoderModule) -> dict[str, Any]:
-    if encoder.source is not None:
-        return dict(encoder.source)
-    module = encoder.module
-    cls = type(module)
-    if isinstance(module, PreTrainedModel) and cls.__module__.split(".")[0] == "transformers":
-        path = cls.__name__ if getattr(transformers, cls.__name__, None) is cls else f"{cls.__module__}.{cls.__name__}"
-        return {"kind": "transformers", "class": path, "config": module.config.to_dict()}
-    return {"kind": "external", "class": f"{cls.__module__}.{cls.__qualname__}"}
-
-
-def _transformers_class(path: str) -> Any:
-    """A class from the transformers package only: an encoder recorded as ``kind: transformers`` never
-    imports code from elsewhere (callbacks recorded by import path are gated by ``trust_remote_code``)."""
-    if "." not in path:
-        return getattr(transformers, path, None)
-    module_name, _, name = path.rpartition(".")
-    if module_name.split(".")[0] != "transformers":
-        return None
-    try:
-        return getattr(importlib.import_module(module_name), name, None)
-    except ImportError:
-        return None
-
-
-def _inject_adapters(module: nn.Module, adapters: Mapping[str, Any]) -> None:
-    """Re-inject the PEFT adapters an encoder was saved with, so its saved weights find their places."""
-    import peft
-
-    for adapter_name, record in adapters.items():
-        peft.inject_adapter_in_model(peft.PeftConfig.from_peft_type(**record), module, adapter_name=adapter_name)
-
-
-def _build_source(name: str, source: Mapping[str, Any]) -> nn.Module:
-    kind = source.get("kind")
-    if kind == "transformers":
-        cls = _transformers_class(source.get("class", ""))
-        if not (isinstance(cls, type) and issubclass(cls, PreTrainedModel)):
-            raise SerializationError(f"encoder {name!r}: {source.get('class')!r} is not a transformers model class")
-        config = cls.config_class.from_dict(dict(source["config"]))
-        return cls._from_config(config)
-    if kind == "plugin":
-        from mmcore.factory import factory_for_source
-
-        return factory_for_source(name, source).build_module(source.get("recipe") or {}, None)
-    if kind == "external":
-        raise SerializationError(
-            f"encoder {name!r}: its module ({source.get('class')}) is not a transformers model and was saved "
-            f"without a recipe; pass it again: from_pretrained(..., encoder_modules={{{name!r}: module}})"
-        )
-    raise SerializationError(f"encoder {name!r}: unknown source kind {kind!r} in config.json")
-
 
 AutoConfig.register(MultimodalConfig.model_type, MultimodalConfig, exist_ok=True)
 AutoModelForCausalLM.register(MultimodalConfig, MultimodalModel, exist_ok=True)

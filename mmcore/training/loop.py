@@ -33,8 +33,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from mmcore.files import swap_into
 from mmcore.errors import ConfigError, NonFiniteError, SaveError
+from mmcore.files import swap_into
 from mmcore.training.config import (  # noqa: F401 (FINAL, SCHEDULERS: re-exported)
     CHECKPOINTS,
     FINAL,
