@@ -3,9 +3,9 @@
 The text carries one placeholder token per item (``<vision>``, ``<audio>``: one special token per
 modality, never split by the tokenizer). The processor turns each modality's raw items into the
 encoder's inputs, asks how many tokens each item becomes (the plugin's ``num_tokens``, or the user's
-function, then the projector's `~mmcore.MultimodalProjector.num_output_tokens`: a resampler gives
-``num_queries``), and expands each placeholder into that many, in order, optionally wrapped in
-``<vision_start>``/``<vision_end>``. The result goes straight into ``model(**batch)`` or
+function, then the projector's `~mmcore.MultimodalProjector.num_output_tokens`, as the projector
+declares it: a resampler gives ``num_queries``), and expands each placeholder into that many, in
+order, optionally wrapped in ``<vision_start>``/``<vision_end>``. The result goes straight into ``model(**batch)`` or
 ``model.generate(**batch)``.
 
 >>> processor = MultimodalProcessor.from_model(model, tokenizer)                  # doctest: +SKIP
@@ -822,30 +822,11 @@ def _as_tensors(processed: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-class _FixedTokens:
-    """A projector that outputs a fixed number of tokens (a resampler), without keeping its weights."""
-
-    def __init__(self, n: int):
-        self.n = int(n)
-
-    def __call__(self, num_input_tokens: int) -> int:
-        return self.n
-
-
 def _info_from_module(encoder: Any) -> _EncoderInfo:
     projector = getattr(encoder, "projector", None)
-    count = getattr(projector, "num_output_tokens", None)
-    if not callable(count) or not callable(
-        getattr(getattr(projector, "projection", None), "num_output_tokens", None)
-    ):
-        # Only a projection module with its own num_output_tokens needs the module itself; anything
-        # else is a resampler's num_queries or the identity, kept light for pickling into workers.
-        config = getattr(projector, "config", None)
-        count = (
-            _FixedTokens(config.num_queries)
-            if getattr(config, "projector_type", None) == "resampler"
-            else None
-        )
+    rule = getattr(projector, "token_count_rule", None)
+    # light and picklable for data workers unless the projection itself must count
+    count = rule() if callable(rule) else getattr(projector, "num_output_tokens", None)
     return _EncoderInfo(source=encoder.source, input_names=tuple(encoder.input_map), output_tokens=count)
 
 
@@ -879,7 +860,7 @@ def _projector_counter(modality: str, record: Mapping[str, Any] | None) -> Calla
         return None  # config.json cannot rebuild it; load with model= if it changes the token count
     with torch.device("meta"):
         projector = MultimodalProjector(MultimodalProjectorConfig(**record))
-    return projector.num_output_tokens
+    return projector.token_count_rule()
 
 
 def _plugin_processor(modality: str, source: Mapping[str, Any]) -> Any:

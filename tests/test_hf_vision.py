@@ -118,7 +118,7 @@ def test_num_tokens_equals_the_real_feature_count_for_processed_images(dinov2_di
     processed = factory.processor(recipe)([Image.fromarray(a) for a in raw[:2]] + raw[2:])
     assert processed["pixel_values"].shape == (len(RAW_SIZES), 3, 42, 42)
     with torch.no_grad():
-        _, output = encoder.encode(processed)
+        _, output = encoder.run_encoder(processed)
     assert output[0].shape[-1] == factory.output_width(recipe)
     assert factory.num_tokens(recipe, processed) == [output[0].shape[1]] * len(RAW_SIZES)
     assert output[0].shape[1] == tokens  # 3x3 patches (+ CLS)

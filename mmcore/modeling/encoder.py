@@ -173,7 +173,7 @@ class ModalEncoderModule(nn.Module):
         return {arg: kwargs[name] for name, arg in self.input_map.items() if kwargs.get(name) is not None}
 
     # -- forward -----------------------------------------------------------------------------------
-    def encode(self, inputs: dict[str, Any]) -> Any:
+    def run_encoder(self, inputs: dict[str, Any]) -> Any:
         """Callbacks + encoder, without the projector: ``(inputs, output)``, the (preprocessed) inputs
         the callbacks see and the encoder's output after ``postprocess_module``."""
         if self.preprocess_callback is not None:
@@ -198,7 +198,7 @@ class ModalEncoderModule(nn.Module):
 
     def forward(self, **inputs: Any) -> Any:
         """Features for the merge: ``(items, tokens, llm_width)`` or a list of ``(tokens_i, llm_width)``."""
-        inputs, output = self.encode(inputs)
+        inputs, output = self.run_encoder(inputs)
         features = first_output(output)
         if self.projector is not None:
             features = self.projector(features)

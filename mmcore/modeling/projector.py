@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import re
+from typing import Any
 
 import torch
 from torch import nn
@@ -186,6 +187,9 @@ class Resampler(nn.Module):
         self.ln_post = nn.LayerNorm(out_features)
         self.proj = nn.Parameter(torch.empty(out_features, out_features))
 
+    def num_output_tokens(self, num_input_tokens: int) -> int:
+        return self.num_queries
+
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         if self.kv_proj is not None:
             features = self.kv_proj(features)
@@ -253,13 +257,32 @@ class MultimodalProjector(PreTrainedModel):
         return self.projection(features)
 
     def num_output_tokens(self, num_input_tokens: int) -> int:
-        """How many tokens one item of ``num_input_tokens`` features becomes after projection."""
-        if self.config.projector_type == "resampler":
-            return self.config.num_queries
+        """How many tokens one item of ``num_input_tokens`` features becomes after projection: what the
+        projection module says (its own ``num_output_tokens``; a resampler's is ``num_queries``), else
+        as many as came in."""
         custom = getattr(self.projection, "num_output_tokens", None)
         if callable(custom):
             return int(custom(num_input_tokens))
         return num_input_tokens
+
+    def token_count_rule(self) -> Any:
+        """`num_output_tokens` as a light, picklable callable for the processor's data workers (no
+        weights kept), or None for the identity. A projection with a fixed count gives `FixedTokens`."""
+        if isinstance(self.projection, Resampler):
+            return FixedTokens(self.projection.num_queries)
+        if callable(getattr(self.projection, "num_output_tokens", None)):
+            return self.num_output_tokens
+        return None
+
+
+class FixedTokens:
+    """A projector's token count that does not depend on its input (a resampler's ``num_queries``)."""
+
+    def __init__(self, n: int):
+        self.n = int(n)
+
+    def __call__(self, num_input_tokens: int) -> int:
+        return self.n
 
 
 def registered_projector(projector_type: str):
