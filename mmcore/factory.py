@@ -189,7 +189,7 @@ def encoder_from_recipe(
         projector = default_projector
     encoder = ModalEncoderModule(
         module,
-        None if isinstance(projector, str) else projector,
+        projector,
         slots.get("preprocess"),
         slots.get("postprocess_module"),
         slots.get("postprocess_projector"),
@@ -197,8 +197,6 @@ def encoder_from_recipe(
         output_width=factory.output_width(recipe),
         source=source,
     )
-    if isinstance(projector, str):
-        encoder.requested_projector = projector
     return encoder
 
 

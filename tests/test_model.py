@@ -519,3 +519,12 @@ def test_a_callback_declares_how_it_changes_the_width_and_the_projector_follows(
     assert model.encoders["vision"].projector.config.in_features == 48  # CLIP's 24, doubled
     model.set_modality_token_ids({"vision": 7})
     assert model(input_ids=torch.tensor([[1] + [7] * 5]), pixel_values=torch.randn(IMG)).logits.shape == (1, 6, 384)
+
+
+def test_an_encoder_may_name_its_projector_type():
+    model = MultimodalModel(
+        encoders={"vision": ModalEncoderModule(tiny_clip_vision(), "mlp2x_gelu"), "audio": ModalEncoderModule(tiny_whisper_encoder())},
+        language_model=tiny_llm(),
+    )
+    assert model.encoders["vision"].projector.config.projector_type == "mlp2x_gelu"
+    assert model.encoders["audio"].projector.config.projector_type == "linear"  # init_projector_type's default

@@ -61,8 +61,9 @@ class ModalEncoderModule(nn.Module):
     Args:
         module: the encoder: an HF ``PreTrainedModel`` (CLIP/SigLIP vision tower, Whisper encoder, ...)
             or any ``nn.Module`` (a timm model).
-        projector: maps the encoder's features to the LLM's width. ``None``: `MultimodalModel` builds
-            one from its ``init_projector_type``.
+        projector: maps the encoder's features to the LLM's width: a module, or a projector type name
+            (``"resampler"``, ``"mlp2x_gelu"``, a plugin's) that `MultimodalModel` builds for this encoder.
+            ``None``: `MultimodalModel` builds one from its ``init_projector_type``.
         preprocess_callback: ``(inputs) -> inputs`` before the encoder.
         postprocess_module_callback: ``(inputs, output) -> output`` after the encoder; ``output`` is
             what the encoder returned (a ``BaseModelOutput`` or tuple; a bare tensor arrives as
@@ -86,7 +87,7 @@ class ModalEncoderModule(nn.Module):
     def __init__(
         self,
         module: nn.Module | None = None,
-        projector: nn.Module | None = None,
+        projector: nn.Module | str | None = None,
         preprocess_callback: CallbackFn | None = None,
         postprocess_module_callback: CallbackFn | None = None,
         postprocess_projector_callback: CallbackFn | None = None,
@@ -116,7 +117,9 @@ class ModalEncoderModule(nn.Module):
         if isinstance(additional_args, str) or not all(isinstance(a, str) for a in additional_args):
             raise ConfigError(f"ModalEncoderModule: additional_args must be a list of argument names, got {additional_args!r}")
         self.module = module
-        self.projector = projector
+        #: the projector type `MultimodalModel` builds when ``projector`` was given as a name
+        self.requested_projector: str | None = projector if isinstance(projector, str) else None
+        self.projector = None if isinstance(projector, str) else projector
         self.preprocess_callback = preprocess_callback
         self.postprocess_module_callback = postprocess_module_callback
         self.postprocess_projector_callback = postprocess_projector_callback

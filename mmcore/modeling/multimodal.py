@@ -180,9 +180,8 @@ class MultimodalModel(PreTrainedModel, GenerationMixin):
             super().__init__(config)
         self.language_model = language_model
         for name, encoder in encoders.items():
-            # A plugin's encoder may ask for its own default projector (e.g. EVA02: a resampler).
-            requested = getattr(encoder, "requested_projector", None)
-            self._attach_projector(name, encoder, requested or init_projector_type, init_activation)
+            # An encoder may name its own projector type (a plugin's default: EVA02's resampler).
+            self._attach_projector(name, encoder, encoder.requested_projector or init_projector_type, init_activation)
         self.encoders = nn.ModuleDict(encoders)
         self.preprocess_llm_callback = preprocess_llm_callback
         if getattr(language_model, "generation_config", None) is not None:
