@@ -72,18 +72,25 @@ def from_hf(
     weight is copied). ``image_processor`` (the checkpoint's) goes into the encoder's recipe, so the
     saved directory rebuilds it; default: the tower family's own preprocessing. ``source`` (a hub id
     or directory) is recorded in the recipe for reference only."""
+    encoder = vision_encoder(hf_model, image_processor, source)
+    mllm = MultimodalModel(encoders={modality: encoder}, language_model=_language_model(hf_model))
+    mllm.set_modality_token_ids({modality: hf_model.config.image_token_index})
+    return mllm
+
+
+def vision_encoder(hf_model: Any, image_processor: Any, source: str | None) -> ModalEncoderModule:
+    """The plugin encoder of a LLaVA-family model's vision half, holding its tower and projector: the
+    plugin's recipe (the tower's config, ``image_processor`` or the family's default preprocessing,
+    LLaVA's feature selection as the plugin's options) built around a shell on the meta device whose
+    module and projector are then the checkpoint's own."""
     config = hf_model.config
     plugin = _vision_plugin(config)
     factory = get_factory(plugin)
     recipe = _recipe(factory, config, image_processor, _encoder_options(plugin, config), source)
-    # The factory assembles the encoder (callbacks, input names, recipe record) around a shell on the
-    # meta device; the shell's module is then replaced by LLaVA's own tower.
     encoder = encoder_from_recipe(factory, recipe, device="meta")
     encoder.module = hf_model.model.vision_tower
     encoder.projector = _projector(hf_model.model.multi_modal_projector, config)
-    mllm = MultimodalModel(encoders={modality: encoder}, language_model=_language_model(hf_model))
-    mllm.set_modality_token_ids({modality: config.image_token_index})
-    return mllm
+    return encoder
 
 
 def _vision_plugin(config: LlavaConfig) -> str:

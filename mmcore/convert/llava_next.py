@@ -30,7 +30,6 @@ from mmcore.builtin.anyres import AnyResFlatten, AnyResPack, AnyResTokenCount
 from mmcore.convert import llava
 from mmcore.convert.families import NoTransformersCounterpartError
 from mmcore.errors import ConfigError, TokenIdError
-from mmcore.factory import encoder_from_recipe, get_factory
 from mmcore.modeling.multimodal import MultimodalModel
 
 MODEL_TYPE = "llava_next"
@@ -55,14 +54,9 @@ def from_hf(
     the checkpoint's (it goes to the processor, see `processor_from_hf`); ``source`` is recorded for
     reference."""
     config = hf_model.config
-    plugin = llava._vision_plugin(config)
-    factory = get_factory(plugin)
     # The plugin's recipe rebuilds the tower (its own preprocessing at the tile size); the tiling is
     # the checkpoint's image processor's, kept by the processor.
-    recipe = llava._recipe(factory, config, None, llava._encoder_options(plugin, config), source)
-    encoder = encoder_from_recipe(factory, recipe, device="meta")
-    encoder.module = hf_model.model.vision_tower
-    encoder.projector = llava._projector(hf_model.model.multi_modal_projector, config)
+    encoder = llava.vision_encoder(hf_model, None, source)
     vision = config.vision_config
     pinpoints = [list(p) for p in config.image_grid_pinpoints]
     encoder.preprocess_callback = AnyResFlatten(pinpoints, vision.image_size)

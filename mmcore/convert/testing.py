@@ -13,53 +13,62 @@ IMAGE_SIZE, PATCH_SIZE = 28, 14
 NEXT_PINPOINTS = [[28, 56], [56, 28], [56, 56], [28, 84]]
 
 
-def tiny_llava(tower: str = "clip", *, seed: int = 0, feature_layer: int | list[int] = -2) -> tuple[Any, Any]:
-    """``(LlavaForConditionalGeneration, LlavaProcessor)``: a 3-layer CLIP (strategy ``default``: CLS
-    dropped) or SigLIP (strategy ``full``) tower at 28 px (4 patches), a 2-layer llama, and
-    `mmcore.testing.tiny_tokenizer` with an ``<image>`` token inside the vocabulary."""
-    import torch
+def _tiny_parts(tower: str, text_family: str = "llama") -> tuple[Any, Any, Any, str, int]:
+    """``(tokenizer with <image>, vision config, text config, strategy, prefix tokens)`` of the tiny
+    LLaVA-family models: a 3-layer CLIP (strategy ``default``: CLS dropped) or SigLIP (``full``) tower
+    at 28 px (4 patches) and a 2-layer llama or mistral."""
     from tokenizers import AddedToken
-    from transformers import (
-        CLIPImageProcessor,
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaProcessor,
-        SiglipImageProcessor,
-        SiglipVisionConfig,
-    )
+    from transformers import CLIPVisionConfig, LlamaConfig, MistralConfig, SiglipVisionConfig
 
     from mmcore.testing import tiny_tokenizer
 
     tokenizer = tiny_tokenizer()
     tokenizer.add_tokens([AddedToken("<image>", special=True, normalized=False)], special_tokens=True)
-    image_token_id = tokenizer.convert_tokens_to_ids("<image>")
     vision = dict(
         hidden_size=24, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
         image_size=IMAGE_SIZE, patch_size=PATCH_SIZE,
     )  # fmt: skip
     if tower == "clip":
         vision_config, strategy, prefix = CLIPVisionConfig(**vision), "default", 1
-        image_processor = CLIPImageProcessor(
-            size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
-        )
     elif tower == "siglip":
         vision_config, strategy, prefix = SiglipVisionConfig(**vision), "full", 0
-        image_processor = SiglipImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
     else:
         raise ValueError(f"tower must be 'clip' or 'siglip', got {tower!r}")
-    text_config = LlamaConfig(
+    text_class = {"llama": LlamaConfig, "mistral": MistralConfig}[text_family]
+    text_config = text_class(
         vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
     )  # fmt: skip
+    return tokenizer, vision_config, text_config, strategy, prefix
+
+
+def tiny_llava(tower: str = "clip", *, seed: int = 0, feature_layer: int | list[int] = -2) -> tuple[Any, Any]:
+    """``(LlavaForConditionalGeneration, LlavaProcessor)``: a 3-layer CLIP (strategy ``default``: CLS
+    dropped) or SigLIP (strategy ``full``) tower at 28 px (4 patches), a 2-layer llama, and
+    `mmcore.testing.tiny_tokenizer` with an ``<image>`` token inside the vocabulary."""
+    import torch
+    from transformers import (
+        CLIPImageProcessor,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+        SiglipImageProcessor,
+    )
+
+    tokenizer, vision_config, text_config, strategy, prefix = _tiny_parts(tower)
+    if tower == "clip":
+        image_processor = CLIPImageProcessor(
+            size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+        )
+    else:
+        image_processor = SiglipImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
     num_image_tokens = (IMAGE_SIZE // PATCH_SIZE) ** 2 + prefix - (1 if strategy == "default" else 0)
     config = LlavaConfig(
         vision_config=vision_config,
         text_config=text_config,
-        image_token_index=image_token_id,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
         vision_feature_layer=feature_layer,
         vision_feature_select_strategy=strategy,
         image_seq_length=num_image_tokens,
@@ -83,32 +92,16 @@ def tiny_llava_next(tower: str = "clip", *, seed: int = 0) -> tuple[Any, Any]:
     28 px tiles (4 tokens each) on the grids `NEXT_PINPOINTS`, and `mmcore.testing.tiny_tokenizer` with an
     ``<image>`` token inside the vocabulary."""
     import torch
-    from tokenizers import AddedToken
     from transformers import (
-        CLIPVisionConfig,
-        LlamaConfig,
         LlavaNextConfig,
         LlavaNextForConditionalGeneration,
         LlavaNextImageProcessor,
         LlavaNextProcessor,
-        MistralConfig,
-        SiglipVisionConfig,
     )
 
-    from mmcore.testing import tiny_tokenizer
-
-    tokenizer = tiny_tokenizer()
-    tokenizer.add_tokens([AddedToken("<image>", special=True, normalized=False)], special_tokens=True)
-    vision = dict(hidden_size=24, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
-                  image_size=IMAGE_SIZE, patch_size=PATCH_SIZE)  # fmt: skip
-    text = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)  # fmt: skip
-    if tower == "clip":
-        vision_config, text_config, strategy, prefix = CLIPVisionConfig(**vision), MistralConfig(**text), "default", 1
-    else:
-        vision_config, text_config, strategy, prefix = SiglipVisionConfig(**vision), LlamaConfig(**text), "full", 0
+    tokenizer, vision_config, text_config, strategy, prefix = _tiny_parts(
+        tower, "mistral" if tower == "clip" else "llama"
+    )
     config = LlavaNextConfig(
         vision_config=vision_config,
         text_config=text_config,
@@ -121,11 +114,63 @@ def tiny_llava_next(tower: str = "clip", *, seed: int = 0) -> tuple[Any, Any]:
     torch.manual_seed(seed)
     hf = LlavaNextForConditionalGeneration(config).to(torch.float32).eval()
     image_processor = LlavaNextImageProcessor(
-        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, image_grid_pinpoints=NEXT_PINPOINTS
-    )
+        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+        image_grid_pinpoints=NEXT_PINPOINTS,
+    )  # fmt: skip
     processor = LlavaNextProcessor(
         image_processor=image_processor, tokenizer=tokenizer, patch_size=PATCH_SIZE,
         vision_feature_select_strategy=strategy, num_additional_image_tokens=prefix,
         chat_template=tokenizer.chat_template,
     )  # fmt: skip
     return hf, processor
+
+
+# What a machine without mmcore runs on an exported directory (used by `load_without_mmcore`).
+_WITHOUT_MMCORE = """
+import sys
+sys.path[:0] = {paths!r}   # the interpreter's packages, without the .pth files (the editable mmcore)
+for name in ("mmcore", "mmcore_plugin_clip"):
+    try:
+        __import__(name)
+    except ImportError:
+        pass
+    else:
+        raise SystemExit(f"{{name}} is importable; the test would prove nothing")
+import numpy as np, torch
+from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor
+model = AutoModelForImageTextToText.from_pretrained({out!r}).eval()
+processor = AutoProcessor.from_pretrained({out!r})
+processor.tokenizer.padding_side = "left"
+rng = np.random.default_rng(0)
+images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in {image_sizes!r}]
+token = processor.image_token
+texts = {texts}
+batch = processor(text=texts, images=images, return_tensors="pt", padding=True)
+with torch.no_grad():
+    logits = model(**batch).logits
+torch.save({{"batch": dict(batch), "logits": logits, "class": type(model).__name__,
+            "processor": type(processor).__name__, "texts": texts}}, {result!r})
+"""
+
+
+def load_without_mmcore(out: Any, workdir: Any, *, image_sizes: list[tuple[int, int]], texts: str) -> dict[str, Any]:
+    """Load the exported transformers directory ``out`` in a Python where mmcore cannot be imported
+    (``-I -S``, only the interpreter's site-packages), run its processor on seeded random images of
+    ``image_sizes`` and the prompts ``texts`` (a Python expression that may use ``processor`` and its
+    image ``token``), and return ``{"batch", "logits", "class", "processor", "texts"}``."""
+    import subprocess
+    import sys
+    import sysconfig
+    from pathlib import Path
+
+    import torch
+
+    paths = sorted({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]})
+    result = Path(workdir) / "without-mmcore.pt"
+    script = _WITHOUT_MMCORE.format(paths=paths, out=str(out), image_sizes=list(image_sizes), texts=texts, result=str(result))
+    run = subprocess.run([sys.executable, "-I", "-S", "-c", script], capture_output=True, text=True, cwd=workdir,
+                         timeout=300)  # fmt: skip
+    if run.returncode != 0:
+        raise AssertionError(f"loading {out} without mmcore failed:\n{run.stderr[-3000:]}")
+    return torch.load(result, weights_only=True)
