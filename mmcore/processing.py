@@ -178,6 +178,8 @@ class MultimodalProcessor:
             elif info is not None and info.from_plugin:
                 self._counters[m] = _PluginCounter(m, info.source)
                 self._count_from_plugin.add(m)
+            elif model is not None and (default := _default_counter(model.encoders[m], self.encoder_processors[m])):
+                self._counters[m] = default
             else:
                 how = "no model says how" if info is None else "a plugin did not build its encoder"
                 raise ConfigError(
@@ -523,7 +525,10 @@ class MultimodalProcessor:
         return inputs, counts
 
     def _count(self, modality: str, items: list[Any], processed: Mapping[str, Any]) -> list[int]:
-        raw = list(self._counters[modality](items, processed))
+        counter = self._counters[modality]
+        # Cornstarch calls fn(inputs, outputs) with inputs such as {"images": [...]}: _Items is the list
+        # of items and, read by any key, that list again, so both forms of function work.
+        raw = list(counter(_Items(items), processed))
         if raw and isinstance(raw[0], (list, tuple)):
             raw = [n for sample in raw for n in sample]
         if len(raw) != len(items):
@@ -531,6 +536,8 @@ class MultimodalProcessor:
                 f"{modality}: the token count function returned {len(raw)} counts for {len(items)} items"
             )
         project = self._encoders[modality].output_tokens if modality in self._encoders else None
+        if isinstance(counter, FixedCount):  # measured through the projector already
+            project = None
         return [int(project(int(n))) if project is not None else int(n) for n in raw]
 
     def expand(
@@ -913,7 +920,63 @@ def _load_saved_processor(modality: str, record: Mapping[str, Any], root: Path, 
 
 # Token counters of mmcore's own (e.g. `mmcore.builtin.anyres.AnyResTokenCount`) are saved by class and
 # parameters and rebuilt at load; only classes inside mmcore are rebuilt this way (no other code runs).
-_BUILTIN_COUNTERS = ("mmcore.builtin.anyres:AnyResTokenCount",)
+_BUILTIN_COUNTERS = ("mmcore.builtin.anyres:AnyResTokenCount", "mmcore.processing:FixedCount")
+
+
+class _Items(list):
+    """The items of one modality; ``items["images"]`` (any string key) is the list too, for counting
+    functions written for Cornstarch's ``fn(inputs, outputs)``."""
+
+    def __getitem__(self, key):
+        if isinstance(key, str):
+            return list(self)
+        return super().__getitem__(key)
+
+    def get(self, key, default=None):
+        return list(self)
+
+    def keys(self):
+        return ("items",)
+
+
+class FixedCount:
+    """Every item becomes ``n`` tokens (a fixed-size image processor before a fixed-length encoder)."""
+
+    def __init__(self, n: int):
+        self.n = int(n)
+
+    def params(self) -> dict[str, Any]:
+        return {"n": self.n}
+
+    def __call__(self, items: Sequence[Any], processed: Mapping[str, Any]) -> list[int]:
+        return [self.n] * len(items)
+
+
+def _default_counter(encoder: Any, processor: Any) -> Any:
+    """A token count for an encoder no plugin built, when its processor is one transformers knows:
+    LLaVA-NeXT tiling (an encoder with `AnyResPack`) counts per image; a fixed-size image processor
+    (CLIP, SigLIP, ...) is measured once on a blank image through the encoder and projector. None
+    when neither applies (the caller then asks for ``num_feature_calculation_funcs``)."""
+    from mmcore.builtin.anyres import AnyResPack, AnyResTokenCount
+
+    pack = getattr(encoder, "postprocess_projector_callback", None)
+    if isinstance(pack, AnyResPack):
+        return AnyResTokenCount(pack.grid_pinpoints, pack.image_size, pack.patch_size, pack.newline)
+    if "pixel_values" not in (getattr(processor, "model_input_names", None) or ()):
+        return None
+    try:
+        from PIL import Image
+
+        pixels = processor([Image.new("RGB", (64, 48))], return_tensors="pt")["pixel_values"]
+        if pixels.dim() != 4:  # tiles or patches: the count depends on the image
+            return None
+        parameter = next(encoder.parameters())
+        with torch.no_grad():
+            features = encoder(**{encoder.input_map.get("pixel_values", "pixel_values"): pixels.to(parameter.device, parameter.dtype)})
+    except Exception:  # a meta-device model, an encoder that wants more inputs: no default
+        return None
+    rows = features[0].shape[0] if isinstance(features, list) else features.shape[-2]
+    return FixedCount(rows)
 
 
 def _builtin_counter_record(counter: Any) -> dict[str, Any] | None:

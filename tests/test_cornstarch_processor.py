@@ -133,3 +133,53 @@ def test_predefined_tokens_that_cannot_work_are_config_errors(tokens, message):
     model, tokenizer = tiny_multimodal_model()
     with pytest.raises(ConfigError, match=message):
         MultimodalProcessor({"vision": _Images()}, tokenizer, model, {"vision": lambda i, o: [4] * len(i)}, tokens)
+
+
+# -- Cornstarch: num_feature_calculation_funcs as Cornstarch calls them, and default counts ---------------------
+def test_a_count_function_in_cornstarchs_form_reads_inputs_and_outputs():
+    from mmcore import MultimodalProcessor
+    from mmcore.testing import tiny_multimodal_model
+
+    model, tokenizer = tiny_multimodal_model()
+    seen = {}
+
+    def cornstarch_count(inputs, outputs):  # inputs: {"images": [...]}, outputs: the processor's result
+        seen.update(images=len(inputs["images"]), pixels=tuple(outputs["pixel_values"].shape))
+        return [4] * len(inputs["images"])
+
+    processor = MultimodalProcessor({"vision": _Images()}, tokenizer, model, {"vision": cornstarch_count})
+    image = np.zeros((3, 28, 28), dtype=np.float32)
+    batch = processor("<vision><vision> two", vision=[image, image])
+    assert seen == {"images": 2, "pixels": (2, 3, 28, 28)}
+    assert batch["input_ids"][0].tolist().count(processor.token_ids["vision"]) == 8
+
+
+@pytest.mark.parametrize("tower", ["clip", "siglip"])
+def test_a_transformers_image_processor_needs_no_count_function(tower, tmp_path):
+    from transformers import CLIPImageProcessor, SiglipImageProcessor
+
+    from mmcore import MultimodalProcessor
+    from mmcore.callbacks import SelectFeatureLayer
+    from mmcore.processing import FixedCount
+    from mmcore.testing import tiny_clip_vision, tiny_siglip_vision
+
+    tok = tiny_tokenizer()
+    if tower == "clip":  # LLaVA's selection: CLS dropped, 4 patches
+        encoder = ModalEncoderModule(tiny_clip_vision(), postprocess_module_callback=SelectFeatureLayer(-2, 1))
+        image_processor, expected = CLIPImageProcessor(size={"shortest_edge": 28}, crop_size=28), 4
+    else:
+        encoder = ModalEncoderModule(tiny_siglip_vision())
+        image_processor, expected = SiglipImageProcessor(size={"height": 28, "width": 28}), 4
+    model = MultimodalModel({"vision": encoder}, tiny_llm(vocab_size=len(tok)))
+    add_modality_tokens(tok, model)
+    processor = MultimodalProcessor({"vision": image_processor}, tok, model)
+    assert isinstance(processor._counters["vision"], FixedCount) and processor._counters["vision"].n == expected
+    from PIL import Image
+
+    batch = processor("<vision> what?", vision=[Image.new("RGB", (90, 30), "red")])
+    with torch.no_grad():
+        assert model(**batch).logits.shape[1] == batch["input_ids"].shape[1]  # the merge found every feature
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    again = MultimodalProcessor.from_pretrained(tmp_path)  # nothing passed again
+    assert torch.equal(again("<vision> what?", vision=[Image.new("RGB", (90, 30), "red")])["input_ids"], batch["input_ids"])
