@@ -234,7 +234,12 @@ def test_builtin_projectors_and_callbacks_are_an_ordinary_plugin(site):
     reg = plugins.get_registry()
     assert status("builtin").state == "loaded"
     assert [s.name for s in reg.list_projectors()] == ["linear", "mlp", "mlpNx_act", "resampler"]
-    builtin_callbacks = {cls.name: cls for cls in (SelectFeatureLayer, DropPrefixTokens, AnyResFlatten, AnyResPack)}
+    from mmcore.builtin.qwen2_audio import Qwen2AudioPaddingMask, Qwen2AudioTrim
+
+    builtin_callbacks = {
+        cls.name: cls
+        for cls in (SelectFeatureLayer, DropPrefixTokens, AnyResFlatten, AnyResPack, Qwen2AudioPaddingMask, Qwen2AudioTrim)
+    }
     assert {s.name for s in reg.list_callbacks() if s.plugin == "builtin"} == set(builtin_callbacks)
     for name, cls in builtin_callbacks.items():
         assert load_factory(reg.get_callback(f"builtin:{name}")) is cls

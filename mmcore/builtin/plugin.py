@@ -73,3 +73,19 @@ def register_callbacks(register):
             factory="mmcore.builtin.anyres:AnyResPack",
         )
     )
+    register(
+        CallbackSpec(
+            name="qwen2_audio_padding_mask",
+            slots=("preprocess",),
+            summary="Qwen2-Audio: feature_attention_mask -> the tower's attention mask over real frames",
+            factory="mmcore.builtin.qwen2_audio:Qwen2AudioPaddingMask",
+        )
+    )
+    register(
+        CallbackSpec(
+            name="qwen2_audio_trim",
+            slots=("postprocess_projector",),
+            summary="Qwen2-Audio: each clip keeps the tokens its own length covers (pooled)",
+            factory="mmcore.builtin.qwen2_audio:Qwen2AudioTrim",
+        )
+    )

@@ -60,11 +60,14 @@ def to_hf(mllm: Any) -> Any:
 def family_for(mllm: Any) -> Any:
     """The converter module whose transformers class can hold ``mllm``'s shape."""
     from mmcore.builtin.anyres import AnyResPack
-    from mmcore.convert import llava, llava_next
+    from mmcore.builtin.qwen2_audio import Qwen2AudioTrim
+    from mmcore.convert import llava, llava_next, qwen2_audio
 
     encoders = list(getattr(mllm, "encoders", {}).values())
     if len(encoders) == 1 and isinstance(encoders[0].postprocess_projector_callback, AnyResPack):
         return llava_next
+    if len(encoders) == 1 and isinstance(encoders[0].postprocess_projector_callback, Qwen2AudioTrim):
+        return qwen2_audio
     return llava
 
 

@@ -1,0 +1,108 @@
+"""Qwen2-Audio (``Qwen2AudioForConditionalGeneration``) to mmcore and back, sharing every weight.
+
+=========================================  ======================================================
+Qwen2-Audio                                mmcore
+=========================================  ======================================================
+``model.audio_tower`` (``Qwen2AudioEncoder``)  ``encoders["audio"].module`` (a transformers class:
+                                           config.json rebuilds it with no plugin)
+padding mask from ``feature_attention_mask``  ``qwen2_audio_padding_mask`` (preprocess)
+``model.multi_modal_projector.linear``     a ``linear`` projector holding that Linear
+per-clip lengths (``audio_output_lengths``)  ``qwen2_audio_trim`` (postprocess_projector)
+``model.language_model`` + ``lm_head``     the causal LM (its base model and head, the same modules)
+``audio_token_id``                         ``modality_token_ids["audio"]``
+=========================================  ======================================================
+
+The processor stays the checkpoint's ``Qwen2AudioProcessor``: its output (``input_ids``,
+``input_features``, ``feature_attention_mask``) goes into the mmcore model as it is.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from transformers import Qwen2AudioConfig, Qwen2AudioEncoder, Qwen2AudioForConditionalGeneration
+
+from mmcore.builtin.qwen2_audio import Qwen2AudioPaddingMask, Qwen2AudioTrim, qwen2_audio_encoder
+from mmcore.convert import llava
+from mmcore.convert.families import NoTransformersCounterpartError
+from mmcore.errors import ConfigError
+from mmcore.modeling.multimodal import MultimodalModel
+from mmcore.modeling.projector import MultimodalProjector, MultimodalProjectorConfig
+
+MODEL_TYPE = "qwen2_audio"
+MODALITY = "audio"
+ARCHITECTURE = "Qwen2AudioForConditionalGeneration"
+
+
+def hf_class() -> type[Qwen2AudioForConditionalGeneration]:
+    return Qwen2AudioForConditionalGeneration
+
+
+def from_hf(
+    hf_model: Qwen2AudioForConditionalGeneration, *, image_processor: Any = None, source: str | None = None,
+    modality: str = MODALITY,
+) -> MultimodalModel:  # fmt: skip
+    """The `MultimodalModel` that computes what ``hf_model`` computes, holding its own modules."""
+    config = hf_model.config
+    linear = hf_model.model.multi_modal_projector.linear
+    with torch.device("meta"):
+        projector = MultimodalProjector(
+            MultimodalProjectorConfig(projector_type="linear", in_features=linear.in_features, out_features=linear.out_features)
+        )
+    projector.projection = linear
+    encoder = qwen2_audio_encoder(hf_model.model.audio_tower, projector)
+    mllm = MultimodalModel(encoders={modality: encoder}, language_model=llava._language_model(hf_model))
+    mllm.set_modality_token_ids({modality: config.audio_token_id})
+    return mllm
+
+
+def processor_from_hf(mllm: MultimodalModel, tokenizer: Any, chat_template: str | None = None, image_processor: Any = None) -> Any:
+    """No mmcore processor yet: the checkpoint's ``Qwen2AudioProcessor`` makes the model's inputs."""
+    raise ConfigError(
+        "qwen2_audio: use the checkpoint's Qwen2AudioProcessor (its output goes into the mmcore model as it is); "
+        "an mmcore MultimodalProcessor for it is not written yet"
+    )
+
+
+def to_hf(mllm: MultimodalModel) -> Qwen2AudioForConditionalGeneration:
+    """The ``Qwen2AudioForConditionalGeneration`` holding ``mllm``'s modules, when ``mllm`` is one
+    ``Qwen2AudioEncoder`` with Qwen2-Audio's callbacks, a linear projector and a causal LM."""
+    if len(mllm.encoders) != 1:
+        raise NoTransformersCounterpartError(
+            f"{len(mllm.encoders)} encoders ({', '.join(mllm.encoders)}): Qwen2AudioForConditionalGeneration holds one audio tower"
+        )
+    ((name, encoder),) = mllm.encoders.items()
+    tower = encoder.module
+    if type(tower) is not Qwen2AudioEncoder:
+        raise NoTransformersCounterpartError(f"encoder {name!r}: its module {type(tower).__name__} is not a Qwen2AudioEncoder")
+    if not (isinstance(encoder.preprocess_callback, Qwen2AudioPaddingMask) and isinstance(encoder.postprocess_projector_callback, Qwen2AudioTrim) and encoder.postprocess_module_callback is None):
+        raise NoTransformersCounterpartError(
+            f"encoder {name!r}: Qwen2-Audio's audio path is qwen2_audio_padding_mask + the tower + qwen2_audio_trim"
+        )
+    projector = encoder.projector
+    if getattr(projector.config, "projector_type", None) != "linear" or not projector.config.bias:
+        raise NoTransformersCounterpartError(f"encoder {name!r}: Qwen2-Audio's projector is one Linear with a bias")
+    llm, base = llava._llm_parts(mllm)
+    token_id = llava._image_token_id(mllm, name, llm)
+    text_config = llm.config
+    config = Qwen2AudioConfig(
+        audio_config=tower.config.to_dict(), text_config=text_config.to_dict(), audio_token_id=token_id,
+        tie_word_embeddings=bool(getattr(text_config, "tie_word_embeddings", False)),
+    )  # fmt: skip
+    with torch.device("meta"):
+        hf = Qwen2AudioForConditionalGeneration(config)
+    hf.model.audio_tower = tower
+    hf.model.multi_modal_projector.linear = projector.projection
+    hf.model.language_model = base
+    hf.lm_head = llm.get_output_embeddings()
+    llava._check_no_meta(hf, ARCHITECTURE)
+    if getattr(mllm, "generation_config", None) is not None:
+        hf.generation_config = copy.deepcopy(mllm.generation_config)
+    hf.train(mllm.training)
+    return hf
+
+
+def hf_processor(hf_model: Any, tokenizer: Any, image_processor: Any) -> Any:
+    raise NoTransformersCounterpartError("qwen2_audio: export needs an mmcore processor for it, which is not written yet")
