@@ -67,6 +67,10 @@ class PluginWarning(UserWarning):
     """A plugin was set aside (failed, incompatible) or two plugins registered the same name."""
 
 
+class DataFormatError(ConfigError):
+    """A training-data file or record does not follow the expected format."""
+
+
 class DataError(MMCoreError, ValueError):
     """Training data has problems; ``problems`` lists them, one ``file:line: what`` string each."""
 

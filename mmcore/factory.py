@@ -44,6 +44,9 @@ class EncoderFactory:
 
     presets: ClassVar[Mapping[str, str]] = {}
     options: ClassVar[Mapping[str, Any]] = {}
+    #: the key of a training record (JSONL) whose file paths are this encoder's items, e.g. ``"image"``;
+    #: None: the encoder cannot be trained from files (see `load_item`)
+    data_key: ClassVar[str | None] = None
 
     def __init__(self, spec: EncoderSpec | None = None):
         self.spec = spec
@@ -87,6 +90,12 @@ class EncoderFactory:
     def dummy_items(self, recipe: Mapping[str, Any], n: int = 1) -> list[Any]:
         """Raw items the processor accepts, for tests (default: none)."""
         return []
+
+    def load_item(self, path: Any) -> Any:
+        """One item read from the file at ``path`` (a `pathlib.Path`), as the processor takes it: what
+        ``mmcore train`` does with each path under `data_key` in a record. Raise
+        `mmcore.errors.DataFormatError` for a file that cannot be read (its message names the file)."""
+        raise NotImplementedError(f"encoder {self.name!r} reads no training files (no load_item)")
 
     def default_callbacks(self, recipe: Mapping[str, Any]) -> dict[str, Any]:
         """Callbacks per slot (``preprocess``, ``postprocess_module``, ``postprocess_projector``)."""

@@ -84,6 +84,13 @@ class TransformersVisionFactory(EncoderFactory):
     `dropped_prefix_tokens`, `configure`.
     """
 
+    data_key = "image"
+
+    def load_item(self, path: Any) -> Any:
+        from mmcore.training.data import load_image
+
+        return load_image(path)
+
     model_class: ClassVar[type[PreTrainedModel]]
     config_class: ClassVar[type[PretrainedConfig]]
     image_processor_class: ClassVar[type[BaseImageProcessor]]

@@ -57,6 +57,35 @@ def test_example_plugin_installs_from_a_temp_dir_and_its_tests_pass(tmp_path):
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "3 passed" in run.stdout
 
+    # A third party's modality trains from JSONL with `mmcore train`: the plugin's data_key / load_item.
+    import json
+
+    import numpy as np
+
+    data = tmp_path / "data"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    records = []
+    for i in range(4):
+        np.save(data / f"clip{i}.npy", rng.standard_normal((150 + 30 * i, 6)).astype(np.float32))
+        records.append({"id": str(i), "imu": f"clip{i}.npy", "conversations": [
+            {"from": "human", "value": "<imu>\nwhat is the wearer doing?"}, {"from": "gpt", "value": "walking"}]})
+    (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+    def mmcore(*args):
+        return subprocess.run([sys.executable, "-m", "mmcore", *map(str, args)], capture_output=True, text=True,
+                              env=env, cwd=tmp_path, timeout=300)  # fmt: skip
+
+    done = mmcore("assemble", "--llm", "tiny", "-e", "imu=imu:preset=tiny", "-o", tmp_path / "model")
+    assert done.returncode == 0, done.stderr[-3000:]
+    done = mmcore("train", tmp_path / "model", "--data", data / "train.jsonl", "--stage", "align", "--steps", "2",
+                  "-b", "2", "-o", tmp_path / "run")  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "run" / "model" / "config.json").is_file()
+    (data / "clip3.npy").write_text("not an array")
+    done = mmcore("train", tmp_path / "model", "--data", data / "train.jsonl", "--check-data", "-o", tmp_path / "r2")
+    assert done.returncode == 2 and "clip3.npy: expected an .npy array" in done.stderr, done.stderr[-2000:]
+
 
 # --- the contract check -----------------------------------------------------------------------------
 

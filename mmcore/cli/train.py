@@ -115,9 +115,12 @@ def _train(
         raise ConfigError(f"SPEC|MODEL_DIR {str(target)!r}: no such directory or file")
     if not target.is_dir() and target.suffix != ".toml":
         raise ConfigError(f"SPEC|MODEL_DIR {str(target)!r}: expected a model directory or a .toml spec file")
-    media_keys = _media_keys(media)
+    from mmcore.training.data import registered_loaders
+
+    loaders = registered_loaders()  # image, audio and every installed plugin's data key
+    media_keys = _media_keys(media, loaders)
     _check_output(output, resume=resume, overwrite=overwrite, dry=check_data)
-    _check_data(data, media_keys)
+    _check_data(data, media_keys, loaders)
     if check_data:
         typer.echo(f"{data}: ok")
         return
@@ -131,7 +134,7 @@ def _train(
 
     config = config_from_cli(config_values, resume=resume and not overwrite)
     config.check()
-    dataset = ConversationDataset(data, media_keys=media_keys)
+    dataset = ConversationDataset(data, media_keys=media_keys, loaders=loaders)
     # Seeded before a spec is built, so its random-weight parts are the same in every run with this
     # --seed: a resumed run rebuilds the frozen weights the checkpoint's fingerprint expects.
     torch.manual_seed(seed)
@@ -206,29 +209,32 @@ def _remove(paths: list[Path], where: str) -> None:
             ) from exc
 
 
-def _check_data(data: Path, media_keys: dict[str, str] | None) -> None:
+def _check_data(data: Path, media_keys: dict[str, str] | None, loaders: dict[str, Any] | None = None) -> None:
     """Every problem of the data, one line each on stderr, then `DataError`: before any model loads."""
     from mmcore.training.data import check_data
 
-    problems = check_data(data, media_keys)
+    problems = check_data(data, media_keys, loaders)
     if problems:
         for problem in problems:
             typer.echo(problem, err=True)
         raise DataError(f"{len(problems)} problem(s) in {data} (listed above); nothing was trained", problems)
 
 
-def _media_keys(values: Optional[list[str]]) -> dict[str, str] | None:
+def _media_keys(values: Optional[list[str]], loaders: dict[str, Any]) -> dict[str, str] | None:  # noqa: UP045
     if not values:
         return None
-    from mmcore.training.data import DEFAULT_MEDIA_KEYS, LOADERS
+    from mmcore.training.data import default_media_keys
 
-    keys = dict(DEFAULT_MEDIA_KEYS)
+    keys = default_media_keys(loaders)
     for value in values:
         key, sep, modality = value.partition("=")
         if not sep or not key or not modality:
             raise ConfigError(f"--media {value!r}: expected KEY=MODALITY, e.g. image=vision")
-        if key not in LOADERS:
-            raise ConfigError(f"--media {value!r}: the data key must be one of {', '.join(LOADERS)}")
+        if key not in loaders:
+            raise ConfigError(
+                f"--media {value!r}: the data key must be one of {', '.join(loaders)} (an encoder plugin adds "
+                "its own through EncoderFactory.data_key)"
+            )
         keys[key] = modality
     return keys
 

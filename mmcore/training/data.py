@@ -24,17 +24,13 @@ from typing import Any
 
 import torch
 
-from mmcore.errors import ConfigError
+from mmcore.errors import ConfigError, DataFormatError  # noqa: F401 (DataFormatError: re-exported)
 from mmcore.modeling.tokens import placeholder_token
 
 #: JSONL key (and its ``<key>`` text marker) -> default model modality (encoder name).
 DEFAULT_MEDIA_KEYS = {"image": "vision", "audio": "audio"}
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
-
-
-class DataFormatError(ConfigError):
-    """A training-data file or record does not follow the expected format."""
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
@@ -118,8 +114,34 @@ def save_wav(path: str | Path, waveform: torch.Tensor, sampling_rate: int) -> No
         fh.writeframes(pcm.numpy().tobytes())
 
 
-#: JSONL media key -> loader of one file.
+#: JSONL media key -> loader of one file: mmcore's own; installed encoder plugins add theirs
+#: (`registered_loaders`).
 LOADERS = {"image": load_image, "audio": load_audio}
+
+
+def registered_loaders() -> dict[str, Any]:
+    """Data key -> loader of one file: `LOADERS` plus every installed encoder plugin's
+    (`mmcore.factory.EncoderFactory.data_key` and ``load_item``), so a third party's modality (an
+    IMU clip, a point cloud) trains from JSONL like images and audio do."""
+    from mmcore.errors import MMCoreError
+    from mmcore.factory import EncoderFactory, get_factory
+    from mmcore.plugins import get_registry
+
+    loaders = dict(LOADERS)
+    for spec in get_registry().list_encoders():
+        try:
+            factory = get_factory(spec.qualified_name)
+        except MMCoreError:  # a plugin that cannot load is reported by `mmcore plugins`
+            continue
+        key = getattr(factory, "data_key", None)
+        if key and key not in loaders and type(factory).load_item is not EncoderFactory.load_item:
+            loaders[key] = factory.load_item
+    return loaders
+
+
+def default_media_keys(loaders: Mapping[str, Any]) -> dict[str, str]:
+    """``image -> vision``, ``audio -> audio``, and each plugin data key to the modality of its name."""
+    return {**{k: k for k in loaders}, **DEFAULT_MEDIA_KEYS}
 
 
 def to_messages(
@@ -172,7 +194,9 @@ class ConversationDataset(torch.utils.data.Dataset):
         records: dicts as in the module docstring (see `read_jsonl`), or a JSONL path.
         root: directory relative media paths start from (default: the JSONL file's directory).
         media_keys: JSONL key -> model modality (encoder name); default ``image -> vision``,
-            ``audio -> audio``.
+            ``audio -> audio`` (and each loader's key to the modality of the same name).
+        loaders: JSONL key -> ``fn(path) -> item``; default `LOADERS` (`registered_loaders` adds the
+            installed plugins').
     """
 
     def __init__(
@@ -180,16 +204,18 @@ class ConversationDataset(torch.utils.data.Dataset):
         records: Sequence[Mapping[str, Any]] | str | Path,
         root: str | Path | None = None,
         media_keys: Mapping[str, str] | None = None,
+        loaders: Mapping[str, Any] | None = None,
     ):
         if isinstance(records, (str, Path)):
             root = Path(records).parent if root is None else root
             records = read_jsonl(records)
         self.records = list(records)
         self.root = Path(root) if root is not None else Path.cwd()
-        self.media_keys = dict(media_keys or DEFAULT_MEDIA_KEYS)
-        unknown = sorted(set(self.media_keys) - set(LOADERS))
+        self.loaders = dict(loaders or LOADERS)
+        self.media_keys = dict(media_keys or default_media_keys(self.loaders))
+        unknown = sorted(set(self.media_keys) - set(self.loaders))
         if unknown:
-            raise DataFormatError(f"media keys {unknown} unknown; supported: {', '.join(LOADERS)}")
+            raise DataFormatError(f"media keys {unknown} unknown; supported: {', '.join(self.loaders)}")
 
     def __len__(self) -> int:
         return len(self.records)
@@ -225,7 +251,7 @@ class ConversationDataset(torch.utils.data.Dataset):
             items = []
             for path in paths[key]:
                 try:
-                    items.append(LOADERS[key](path))
+                    items.append(self.loaders[key](path))
                 except DataFormatError as exc:
                     raise DataFormatError(f"sample {name!r}: {exc}") from exc
                 except (OSError, ValueError, EOFError, wave.Error) as exc:
@@ -264,7 +290,9 @@ class ConversationDataset(torch.utils.data.Dataset):
         )
 
 
-def check_data(path: str | Path, media_keys: Mapping[str, str] | None = None) -> list[str]:
+def check_data(
+    path: str | Path, media_keys: Mapping[str, str] | None = None, loaders: Mapping[str, Any] | None = None
+) -> list[str]:
     """Every problem of a JSONL training file, one ``file:line: what`` string each (empty: clean).
 
     Each line must parse, be an object with a ``conversations`` list of turns with string values,
@@ -290,7 +318,7 @@ def check_data(path: str | Path, media_keys: Mapping[str, str] | None = None) ->
                 problems.append(f"{where}: expected an object with a 'conversations' list")
                 continue
             try:
-                ConversationDataset([record], root=path.parent, media_keys=media_keys)[0]
+                ConversationDataset([record], root=path.parent, media_keys=media_keys, loaders=loaders)[0]
             except DataFormatError as exc:
                 problems.append(f"{where}: {exc}")
     if not records and not problems:

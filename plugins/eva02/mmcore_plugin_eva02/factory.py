@@ -168,7 +168,15 @@ class Eva02Factory(EncoderFactory):
         "data_config": None,  # changes to timm's data config, e.g. {"crop_mode": "squash"}: resize, no crop
     }
 
+    data_key = "image"  # a training record's "image" paths are this encoder's items
+
+    def load_item(self, path: Any) -> Any:
+        from mmcore.training.data import load_image
+
+        return load_image(path)
+
     # -- recipe --------------------------------------------------------------------------------------
+
     def make_recipe(
         self, checkpoint: str | None = None, preset: str | None = None, **options: Any
     ) -> dict[str, Any]:

@@ -229,7 +229,15 @@ class WhisperFactory(EncoderFactory):
         "trim_padding": True,  # each clip keeps the positions its own samples cover (Qwen2-Audio)
     }
 
+    data_key = "audio"  # a training record's "audio" paths are this encoder's items
+
+    def load_item(self, path: Any) -> Any:
+        from mmcore.training.data import load_audio
+
+        return load_audio(path)
+
     # -- recipe --------------------------------------------------------------------------------------
+
     def make_recipe(
         self, checkpoint: str | None = None, preset: str | None = None, **options: Any
     ) -> dict[str, Any]:

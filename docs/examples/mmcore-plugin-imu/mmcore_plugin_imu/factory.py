@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from mmcore.errors import ConfigError
+from mmcore.errors import ConfigError, DataFormatError
 from mmcore.factory import EncoderFactory
 
 PRESETS = {
@@ -52,6 +53,13 @@ class ImuProcessor:
 class ImuFactory(EncoderFactory):
     presets = {"tiny": "1 layer, width 32 (tests)", "base": "8 layers, width 512"}
     options = {"window": 200}  # samples per clip (2 s at 100 Hz)
+    data_key = "imu"  # `mmcore train`: a record's "imu" paths are .npy clips (samples, channels)
+
+    def load_item(self, path):
+        try:
+            return np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise DataFormatError(f"{path}: expected an .npy array of (samples, channels) ({exc})") from exc
 
     def make_recipe(self, checkpoint=None, preset=None, **options):
         options = self.check_options(options)
