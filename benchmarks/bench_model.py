@@ -164,7 +164,7 @@ def bench_memory(llava, twin, batch, args) -> list[dict]:
     rows.append({"what": "saved for backward (align)", "mmcore": m, "reference": r, "ratio": m / r, "unit": "B", "target": "<= 1.00"})
     vision = twin.encoders["vision"]
     enc_inputs = {"pixel_values": batch["pixel_values"]}
-    tower = saved_bytes(twin, batch, only=lambda: vision.encode(dict(enc_inputs))[1][0].sum())
+    tower = saved_bytes(twin, batch, only=lambda: vision.run_encoder(dict(enc_inputs))[1][0].sum())
     rows.append({"what": "saved by the frozen vision tower", "mmcore": tower, "reference": 0, "ratio": None, "unit": "B", "target": "0"})
     if args.device.startswith("cuda"):
         peaks = {}

@@ -184,11 +184,14 @@ def encoder_from_recipe(
 ) -> ModalEncoderModule:
     """Assemble the `ModalEncoderModule` for a recipe (used by `build_encoder` and at load time)."""
     from mmcore.modeling.encoder import ModalEncoderModule
+    from mmcore.registry import CALLBACK_SLOTS
 
     slots = dict(factory.default_callbacks(recipe))
     for slot, callback in (callbacks or {}).items():
-        if slot not in ("preprocess", "postprocess_module", "postprocess_projector"):
-            raise ConfigError(f"encoder {factory.name!r}: unknown callback slot {slot!r}")
+        if slot not in CALLBACK_SLOTS:
+            raise ConfigError(
+                f"encoder {factory.name!r}: unknown callback slot {slot!r}; expected one of {', '.join(CALLBACK_SLOTS)}"
+            )
         slots[slot] = callback
     with _device(device):
         module = factory.build_module(recipe, checkpoint)

@@ -17,8 +17,9 @@ import importlib
 from typing import Any, ClassVar
 
 from mmcore.errors import ConfigError, UnrecordableCallbackError, UntrustedCodeError
+from mmcore.registry import CALLBACK_SLOTS
 
-SLOTS = ("preprocess", "postprocess_module", "postprocess_projector")
+SLOTS = CALLBACK_SLOTS  # an encoder's callback slots, in the order they run
 
 
 class Callback:

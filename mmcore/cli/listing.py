@@ -109,7 +109,7 @@ def list_callbacks(
     slot: Optional[str] = typer.Option(
         None,
         "--slot",
-        help="Only callbacks for this slot: preprocess, postprocess_module, postprocess_projector.",
+        help="Only callbacks for this slot: preprocess, postprocess_module, postprocess_projector (an encoder's) or preprocess_llm (the model's).",
     ),
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:

@@ -181,7 +181,7 @@ def test_tiny_preset_defaults_are_llava_style():
     assert encoder.output_width == 32
     pixel_values = torch.randn(2, 3, 28, 28)
     with torch.no_grad():
-        _, features = encoder.encode({"pixel_values": pixel_values})
+        _, features = encoder.run_encoder({"pixel_values": pixel_values})
         hidden = encoder.module(pixel_values=pixel_values, output_hidden_states=True).hidden_states
     assert torch.equal(features[0], hidden[-2][:, 1:])  # penultimate layer, CLS dropped
 
@@ -274,7 +274,7 @@ def test_num_tokens_equals_the_real_feature_count_for_several_image_sizes(vision
     items = [Image.fromarray(a) for a in raw[:2]] + raw[2:]  # PIL images and numpy arrays
     processed = factory.processor(recipe)(items)
     with torch.no_grad():
-        _, output = encoder.encode(processed)
+        _, output = encoder.run_encoder(processed)
     features = output[0]
     assert features.shape[-1] == factory.output_width(recipe)
     assert factory.num_tokens(recipe, processed) == [features.shape[1]] * len(RAW_SIZES)

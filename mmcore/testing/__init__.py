@@ -1,0 +1,37 @@
+"""Tiny random-weight parts and an offline tokenizer, for tests, docs and the demo, and the tools a
+plugin author's tests use. Everything works with no network.
+
+- `mmcore.testing.fixtures`: `tiny_tokenizer`, `tiny_llm`, `tiny_clip_vision`, `tiny_siglip_vision`,
+  `tiny_whisper_encoder`, `tiny_multimodal_model`;
+- `mmcore.testing.plugins`: `registered_plugin`, `check_encoder_plugin` (`ContractReport`, `ContractError`);
+- `mmcore.testing.sync`: `count_host_syncs`, `HOST_SYNC_OPS`;
+- `mmcore.testing.reference`: `mmcore_twin_of_llava`.
+"""
+
+from mmcore.testing.fixtures import (
+    tiny_clip_vision,
+    tiny_llm,
+    tiny_multimodal_model,
+    tiny_siglip_vision,
+    tiny_tokenizer,
+    tiny_whisper_encoder,
+)
+from mmcore.testing.plugins import ContractError, ContractReport, check_encoder_plugin, registered_plugin
+from mmcore.testing.reference import mmcore_twin_of_llava
+from mmcore.testing.sync import HOST_SYNC_OPS, count_host_syncs
+
+__all__ = [
+    "HOST_SYNC_OPS",
+    "ContractError",
+    "ContractReport",
+    "check_encoder_plugin",
+    "count_host_syncs",
+    "mmcore_twin_of_llava",
+    "registered_plugin",
+    "tiny_clip_vision",
+    "tiny_llm",
+    "tiny_multimodal_model",
+    "tiny_siglip_vision",
+    "tiny_tokenizer",
+    "tiny_whisper_encoder",
+]
