@@ -149,3 +149,45 @@ def test_processor_with_the_anyres_count_saves_and_reloads_without_passing_it_ag
     ours.save_pretrained(tmp_path)
     again = MultimodalProcessor.from_pretrained(tmp_path)
     assert torch.equal(again(PROMPTS, vision=_images())["input_ids"], batch["input_ids"])
+
+
+@torch.no_grad()
+def test_the_cornstarch_documents_form_with_hfs_own_pack_image_features(pair):
+    """A user's own callbacks around transformers' ``pack_image_features`` (the Cornstarch document's
+    LLaVA-NeXT example, its import line changed) give LlavaNext's logits too."""
+    from transformers.modeling_outputs import BaseModelOutput
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    from mmcore import ModalEncoderModule
+    from mmcore.callbacks import SelectFeatureLayer
+
+    hf, twin, _, batch = pair
+    config = hf.config
+
+    def num_patches(image_sizes):
+        return [image_size_to_num_patches(s, config.image_grid_pinpoints, config.vision_config.image_size)
+                for s in image_sizes]  # fmt: skip
+
+    def preprocess_callback(inputs):
+        pixel_values = torch.cat([p[:n] for p, n in zip(inputs["pixel_values"], num_patches(inputs["image_sizes"]))])
+        return {**inputs, "pixel_values": pixel_values}
+
+    def postprocess_projector_callback(inputs, output):
+        image_features = torch.split(output[0], num_patches(inputs["image_sizes"]), dim=0)
+        packed, _ = hf.model.pack_image_features(
+            image_features, inputs["image_sizes"], config.vision_feature_select_strategy, image_newline=hf.model.image_newline
+        )
+        return BaseModelOutput(last_hidden_state=packed)
+
+    strategy_drop = 1 if config.vision_feature_select_strategy == "default" else 0
+    vision = ModalEncoderModule(
+        model=hf.model.vision_tower,
+        projector=twin.encoders["vision"].projector,
+        preprocess_callback=preprocess_callback,
+        postprocess_module_callback=SelectFeatureLayer(config.vision_feature_layer, strategy_drop),
+        postprocess_projector_callback=postprocess_projector_callback,
+        additional_args=["image_sizes"],
+    )
+    mllm = MultimodalModel(encoders={"vision": vision}, language_model=twin.language_model).eval()
+    mllm.set_modality_token_ids({"vision": config.image_token_index})
+    torch.testing.assert_close(mllm(**batch).logits, hf(**batch).logits, rtol=0, atol=1e-5)
