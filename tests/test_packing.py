@@ -91,6 +91,9 @@ def test_plan_rows_packs_first_fit_decreasing_and_in_order():
     assert plan_rows([3, 3, 6, 2], 8, keep_order=True) == [[0, 1], [2, 3]]
     assert plan_rows([3, 3, 6, 2], 8) == [[2, 3], [0, 1]]
     assert plan_rows([10, 2], 8) == [[0], [1]]  # longer than a row: a row of its own
+    assert plan_rows([4, 4, 2, 2], 8) == [[0, 1], [2, 3]]  # full rows first
+    assert plan_rows([4, 4, 2, 2], 8, even=True) == [[0, 2], [1, 3]]  # the same 2 rows, of 6 each
+    assert plan_rows([10, 2, 3], 8, even=True) == [[0], [1, 2]]
     with pytest.raises(ConfigError, match="pack_to must be >= 1"):
         plan_rows([1], 0)
 
@@ -302,6 +305,35 @@ def test_token_budget_sampler_from_a_dataset_and_in_a_dataloader():
         TokenBudgetBatchSampler.for_dataset([1, 2], 10)
     with pytest.raises(ConfigError, match="no modality group fills"):
         TokenBudgetBatchSampler([5, 5], 10, world_size=4)
+
+
+def test_transformers_trainer_takes_batches_from_the_token_budget_sampler(tmp_path):
+    from torch.utils.data import DataLoader
+    from transformers import Trainer, TrainingArguments
+
+    model, tokenizer = tiny_multimodal_model()
+    data = Samples(mixed_samples() * 2)
+    sampler = TokenBudgetBatchSampler.for_dataset(data, 120, seed=0)
+    seen = []
+
+    class BudgetTrainer(Trainer):  # as docs/training.md shows it
+        def get_train_dataloader(self):
+            return DataLoader(self.train_dataset, batch_sampler=sampler, collate_fn=self.data_collator)
+
+    collator = MultimodalCollator(processor_for(model, tokenizer), pack_to=128)
+
+    def collate(items):
+        seen.append(len(items))
+        return collator(items)
+
+    args = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=3, logging_steps=1, remove_unused_columns=False, report_to=[],
+        save_strategy="no", use_cpu=True, disable_tqdm=True,
+    )  # fmt: skip
+    trainer = BudgetTrainer(model=model, args=args, train_dataset=data, data_collator=collate)
+    trainer.train()
+    assert seen[:3] == [len(b) for b in list(sampler)[:3]]
+    assert all(math.isfinite(e["loss"]) for e in trainer.state.log_history if "loss" in e)
 
 
 @pytest.mark.parametrize("family", FAMILIES[:1])

@@ -42,7 +42,7 @@ class MultimodalCollator:
         pad_to_multiple_of: pad lengths up to a multiple (tensor-core friendly on GPU).
         processor_kwargs: modality -> keyword arguments for its processor.
         pack_to: pack the samples into rows of at most this many tokens (`mmcore.training.packing`:
-            first-fit decreasing, position ids from 0 per sample, attention within each sample, no
+            first-fit decreasing into as few rows as fit, filled evenly, position ids from 0 per sample, attention within each sample, no
             ``attention_mask``); a longer sample gets a row of its own. None: one padded row each.
     """
 
@@ -131,7 +131,7 @@ class MultimodalCollator:
         from mmcore.training.packing import pack, plan_rows, reorder_items
 
         lengths = [len(ids) for ids in all_ids]
-        rows = plan_rows(lengths, self.pack_to)
+        rows = plan_rows(lengths, self.pack_to, even=True)
         order = [i for row in rows for i in row]
         moved = reorder_items(inputs, {m: [k for i in order for k in item_indices[i][m]] for m in inputs})
         if moved is None:

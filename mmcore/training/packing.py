@@ -31,15 +31,30 @@ from mmcore.errors import ConfigError
 IGNORE = -100
 
 
-def plan_rows(lengths: Sequence[int], capacity: int, *, keep_order: bool = False) -> list[list[int]]:
+def plan_rows(
+    lengths: Sequence[int], capacity: int, *, keep_order: bool = False, even: bool = False
+) -> list[list[int]]:
     """Sample indices per row, each row's lengths summing to at most ``capacity``.
 
     First-fit decreasing (the longest sample first, into the first row it fits); with
     ``keep_order``, next-fit in the given order (rows are runs of consecutive samples). A sample
     longer than ``capacity`` gets a row of its own. Each row lists its samples in index order.
+    ``even``: as many rows as at ``capacity``, filled as evenly as first-fit decreasing can at the
+    smallest capacity that still needs no more rows (rows are padded to the longest: less padding).
     """
     if capacity < 1:
         raise ConfigError(f"pack_to must be >= 1, got {capacity}")
+    if even and not keep_order:
+        rows = plan_rows(lengths, capacity)
+        low = max([-(-sum(lengths) // len(rows))] + [n for n in lengths if n <= capacity] + [1])
+        high = capacity  # fits in len(rows) rows; find the smallest that still does
+        while low < high:
+            middle = (low + high) // 2
+            if len(plan_rows(lengths, middle)) <= len(rows):
+                high = middle
+            else:
+                low = middle + 1
+        return plan_rows(lengths, high)
     rows: list[list[int]] = []
     room: list[int] = []
     if keep_order:
