@@ -83,3 +83,15 @@ def test_packing_benchmark_packs_without_padding_and_covers_the_samples(tmp_path
     assert grouped["samples"] <= 16  # groups smaller than a batch are dropped
     for row in rows.values():  # timed: present and numeric, never asserted
         assert isinstance(row["samples_per_s_vs_a"], float)
+
+
+def test_convert_benchmark_reports_peaks_against_the_llava_load(tmp_path):
+    out = tmp_path / "convert.json"
+    rows = {row["what"]: row for row in load("bench_convert").main(["--small", "--json", str(out)])}
+    assert json.loads(out.read_text())
+    load_row, convert, saved = rows["llava load"], rows["mmcore convert"], rows["mmcore convert + save"]
+    # the conversion holds LLaVA's own modules: same parameter count, no second copy of the weights
+    assert load_row["params"] == convert["params"] == saved["params"]
+    assert convert["peak_mib"] - load_row["peak_mib"] < 0.5 * load_row["weights_mib"]
+    meta = rows["LLaVA-1.5-7B shapes, meta device"]
+    assert meta["params"] > 7e9 and meta["peak_growth_mib"] < 256  # configs only, no weights

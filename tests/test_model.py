@@ -528,3 +528,12 @@ def test_an_encoder_may_name_its_projector_type():
     )
     assert model.encoders["vision"].projector.config.projector_type == "mlp2x_gelu"
     assert model.encoders["audio"].projector.config.projector_type == "linear"  # init_projector_type's default
+
+
+def test_hf_trainer_counts_the_loss_tokens_of_a_causal_lm(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    model = MultimodalModel({"vision": ModalEncoderModule(tiny_clip_vision())}, tiny_llm())
+    assert model.loss_type == "ForCausalLM"
+    trainer = Trainer(model=model, args=TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True))
+    assert trainer._loss_shifts_labels  # num_items_in_batch over labels[..., 1:], as the shifted loss counts

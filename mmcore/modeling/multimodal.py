@@ -179,6 +179,9 @@ class MultimodalModel(PreTrainedModel, GenerationMixin):
             config = MultimodalConfig(text_config=llm_config, peft_config=peft_config)
             super().__init__(config)
         self.language_model = language_model
+        # The language model computes the loss, shifted as a causal LM's: HF Trainer then counts the
+        # tokens that normalise it over labels[..., 1:] (it reads this attribute).
+        self.loss_type = "ForCausalLM"
         for name, encoder in encoders.items():
             # An encoder may name its own projector type (a plugin's default: EVA02's resampler).
             self._attach_projector(name, encoder, encoder.requested_projector or init_projector_type, init_activation)
