@@ -95,3 +95,14 @@ def test_convert_benchmark_reports_peaks_against_the_llava_load(tmp_path):
     assert convert["peak_mib"] - load_row["peak_mib"] < 0.5 * load_row["weights_mib"]
     meta = rows["LLaVA-1.5-7B shapes, meta device"]
     assert meta["params"] > 7e9 and meta["peak_growth_mib"] < 256  # configs only, no weights
+
+
+def test_dynamic_benchmark_trims_audio_and_matches_llava_next(tmp_path):
+    out = tmp_path / "dynamic.json"
+    rows = {row["what"]: row for row in load("bench_dynamic").main(["--small", "--repeats", "1", "--json", str(out)])}
+    assert json.loads(out.read_text())["rows"]
+    trimmed, full = rows["audio: trimmed (trim_padding)"], rows["audio: full window"]
+    assert full["audio_tokens"] == 4 * 10  # four clips, each the tiny preset's whole 10-position window
+    assert trimmed["audio_tokens"] < full["audio_tokens"] and trimmed["llm_tokens"] < full["llm_tokens"]
+    for what in ("anyres: forward (no grad)", "anyres: training step"):  # outputs checked equal before timing
+        assert rows[what]["image_tokens"] > 0 and isinstance(rows[what]["ratio"], float)

@@ -1,0 +1,223 @@
+"""Items that cost what they hold: audio clips trimmed to their length, and anyres images.
+
+Two measurements, each a ratio against a reference run in the same process (timings alternate and
+the median of ``--repeats`` counts; nothing here is a timed assert):
+
+- **audio**: a batch of clips of mixed lengths (``--clips`` seconds) through a Whisper encoder (the
+  ``whisper-tiny`` preset's shapes, random weights) and a small Llama. With ``trim_padding`` (the
+  default for new models, as Qwen2-Audio) each clip keeps the positions its own samples cover; without
+  it every clip costs the 30 s window (1500 positions). Rows: language-model tokens of the batch, and
+  the time of a training step (forward + backward, tower frozen as in the align stage) with trimming
+  vs the full window.
+- **anyres**: a LLaVA-NeXT model (CLIP tower, tiles of ``--tile`` px, a small Llama) built as
+  ``LlavaNextForConditionalGeneration`` and converted to mmcore (`mmcore.convert.from_hf`: the same
+  modules), on a left-padded batch of two images of different aspect ratios from LlavaNextProcessor.
+  Rows: the forward of the mmcore model vs HF's on the same inputs (target ratio <= 1.02), and the
+  same for a training step. The outputs are checked equal first.
+
+    PYTHONPATH=<the plugin sites> .venv/bin/python benchmarks/bench_dynamic.py --json dynamic.json
+    ... --small   (a quick run: tiny sizes, two repeats)
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import time
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.table import Table
+
+
+def _llm(vocab: int, hidden: int, layers: int):
+    from mmcore.testing import tiny_llm
+
+    llm = tiny_llm(
+        "llama", vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, intermediate_size=3 * hidden,
+        num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=8192,
+    )  # fmt: skip
+    llm.config._attn_implementation = "sdpa"
+    return llm
+
+
+def _timed(fns: dict, repeats: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Each callable ``warmup`` times, then all of them in turn ``repeats`` times (alternating)."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def audio(args) -> list[dict]:
+    import mmcore
+    from mmcore import ModalEncoderModule, MultimodalModel, MultimodalProcessor  # noqa: F401
+    from mmcore.modeling.tokens import add_modality_tokens
+    from mmcore.testing import tiny_tokenizer
+    from mmcore.training.stages import apply_stage
+
+    preset = "tiny" if args.small else "whisper-tiny"
+    # the tiny preset's window is 0.2 s (10 positions): clips shorter than it, in the same proportions
+    seconds = [float(s) * (0.2 / 30 if args.small else 1.0) for s in args.clips.split(",")]
+    rng = np.random.default_rng(0)
+    clips = [(rng.standard_normal(int(s * 16000)).astype(np.float32) * 0.1) for s in seconds]
+    rows, steps = [], {}
+    for trim in (True, False):
+        torch.manual_seed(0)
+        encoder = mmcore.build_encoder("whisper", preset=preset, trim_padding=trim)
+        tokenizer = tiny_tokenizer()
+        model = MultimodalModel({"audio": encoder}, _llm(len(tokenizer) + 8, args.hidden, args.layers))
+        add_modality_tokens(tokenizer, model)
+        apply_stage(model, "align")
+        processor = MultimodalProcessor.from_model(model, tokenizer, padding_side="right")
+        token = processor.tokens["audio"]
+        batch = processor(text=[f"{token} transcribe this clip" for _ in clips], audio=clips, return_tensors="pt", padding=True)
+        batch = dict(batch)
+        batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+        model.train()
+
+        def step(model=model, batch=batch):
+            model(**batch, use_cache=False).loss.backward()
+            model.zero_grad(set_to_none=True)
+
+        name = "trimmed (trim_padding)" if trim else "full window"
+        steps[name] = step
+        rows.append({"what": f"audio: {name}", "llm_tokens": int(batch["input_ids"].numel()),
+                     "audio_tokens": int((batch["input_ids"] == tokenizer.convert_tokens_to_ids(token)).sum())})  # fmt: skip
+    times = _timed(steps, args.repeats)
+    for row, name in zip(rows, steps):
+        row["seconds"] = statistics.median(times[name])
+        row["times"] = times[name]
+    full = rows[1]
+    for row in rows:
+        row["tokens_vs_full"] = row["llm_tokens"] / full["llm_tokens"]
+        row["step_vs_full"] = row["seconds"] / full["seconds"]
+    return rows
+
+
+def anyres(args) -> list[dict]:
+    from tokenizers import AddedToken
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextImageProcessor,
+        LlavaNextProcessor,
+    )
+
+    from mmcore.convert import from_hf
+    from mmcore.testing import tiny_tokenizer
+
+    tile = 28 if args.small else args.tile
+    tokenizer = tiny_tokenizer()
+    tokenizer.add_tokens([AddedToken("<image>", special=True, normalized=False)], special_tokens=True)
+    pinpoints = [[tile, 2 * tile], [2 * tile, tile], [2 * tile, 2 * tile], [tile, 3 * tile], [3 * tile, tile]]
+    vision = CLIPVisionConfig(
+        hidden_size=64 if args.small else 256, intermediate_size=128 if args.small else 1024,
+        num_hidden_layers=2 if args.small else 4, num_attention_heads=4, image_size=tile, patch_size=14,
+    )  # fmt: skip
+    text = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=args.hidden, intermediate_size=3 * args.hidden, num_hidden_layers=args.layers,
+        num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=8192, tie_word_embeddings=False,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )  # fmt: skip
+    config = LlavaNextConfig(
+        vision_config=vision, text_config=text, image_grid_pinpoints=pinpoints,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"), vision_feature_select_strategy="default",
+    )  # fmt: skip
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    hf = LlavaNextForConditionalGeneration(config)
+    hf.model.image_newline.data.normal_()
+    processor = LlavaNextProcessor(
+        image_processor=LlavaNextImageProcessor(
+            size={"shortest_edge": tile}, crop_size={"height": tile, "width": tile}, image_grid_pinpoints=pinpoints
+        ),
+        tokenizer=tokenizer, patch_size=14, vision_feature_select_strategy="default", num_additional_image_tokens=1,
+    )  # fmt: skip
+    tokenizer.padding_side = "left"
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    shapes = ((tile + 3, 3 * tile - 5), (2 * tile + 9, tile + 1))
+    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in shapes]
+    prompts = ["user: <image> what is this? assistant: a photo", "user: describe <image> in a few words please assistant:"]
+    batch = dict(processor(text=prompts, images=images, return_tensors="pt", padding=True))
+    mllm = from_hf(hf).eval()
+    hf.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(mllm(**batch).logits, hf(**batch).logits, rtol=0, atol=1e-4)
+
+    @torch.no_grad()
+    def forward(model):
+        model(**batch)
+
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+
+    def step(model):
+        model(**batch, labels=labels, use_cache=False).loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    times = _timed({"hf forward": lambda: forward(hf), "mmcore forward": lambda: forward(mllm)}, args.repeats)
+    hf.train(), mllm.train()
+    times |= _timed({"hf step": lambda: step(hf), "mmcore step": lambda: step(mllm)}, args.repeats)
+    tokens = int((batch["input_ids"] == config.image_token_index).sum())
+    rows = []
+    for what in ("forward", "step"):
+        ref, got = statistics.median(times[f"hf {what}"]), statistics.median(times[f"mmcore {what}"])
+        rows.append({"what": f"anyres: {what} (no grad)" if what == "forward" else f"anyres: training {what}",
+                     "image_tokens": tokens, "llm_tokens": int(batch["input_ids"].numel()),
+                     "hf_seconds": ref, "mmcore_seconds": got, "ratio": got / ref,
+                     "hf_times": times[f"hf {what}"], "mmcore_times": times[f"mmcore {what}"]})  # fmt: skip
+    return rows
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--only", default="audio,anyres")
+    parser.add_argument("--clips", default="2,5,10,20", help="clip lengths in seconds (comma separated)")
+    parser.add_argument("--tile", type=int, default=112, help="anyres tile size in pixels (patch 14)")
+    parser.add_argument("--hidden", type=int, default=512, help="the language model's width")
+    parser.add_argument("--layers", type=int, default=4, help="the language model's layers")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--small", action="store_true", help="tiny sizes (a smoke run)")
+    parser.add_argument("--json")
+    args = parser.parse_args(argv)
+    if args.small:
+        args.hidden, args.layers, args.repeats = 64, 1, min(args.repeats, 2)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    only = set(args.only.split(","))
+    rows = (audio(args) if "audio" in only else []) + (anyres(args) if "anyres" in only else [])
+
+    table = Table(title=f"dynamic token counts ({torch.get_num_threads()} threads, median of {args.repeats})")
+    for col in ("what", "LLM tokens (of them audio/image)", "seconds", "vs reference"):
+        table.add_column(col, justify="left" if col == "what" else "right")
+    for r in rows:
+        if "ratio" in r:
+            table.add_row(r["what"], f"{r['llm_tokens']} ({r['image_tokens']})", f"{r['mmcore_seconds']:.3f} (HF {r['hf_seconds']:.3f})", f"{r['ratio']:.3f}x HF")
+        else:
+            table.add_row(r["what"], f"{r['llm_tokens']} ({r['audio_tokens']})", f"{r['seconds']:.3f}", f"{r['step_vs_full']:.3f}x full, tokens {r['tokens_vs_full']:.3f}x")
+    Console().print(table)
+    if args.json:
+        meta = {"date": datetime.date.today().isoformat(), "machine": platform.platform(), "torch": torch.__version__,
+                "threads": torch.get_num_threads(), "args": vars(args)}  # fmt: skip
+        with open(args.json, "w") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=2)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
