@@ -5,6 +5,7 @@ import json
 import math
 import random
 import re
+import warnings
 
 import pytest
 import torch
@@ -86,6 +87,17 @@ def test_lora_stage_trains_adapters_and_projectors_only(tiny):
     )
     again = apply_stage(model, "lora", lora_r=4)  # the adapters are reused, not stacked
     assert again.as_dict()["parts"]["language_model"] == report.as_dict()["parts"]["language_model"]
+
+
+def test_lora_wrapping_and_reloading_raise_no_future_warning(tiny, tmp_path):
+    # peft's wrapper reads transformers' deprecated is_gradient_checkpointing; mmcore's calls are quiet
+    pytest.importorskip("peft")
+    model, _ = tiny
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        apply_stage(model, "lora", lora_r=4)
+        model.save_pretrained(tmp_path / "lora")
+        type(model).from_pretrained(tmp_path / "lora")
 
 
 def test_unknown_stage_is_a_config_error(tiny):

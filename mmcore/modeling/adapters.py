@@ -3,9 +3,21 @@ config as ``config.json`` can hold it (one home for both; the model, LoRA traini
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 from torch import nn
+
+
+def wrap_with_peft(module: nn.Module, config: Any, **kwargs: Any) -> nn.Module:
+    """``peft.get_peft_model(module, config, **kwargs)``, without the FutureWarning peft's own wrapper
+    raises on transformers 5 (it reads the deprecated ``is_gradient_checkpointing``): a warning users
+    of mmcore cannot act on. Every other warning passes."""
+    import peft
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        return peft.get_peft_model(module, config, **kwargs)
 
 
 def is_peft_model(module: nn.Module) -> bool:

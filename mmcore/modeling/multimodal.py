@@ -34,7 +34,7 @@ from mmcore.errors import (
     WidthMismatchError,
 )
 from mmcore.files import recover, staged_directory
-from mmcore.modeling.adapters import adapter_configs, is_peft_model
+from mmcore.modeling.adapters import adapter_configs, is_peft_model, wrap_with_peft
 from mmcore.modeling.configuration import MultimodalConfig
 from mmcore.modeling.encoder import ModalEncoderModule
 from mmcore.modeling.merge import (
@@ -186,6 +186,9 @@ class MultimodalModel(PreTrainedModel, GenerationMixin):
             # An encoder may name its own projector type (a plugin's default: EVA02's resampler).
             self._attach_projector(name, encoder, encoder.requested_projector or init_projector_type, init_activation)
         self.encoders = nn.ModuleDict(encoders)
+        if config is not None and self.config.shared_modules and not encoder_modules:
+            self._share_modules(self.config.shared_modules)  # the load: parts saved once, shared again
+        self.config.shared_modules = _shared_modules(self.encoders)
         self.preprocess_llm_callback = preprocess_llm_callback
         if getattr(language_model, "generation_config", None) is not None:
             self.generation_config = language_model.generation_config
@@ -193,6 +196,7 @@ class MultimodalModel(PreTrainedModel, GenerationMixin):
         self.config.preprocess_llm_callback = record_llm_callback(self.preprocess_llm_callback, strict=False)
         self.post_init()
         self._collect_wrapped_tied_weights()
+        self._declare_shared_parameters()
 
     # -- forward: modality features -> merge -> labels -> language model --------------------------------
     def forward(
@@ -599,7 +603,7 @@ class MultimodalModel(PreTrainedModel, GenerationMixin):
 
             adapters = list(config.peft_config.items())
             name, first = adapters[0]
-            llm = peft.get_peft_model(llm, peft.PeftConfig.from_peft_type(**first), adapter_name=name)
+            llm = wrap_with_peft(llm, peft.PeftConfig.from_peft_type(**first), adapter_name=name)
             for name, other in adapters[1:]:
                 llm.add_adapter(name, peft.PeftConfig.from_peft_type(**other))
         return llm
@@ -619,6 +623,40 @@ class MultimodalModel(PreTrainedModel, GenerationMixin):
                     {prefix + k: prefix + v for k, v in module.all_tied_weights_keys.items()}
                 )
                 break
+
+    def _share_modules(self, shared: Mapping[str, str]) -> None:
+        """Make each recorded alias (``encoders.video.module``) the very module or parameter it shares
+        (``encoders.image.module``)."""
+        for alias, source in shared.items():
+            if not alias.startswith("encoders.") or not source.startswith("encoders."):
+                raise ConfigError(f"shared_modules: {alias!r} -> {source!r}: only encoders' parts can be shared")
+            parent, _, attr = alias.rpartition(".")
+            try:
+                try:
+                    part = self.get_submodule(source)
+                except AttributeError:
+                    part = self.get_parameter(source)
+                setattr(self.get_submodule(parent), attr, part)
+            except AttributeError as exc:
+                raise ConfigError(f"shared_modules: {alias!r} -> {source!r}: {exc}") from exc
+
+    def _declare_shared_parameters(self) -> None:
+        """Parameters that encoders share (one module under two names) are declared to transformers as
+        tied, so the checkpoint holds them once and the load neither misses nor re-initialises them."""
+        first: dict[int, str] = {}
+        ties: dict[str, str] = {}
+        for name, param in self.encoders.named_parameters(prefix="encoders", remove_duplicate=False):
+            if id(param) in first:
+                ties[name] = first[id(param)]
+            else:
+                first[id(param)] = name
+        if not ties:
+            return
+        import re
+
+        self.all_tied_weights_keys = {**self.all_tied_weights_keys, **ties}
+        # save_pretrained drops a shared tensor's second name by these patterns (the first name stays)
+        self._tied_weights_keys = {**(self._tied_weights_keys or {}), **{f"^{re.escape(k)}$": v for k, v in ties.items()}}
 
     # -- token ids ---------------------------------------------------------------------------------
     def set_modality_token_ids(
@@ -850,6 +888,23 @@ class MultimodalModel(PreTrainedModel, GenerationMixin):
         from mmcore.convert import to_hf
 
         return to_hf(self)
+
+
+def _shared_modules(encoders: nn.ModuleDict) -> dict[str, str]:
+    """Alias path -> first path of every module (the outermost one: its children follow) or parameter
+    that two encoders hold under different names."""
+    shared: dict[str, str] = {}
+    for named in (encoders.named_modules(prefix="encoders", remove_duplicate=False),
+                  encoders.named_parameters(prefix="encoders", remove_duplicate=False)):  # fmt: skip
+        first: dict[int, str] = {}
+        for name, part in named:
+            if any(name.startswith(alias + ".") for alias in shared):
+                continue
+            if id(part) in first:
+                shared[name] = first[id(part)]
+            else:
+                first[id(part)] = name
+    return shared
 
 
 def _union(masks) -> torch.Tensor | None:

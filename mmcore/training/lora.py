@@ -62,13 +62,13 @@ def add_lora(
     ``requires_grad``. A language model that is already PEFT-wrapped keeps its adapters. Returns
     ``model`` (changed in place).
     """
-    from mmcore.modeling.adapters import adapter_configs, is_peft_model
+    from mmcore.modeling.adapters import adapter_configs, is_peft_model, wrap_with_peft
 
     peft = _peft()
     alpha = 2 * r if alpha is None else alpha
     if not is_peft_model(model.language_model):
         config = peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules)
-        wrapped = peft.get_peft_model(model.language_model, config)
+        wrapped = wrap_with_peft(model.language_model, config)
         _adopt_language_model(model, wrapped)
     else:
         model.config.peft_config = adapter_configs(model.language_model)
