@@ -16,7 +16,9 @@ def wrap_with_peft(module: nn.Module, config: Any, **kwargs: Any) -> nn.Module:
     import peft
 
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        warnings.filterwarnings(
+            "ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning
+        )
         return peft.get_peft_model(module, config, **kwargs)
 
 
