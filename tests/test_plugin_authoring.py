@@ -15,6 +15,7 @@ from mmcore import hookimpl, hookspecs
 from mmcore.factory import EncoderFactory
 from mmcore.registry import EncoderSpec
 from mmcore.testing import ContractError, check_encoder_plugin, registered_plugin, tiny_clip_vision
+from mmcore.testing.suite import EncoderSuite, encoder_cases
 
 ROOT = Path(__file__).resolve().parent.parent
 GUIDE = ROOT / "docs" / "writing-plugins.md"
@@ -55,7 +56,7 @@ def test_example_plugin_installs_from_a_temp_dir_and_its_tests_pass(tmp_path):
         capture_output=True, text=True, env=env, cwd=tmp_path,
     )  # fmt: skip
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    assert "3 passed" in run.stdout
+    assert "14 passed, 1 skipped" in run.stdout  # the shared suite (12 + the readme it has none of) and its own 2
 
     # A third party's modality trains from JSONL with `mmcore train`: the plugin's data_key / load_item.
     import json
@@ -170,3 +171,35 @@ def test_contract_check_names_the_failing_check(factory, presets, check, needle)
         check_encoder_plugin("toy")
     assert f"encoder 'toy', check {check!r}" in str(info.value)
     assert needle in str(info.value)
+
+
+# --- the shared suite (mmcore.testing.suite) ----------------------------------------------------------
+
+
+class DummyAtTheTableSize(GoodVision):
+    """DINOv2's slip: dummy inputs at the position table's size, while the processor makes 28 px."""
+
+    def dummy_inputs(self, recipe, batch_size=1):
+        return {"pixel_values": torch.randn(batch_size, 3, 56, 56)}
+
+
+def test_the_suite_is_parametrized_over_a_plugins_encoders_and_presets_and_passes_a_good_one(tmp_path):
+    with registered_plugin(_plugin(GoodVision)):
+        assert [case.values for case in encoder_cases("test")] == [("test:toy", "tiny")]
+        assert [case.values for case in encoder_cases("test", presets=False)] == [("test:toy",)]
+        assert encoder_cases("no-such-plugin") == []
+        suite = EncoderSuite()
+        suite.test_processor_makes_the_inputs_dummy_inputs_stand_for("test:toy", "tiny")
+        suite.test_preset_builds_on_meta_and_a_dry_run_gives_num_tokens_rows("test:toy", "tiny")
+        suite.test_processed_items_train_and_the_model_round_trips("test:toy", tmp_path)
+
+
+def test_the_suite_fails_dummy_inputs_of_another_size_than_the_processors():
+    with registered_plugin(_plugin(DummyAtTheTableSize)), pytest.raises(AssertionError) as info:
+        EncoderSuite().test_processor_makes_the_inputs_dummy_inputs_stand_for("test:toy", "tiny")
+    assert "pixel_values: the processor makes (2, 3, 28, 28), dummy_inputs (2, 3, 56, 56)" in str(info.value)
+
+
+def test_the_suite_fails_a_miscounting_encoder_in_the_dry_run():
+    with registered_plugin(_plugin(MiscountingVision)), pytest.raises(AssertionError, match=r"\(5, 24\)"):
+        EncoderSuite().test_preset_builds_on_meta_and_a_dry_run_gives_num_tokens_rows("test:toy", "tiny")

@@ -5,8 +5,15 @@ plugin author's tests use. Everything works with no network.
   `tiny_whisper_encoder`, `tiny_multimodal_model`;
 - `mmcore.testing.plugins`: `registered_plugin`, `check_encoder_plugin` (`ContractReport`, `ContractError`);
 - `mmcore.testing.sync`: `count_host_syncs`, `HOST_SYNC_OPS`;
-- `mmcore.testing.reference`: `mmcore_twin_of_llava`.
+- `mmcore.testing.reference`: `mmcore_twin_of_llava`;
+- `mmcore.testing.suite`: the pytest suite every encoder plugin runs (`EncoderSuite`,
+  `TransformersVisionSuite`, `encoder_cases`); it imports pytest, so it is not imported here.
 """
+
+import sys
+
+if "pytest" in sys.modules:  # under pytest: the suite's plain asserts report their values
+    sys.modules["pytest"].register_assert_rewrite("mmcore.testing.suite")
 
 from mmcore.testing.fixtures import (
     tiny_clip_vision,
