@@ -372,3 +372,28 @@ def test_train_command_packs_and_batches_by_length(tmp_path):
     said = " ".join(result.output.split())  # the console wraps long lines
     assert "packed into rows of up to 128 tokens" in said and "batches of up to 100 length" in said
     assert "step 2/2 loss" in said
+
+
+def test_jsonl_lengths_are_the_tokens_the_collator_makes(tmp_path):
+    pytest.importorskip("mmcore_plugin_clip")
+    pytest.importorskip("mmcore_plugin_whisper")
+    from mmcore.demo import build_model, make_dataset
+    from mmcore.training import ConversationDataset
+    from mmcore.training.data import registered_loaders
+
+    torch.manual_seed(0)
+    model, processor = build_model(llm_width=32)
+    dataset = ConversationDataset(make_dataset(tmp_path / "data", 1, seed=0, name="train"), loaders=registered_loaders())
+    records = dataset.records
+    # a text-only sample and a two-image one beside the demo's one-item samples
+    records.append({"id": "t", "conversations": [{"from": "human", "value": "hi there"}, {"from": "gpt", "value": "hello"}]})
+    images = [r["image"] for r in records if r.get("image")][:2]
+    records.append({"id": "m", "image": images, "conversations": [{"from": "human", "value": "<image> and <image>?"},
+                                                                    {"from": "gpt", "value": "two shapes"}]})  # fmt: skip
+    collator = MultimodalCollator(processor)
+    chars = [dataset.length(i) for i in range(len(dataset))]
+    per_item = dataset.use_token_lengths(collator)
+    assert set(per_item) == {"vision", "audio"} and min(per_item.values()) > 1
+    for i in range(len(dataset)):  # fixed-size image and equal-length clips: the estimate is exact
+        assert dataset.length(i) == collator([dataset[i]])["input_ids"].shape[1], records[i]["id"]
+    assert [dataset.length(i) for i in range(len(dataset))] != chars

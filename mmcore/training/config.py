@@ -148,8 +148,9 @@ class TrainConfig:
         default=None,
         metadata=option(
             "--batch-length",
-            help="Micro-batches by a length budget instead of --batch-size: samples whose lengths (the "
-            "data set's estimate; JSONL data: characters of the conversation) sum to at most N.",
+            help="Micro-batches by a token budget instead of --batch-size: samples whose lengths sum to at "
+            "most N tokens (JSONL data: the text as tokenized, each item as many tokens as its modality's "
+            "first item in the data).",
             min=1,
         ),
     )

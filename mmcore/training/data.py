@@ -216,6 +216,7 @@ class ConversationDataset(torch.utils.data.Dataset):
         unknown = sorted(set(self.media_keys) - set(self.loaders))
         if unknown:
             raise DataFormatError(f"media keys {unknown} unknown; supported: {', '.join(self.loaders)}")
+        self._token_lengths: list[int] | None = None
 
     def __len__(self) -> int:
         return len(self.records)
@@ -232,9 +233,9 @@ class ConversationDataset(torch.utils.data.Dataset):
             )
         return [p if p.is_absolute() else self.root / p for p in map(Path, values)]
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def _messages(self, index: int) -> tuple[list[dict[str, str]], dict[str, list[Path]]]:
+        """The sample's chat messages (one placeholder per item) and its media paths by key."""
         record = self.records[index]
-        name = record.get("id", index)
         markers = {f"<{key}>": placeholder_token(modality) for key, modality in self.media_keys.items()}
         try:
             paths = {key: self._paths(record, key) for key in self.media_keys}
@@ -242,7 +243,13 @@ class ConversationDataset(torch.utils.data.Dataset):
                 record["conversations"], markers, {f"<{k}>": len(v) for k, v in paths.items()}
             )
         except DataFormatError as exc:
-            raise DataFormatError(f"sample {name!r}: {exc}") from exc
+            raise DataFormatError(f"sample {record.get('id', index)!r}: {exc}") from exc
+        return messages, paths
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        record = self.records[index]
+        name = record.get("id", index)
+        messages, paths = self._messages(index)
         sample: dict[str, Any] = {"messages": messages}
         for key, modality in self.media_keys.items():
             missing = [str(p) for p in paths[key] if not p.is_file()]
@@ -274,6 +281,35 @@ class ConversationDataset(torch.utils.data.Dataset):
                     f"are {list(modalities)}; map the key to one of them (media_keys / --media {key}=NAME)"
                 )
 
+    def use_token_lengths(self, collator: Any) -> dict[str, int]:
+        """From now on `length` is each sample's tokens as ``collator`` (a `MultimodalCollator`) makes
+        them, estimated without opening the sample's media: its text exactly as the collator tokenizes
+        it (chat template included), and each item as many tokens as the items of the first sample of
+        its modality in the data set, measured once through the processor (exact for fixed-size
+        encoders; for items whose count follows their size, anyres tiles or audio clips, a typical
+        value). Token budgets (`TokenBudgetBatchSampler`, ``mmcore train --batch-length``) then count
+        tokens. Returns the measured tokens per item, by modality."""
+        processor = collator.processor
+        per_item: dict[str, int] = {}
+        for modality in sorted(set(self.media_keys.values())):
+            key = next(k for k, m in self.media_keys.items() if m == modality)
+            first = next((i for i, r in enumerate(self.records) if r.get(key)), None)
+            if first is None or modality not in processor.modalities:
+                continue
+            items = self[first][modality]
+            _, counts = processor.process_items({modality: items})
+            per_item[modality] = max(1, round(sum(counts[modality]) / len(counts[modality])))
+        lengths = []
+        for index in range(len(self)):
+            messages, paths = self._messages(index)
+            ids, _ = collator.tokenize({"messages": messages}, index)
+            counts: dict[str, list[int]] = {}
+            for key, modality in self.media_keys.items():
+                counts.setdefault(modality, []).extend([per_item.get(modality, 1)] * len(paths[key]))
+            lengths.append(len(processor.expand(ids, counts, sample=index)))
+        self._token_lengths = lengths
+        return per_item
+
     def modality_key(self, index: int) -> str:
         """The sample's set of modalities, as a group key (``"audio+vision"``, ``"text"``)."""
         record = self.records[index]
@@ -281,7 +317,10 @@ class ConversationDataset(torch.utils.data.Dataset):
         return "+".join(present) or "text"
 
     def length(self, index: int) -> int:
-        """A cheap length estimate for grouping: characters of the conversation (media unopened)."""
+        """A cheap length estimate for grouping and token budgets: the sample's tokens once
+        `use_token_lengths` has run, else characters of the conversation (media unopened)."""
+        if self._token_lengths is not None:
+            return self._token_lengths[index]
         turns = self.records[index].get("conversations")
         return sum(
             len(str(t.get("value", t.get("content", ""))))

@@ -365,6 +365,8 @@ def _plan_run(model, dataset, collator, config: TrainConfig, info: DistInfo, aut
         param_groups(model, config.lr, config.projector_lr, config.weight_decay), lr=config.lr
     )
     if config.batch_length is not None:
+        if hasattr(dataset, "use_token_lengths"):  # JSONL conversations: a budget in tokens, not characters
+            dataset.use_token_lengths(collator)
         sampler = TokenBudgetBatchSampler.for_dataset(
             dataset, config.batch_length, world_size=info.world_size, rank=info.rank, seed=config.seed,
             group_by_modality=config.group_by_modality,
