@@ -15,3 +15,20 @@ def tiny():
     model, tokenizer = tiny_multimodal_model()
     return model, tokenizer
 
+
+@pytest.fixture
+def cli(monkeypatch):
+    """``cli(*args)`` runs the ``mmcore`` app in-process, with the fake plugin ``fake`` of
+    ``cli_helpers`` registered; returns typer's ``Result``."""
+    from cli_helpers import FakePlugin
+    from typer.testing import CliRunner
+
+    from mmcore.cli import app as cli_app
+    from mmcore.testing import registered_plugin
+
+    for var in ("MMCORE_LOAD_PLUGINS", "MMCORE_DISABLE_PLUGINS", "MMCORE_STRICT_PLUGINS", "MMCORE_DEBUG"):
+        monkeypatch.delenv(var, raising=False)
+    with registered_plugin(FakePlugin(), name="fake"):
+        app = cli_app.build_app()
+        runner = CliRunner()
+        yield lambda *args: runner.invoke(app, [str(a) for a in args])
