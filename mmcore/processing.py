@@ -920,7 +920,11 @@ def _load_saved_processor(modality: str, record: Mapping[str, Any], root: Path, 
 
 # Token counters of mmcore's own (e.g. `mmcore.builtin.anyres.AnyResTokenCount`) are saved by class and
 # parameters and rebuilt at load; only classes inside mmcore are rebuilt this way (no other code runs).
-_BUILTIN_COUNTERS = ("mmcore.builtin.anyres:AnyResTokenCount", "mmcore.processing:FixedCount")
+_BUILTIN_COUNTERS = (
+    "mmcore.builtin.anyres:AnyResTokenCount",
+    "mmcore.builtin.video:VideoTokenCount",
+    "mmcore.processing:FixedCount",
+)
 
 
 class _Items(list):
@@ -954,14 +958,17 @@ class FixedCount:
 
 def _default_counter(encoder: Any, processor: Any) -> Any:
     """A token count for an encoder no plugin built, when its processor is one transformers knows:
-    LLaVA-NeXT tiling (an encoder with `AnyResPack`) counts per image; a fixed-size image processor
+    LLaVA-NeXT / OneVision tiling (`AnyResPack`) counts per image, video pooling (`VideoPool`) per video; a fixed-size image processor
     (CLIP, SigLIP, ...) is measured once on a blank image through the encoder and projector. None
     when neither applies (the caller then asks for ``num_feature_calculation_funcs``)."""
-    from mmcore.builtin.anyres import AnyResPack, AnyResTokenCount
+    from mmcore.builtin.anyres import AnyResPack
+    from mmcore.builtin.video import VideoPool
 
     pack = getattr(encoder, "postprocess_projector_callback", None)
     if isinstance(pack, AnyResPack):
-        return AnyResTokenCount(pack.grid_pinpoints, pack.image_size, pack.patch_size, pack.newline)
+        return pack.token_count()
+    if isinstance(pack, VideoPool):
+        return pack.token_count()
     if "pixel_values" not in (getattr(processor, "model_input_names", None) or ()):
         return None
     try:

@@ -18,6 +18,11 @@ The encoder needs ``image_sizes`` routed to it but not passed to the tower:
 ``ModalEncoderModule(tower, ..., additional_args=["image_sizes"])`` (`anyres_encoder` does all of it).
 `AnyResTokenCount` is the processor's per-image token count (``num_feature_calculation_funcs``).
 
+LLaVA-OneVision tiles the same way and then, per image, downscales an unpadded grid holding more than
+``N`` tiles' worth of tokens (``vision_aspect_ratio="anyres_max_N"``) before the newlines: the
+``max_patches=N`` option of `AnyResPack` and `AnyResTokenCount` (unset: LLaVA-NeXT, and absent from
+the saved record).
+
 The layout follows transformers' ``LlavaNextModel.pack_image_features`` and reuses its grid helpers
 (``get_anyres_image_grid_shape``, ``image_size_to_num_patches``, ``unpad_image``), so the result is
 what ``LlavaNextForConditionalGeneration`` computes from the same parts.
@@ -63,6 +68,49 @@ def _sizes(inputs: dict, where: str) -> list[tuple[int, int]]:
     return [(int(h), int(w)) for h, w in torch.as_tensor(sizes).tolist()]
 
 
+def _max_patches(max_patches: int | None) -> dict[str, Any]:
+    # recorded only when set, so LLaVA-NeXT's saved records stay as they were
+    return {} if max_patches is None else {"max_patches": max_patches}
+
+
+def _downscaled(height: int, width: int, side: int, max_patches: int | None) -> tuple[int, int] | None:
+    """OneVision's ``anyres_max_<N>``: the (height, width) an unpadded ``height x width`` token grid is
+    downscaled to, None when it stays (transformers' ``pack_image_features``: ratio over 1.1)."""
+    if max_patches is None:
+        return None
+    ratio = math.sqrt(height * width / (max_patches * side**2))
+    if ratio <= 1.1:
+        return None
+    return int(height // ratio), int(width // ratio)
+
+
+def parse_vision_aspect_ratio(value: str) -> int:
+    """``"anyres_max_9"`` -> 9 (LLaVA-OneVision's ``vision_aspect_ratio``); `ConfigError` otherwise."""
+    import re
+
+    match = re.fullmatch(r"anyres_max_(\d+)", str(value))
+    if not match or int(match[1]) < 1:
+        raise ConfigError(f"vision_aspect_ratio must be 'anyres_max_<N>' (N >= 1), got {value!r}")
+    return int(match[1])
+
+
+def _tiles(inputs: dict, sizes: list[tuple[int, int]], grid_pinpoints: list, image_size: int) -> list[int]:
+    """Tiles per image (base included). With ``batch_num_images`` routed to the encoder (LLaVA-OneVision's
+    processor gives it), an image in a sample of several images is its base tile alone, as
+    transformers' ``LlavaOnevisionModel.get_image_features`` does."""
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    tiles = [image_size_to_num_patches(s, grid_pinpoints, image_size) for s in sizes]
+    per_sample = inputs.get("batch_num_images")
+    if per_sample is None:
+        return tiles
+    per_sample = [int(n) for n in torch.as_tensor(per_sample).reshape(-1).tolist()]
+    if sum(per_sample) != len(sizes):
+        raise EncoderInputError(f"anyres: batch_num_images {per_sample} does not add up to {len(sizes)} images")
+    tiled = [n == 1 for n in per_sample for _ in range(n)]
+    return [n if keep else 1 for n, keep in zip(tiles, tiled)]
+
+
 class AnyResFlatten(Callback):
     """``pixel_values`` ``(images, tiles, 3, H, W)`` (zero-padded per image) -> the real tiles of every
     image, ``(sum of tiles, 3, H, W)``; 4-D input passes through (already flat)."""
@@ -78,8 +126,6 @@ class AnyResFlatten(Callback):
         return {"grid_pinpoints": self.grid_pinpoints, "image_size": self.image_size}
 
     def __call__(self, inputs: dict) -> dict:
-        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
-
         pixel_values = inputs["pixel_values"]
         if pixel_values.dim() == 4:
             return inputs
@@ -93,7 +139,7 @@ class AnyResFlatten(Callback):
                 f"anyres_flatten: {pixel_values.shape[0]} images in pixel_values but {len(sizes)} image_sizes"
             )
         # (sum of tiles, 3, H, W)
-        tiles = [image_size_to_num_patches(s, self.grid_pinpoints, self.image_size) for s in sizes]
+        tiles = _tiles(inputs, sizes, self.grid_pinpoints, self.image_size)
         flat = torch.cat([images[:n] for images, n in zip(pixel_values, tiles)], dim=0)
         return {**inputs, "pixel_values": flat}
 
@@ -109,6 +155,9 @@ class AnyResPack(Callback, nn.Module):
         patch_size: the tower's patch size (``image_size // patch_size`` tokens per tile side).
         hidden_size: the language model's width (the newline vector's).
         newline: learn and insert ``image_newline`` (LLaVA-NeXT: yes).
+        max_patches: LLaVA-OneVision's ``anyres_max_<N>`` (``vision_aspect_ratio``): an unpadded grid
+            larger than ``N`` tiles' worth of tokens (by more than 1.1x per side) is downscaled
+            (bilinear) to fit, before the newlines. None (LLaVA-NeXT): never downscaled.
     """
 
     name = "anyres_pack"
@@ -121,6 +170,7 @@ class AnyResPack(Callback, nn.Module):
         patch_size: int,
         hidden_size: int,
         newline: bool = True,
+        max_patches: int | None = None,
     ):
         nn.Module.__init__(self)
         self.grid_pinpoints = _pinpoints(grid_pinpoints)
@@ -130,6 +180,7 @@ class AnyResPack(Callback, nn.Module):
         if self.image_size % self.patch_size:
             raise ConfigError(f"anyres: image_size {image_size} is not a multiple of patch_size {patch_size}")
         self.newline = bool(newline)
+        self.max_patches = None if max_patches is None else _positive("max_patches", max_patches)
         # LLaVA-NeXT's initialisation: N(0, 1 / hidden_size)
         self.image_newline = (
             nn.Parameter(torch.randn(self.hidden_size) / math.sqrt(self.hidden_size)) if self.newline else None
@@ -146,7 +197,12 @@ class AnyResPack(Callback, nn.Module):
             "patch_size": self.patch_size,
             "hidden_size": self.hidden_size,
             "newline": self.newline,
+            **_max_patches(self.max_patches),
         }
+
+    def token_count(self) -> AnyResTokenCount:
+        """The processor's count for this pack (`AnyResTokenCount` with the same grid and options)."""
+        return AnyResTokenCount(self.grid_pinpoints, self.image_size, self.patch_size, self.newline, self.max_patches)
 
     def __repr__(self) -> str:
         return Callback.__repr__(self)
@@ -154,13 +210,12 @@ class AnyResPack(Callback, nn.Module):
     def forward(self, inputs: dict, output: Any) -> BaseModelOutput:
         from transformers.models.llava_next.modeling_llava_next import (
             get_anyres_image_grid_shape,
-            image_size_to_num_patches,
             unpad_image,
         )
 
         features = output[0]  # (sum of tiles, tokens_per_tile, hidden)
         sizes = _sizes(inputs, "anyres_pack")
-        tiles = [image_size_to_num_patches(s, self.grid_pinpoints, self.image_size) for s in sizes]
+        tiles = _tiles(inputs, sizes, self.grid_pinpoints, self.image_size)
         if sum(tiles) != features.shape[0]:
             raise EncoderInputError(
                 f"anyres_pack: image_sizes {sizes} make {sum(tiles)} tiles but the tower gave features for "
@@ -183,6 +238,9 @@ class AnyResPack(Callback, nn.Module):
             grid = image[1:].view(grid_h, grid_w, side, side, -1)
             grid = grid.permute(4, 0, 2, 1, 3).contiguous().flatten(1, 2).flatten(2, 3)  # (hidden, H, W)
             grid = unpad_image(grid, torch.tensor(size))
+            scaled = _downscaled(grid.shape[1], grid.shape[2], side, self.max_patches)
+            if scaled is not None:  # OneVision: unpad, then downscale (transformers' pack_image_features)
+                grid = nn.functional.interpolate(grid[None], list(scaled), mode="bilinear")[0]
             if self.newline:
                 newline = self.image_newline[:, None, None].expand(*grid.shape[:-1], 1).to(grid)
                 grid = torch.cat((grid, newline), dim=-1)
@@ -195,11 +253,19 @@ class AnyResTokenCount:
     pack yields (``num_feature_calculation_funcs={"vision": AnyResTokenCount(...)}``). Reads
     ``image_sizes`` from the image processor's output."""
 
-    def __init__(self, grid_pinpoints: Sequence[Sequence[int]], image_size: int, patch_size: int, newline: bool = True):
+    def __init__(
+        self,
+        grid_pinpoints: Sequence[Sequence[int]],
+        image_size: int,
+        patch_size: int,
+        newline: bool = True,
+        max_patches: int | None = None,
+    ):
         self.grid_pinpoints = _pinpoints(grid_pinpoints)
         self.image_size = _positive("image_size", image_size)
         self.patch_size = _positive("patch_size", patch_size)
         self.newline = bool(newline)
+        self.max_patches = None if max_patches is None else _positive("max_patches", max_patches)
 
     def params(self) -> dict[str, Any]:
         return {
@@ -207,6 +273,7 @@ class AnyResTokenCount:
             "image_size": self.image_size,
             "patch_size": self.patch_size,
             "newline": self.newline,
+            **_max_patches(self.max_patches),
         }
 
     def count(self, size: tuple[int, int]) -> int:
@@ -222,11 +289,15 @@ class AnyResTokenCount:
         grid_h, grid_w = get_anyres_image_grid_shape(size, self.grid_pinpoints, self.image_size)
         # the unpadded grid's shape, by transformers' own unpad on an empty tensor of the grid's size
         height, width = unpad_image(torch.empty(0, grid_h * side, grid_w * side), torch.tensor(size)).shape[1:]
+        height, width = _downscaled(height, width, side, self.max_patches) or (height, width)
         return side * side + height * (width + int(self.newline))
 
     def __call__(self, items: Sequence[Any], processed: dict) -> list[int]:
         sizes = _sizes(processed, "anyres token count")
-        return [self.count(s) for s in sizes]
+        side = self.image_size // self.patch_size
+        base_only = side * side + int(self.newline)
+        tiles = _tiles(processed, sizes, self.grid_pinpoints, self.image_size)
+        return [self.count(s) if n > 1 else base_only for s, n in zip(sizes, tiles)]
 
 
 def anyres_encoder(
@@ -238,11 +309,13 @@ def anyres_encoder(
     feature_layer: int | list[int] = -2,
     strategy: str = "default",
     newline: bool = True,
+    max_patches: int | None = None,
 ):
     """A `ModalEncoderModule` for a CLIP / SigLIP ``tower`` with LLaVA-NeXT's anyres tiling: its
     ``image_size`` and ``patch_size`` are read from ``tower.config``; ``strategy`` is LLaVA-NeXT's
     ``vision_feature_select_strategy`` (``default`` drops the first token, ``full`` keeps all);
-    ``hidden_size`` is the language model's width."""
+    ``hidden_size`` is the language model's width; ``max_patches``: LLaVA-OneVision's ``anyres_max_<N>``
+    downscaling (`AnyResPack`)."""
     from mmcore.builtin.callbacks import SelectFeatureLayer
     from mmcore.modeling.encoder import ModalEncoderModule
 
@@ -254,6 +327,6 @@ def anyres_encoder(
         projector,
         AnyResFlatten(grid_pinpoints, image_size),
         SelectFeatureLayer(feature_layer, drop_prefix_tokens=1 if strategy == "default" else 0),
-        AnyResPack(grid_pinpoints, image_size, patch_size, hidden_size, newline),
+        AnyResPack(grid_pinpoints, image_size, patch_size, hidden_size, newline, max_patches),
         additional_args=["image_sizes"],
     )

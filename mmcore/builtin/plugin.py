@@ -69,8 +69,25 @@ def register_callbacks(register):
         CallbackSpec(
             name="anyres_pack",
             slots=("postprocess_projector",),
-            summary="LLaVA-NeXT anyres: base tile + the unpadded tile grid with a learnable image_newline per row",
+            summary="LLaVA-NeXT anyres: base tile + the unpadded tile grid with a learnable image_newline per row "
+            "(max_patches: OneVision's anyres_max downscaling)",
             factory="mmcore.builtin.anyres:AnyResPack",
+        )
+    )
+    register(
+        CallbackSpec(
+            name="video_frames",
+            slots=("preprocess",),
+            summary="video: (videos, frames, 3, H, W) pixel_values become the real frames of every video",
+            factory="mmcore.builtin.video:VideoFrames",
+        )
+    )
+    register(
+        CallbackSpec(
+            name="video_pool",
+            slots=("postprocess_projector",),
+            summary="video (LLaVA-Video / OneVision): each frame's patch grid pooled 2x2, frames concatenated",
+            factory="mmcore.builtin.video:VideoPool",
         )
     )
     register(
@@ -87,5 +104,13 @@ def register_callbacks(register):
             slots=("postprocess_projector",),
             summary="Qwen2-Audio: each clip keeps the tokens its own length covers (pooled)",
             factory="mmcore.builtin.qwen2_audio:Qwen2AudioTrim",
+        )
+    )
+    register(
+        CallbackSpec(
+            name="mrope",
+            slots=("preprocess_llm",),
+            summary="Qwen2-VL / Qwen2.5-VL: 3-D rotary positions from input_ids and the image/video grids (prefill and decode)",
+            factory="mmcore.builtin.mrope:MRope",
         )
     )

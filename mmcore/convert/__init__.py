@@ -9,12 +9,13 @@ Out: an mmcore model of a shape transformers has a class for becomes that class,
 >>> mllm = from_pretrained_multimodal_model("llava-hf/llava-1.5-7b-hf")   # doctest: +SKIP
 >>> llava = to_hf(mllm)                                                    # doctest: +SKIP
 
-Families: see `mmcore.convert.families` (``llava`` and ``llava_next`` today). This module imports no torch; the
+Families: see `mmcore.convert.families`. This module imports no torch; the
 functions import what they need.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -51,8 +52,9 @@ def from_hf(hf_model: Any, **kwargs: Any) -> Any:
 
 
 def to_hf(mllm: Any) -> Any:
-    """The transformers VLM holding ``mllm``'s modules: ``LlavaNextForConditionalGeneration`` for an
-    anyres encoder, ``LlavaForConditionalGeneration`` otherwise; `NoTransformersCounterpartError`
+    """The transformers VLM holding ``mllm``'s modules: ``LlavaOnevisionForConditionalGeneration`` for an
+    anyres encoder with OneVision's downscaling (and a pooled video encoder),
+    ``LlavaNextForConditionalGeneration`` for an anyres encoder, ``LlavaForConditionalGeneration`` otherwise; `NoTransformersCounterpartError`
     naming the part that has no transformers counterpart."""
     return family_for(mllm).to_hf(mllm)
 
@@ -61,9 +63,17 @@ def family_for(mllm: Any) -> Any:
     """The converter module whose transformers class can hold ``mllm``'s shape."""
     from mmcore.builtin.anyres import AnyResPack
     from mmcore.builtin.qwen2_audio import Qwen2AudioTrim
+    from mmcore.builtin.video import VideoPool
     from mmcore.convert import llava, llava_next, qwen2_audio
 
     encoders = list(getattr(mllm, "encoders", {}).values())
+    packs = [e.postprocess_projector_callback for e in encoders]
+    if any(isinstance(p, VideoPool) for p in packs) or any(
+        isinstance(p, AnyResPack) and p.max_patches is not None for p in packs
+    ):
+        from mmcore.convert import llava_onevision
+
+        return llava_onevision
     if len(encoders) == 1 and isinstance(encoders[0].postprocess_projector_callback, AnyResPack):
         return llava_next
     if len(encoders) == 1 and isinstance(encoders[0].postprocess_projector_callback, Qwen2AudioTrim):
@@ -124,8 +134,11 @@ def convert_pretrained(
         from mmcore.errors import MMCoreError
 
         try:
+            extra = {}
+            if "video_processor" in inspect.signature(family.processor_from_hf).parameters:
+                extra["video_processor"] = getattr(hf_processor, "video_processor", None)
             processor = family.processor_from_hf(
-                mllm, tokenizer, getattr(hf_processor, "chat_template", None), image_processor=image_processor
+                mllm, tokenizer, getattr(hf_processor, "chat_template", None), image_processor=image_processor, **extra
             )
         except MMCoreError as exc:
             notes.append(f"no processor: {exc}")

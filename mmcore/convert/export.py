@@ -3,7 +3,8 @@
 The output holds what ``AutoModelForImageTextToText.from_pretrained`` and ``AutoProcessor.from_pretrained``
 load with no mmcore installed, and what serving engines take (``vllm serve OUT``): safetensors
 weights, ``config.json`` with ``architectures: ["LlavaForConditionalGeneration"]`` (or
-``LlavaNextForConditionalGeneration`` for an anyres model), the processor
+``LlavaNextForConditionalGeneration`` for an anyres model, ``LlavaOnevisionForConditionalGeneration``
+for a OneVision one), the processor
 (image processor, tokenizer, chat template). Written atomically (`mmcore.files.staged_directory`).
 """
 
@@ -24,8 +25,11 @@ def export_hf(mllm: Any, processor: Any, output: str | os.PathLike) -> dict[str,
 
     family = family_for(mllm)
     hf_model = family.to_hf(mllm)
-    (modality,) = mllm.encoders
-    hf_processor = family.hf_processor(hf_model, processor.tokenizer, _image_processor(processor, modality))
+    if hasattr(family, "hf_processor_for"):  # a family of several encoders (OneVision: image and video)
+        hf_processor = family.hf_processor_for(hf_model, processor)
+    else:
+        (modality,) = mllm.encoders
+        hf_processor = family.hf_processor(hf_model, processor.tokenizer, _image_processor(processor, modality))
     with staged_directory(output) as staging:
         hf_model.save_pretrained(staging)
         hf_processor.save_pretrained(staging)

@@ -16,9 +16,9 @@ NEXT_PINPOINTS = [[28, 56], [56, 28], [56, 56], [28, 84]]
 def _tiny_parts(tower: str, text_family: str = "llama") -> tuple[Any, Any, Any, str, int]:
     """``(tokenizer with <image>, vision config, text config, strategy, prefix tokens)`` of the tiny
     LLaVA-family models: a 3-layer CLIP (strategy ``default``: CLS dropped) or SigLIP (``full``) tower
-    at 28 px (4 patches) and a 2-layer llama or mistral."""
+    at 28 px (4 patches) and a 2-layer llama, mistral or qwen2."""
     from tokenizers import AddedToken
-    from transformers import CLIPVisionConfig, LlamaConfig, MistralConfig, SiglipVisionConfig
+    from transformers import CLIPVisionConfig, LlamaConfig, MistralConfig, Qwen2Config, SiglipVisionConfig
 
     from mmcore.testing import tiny_tokenizer
 
@@ -34,7 +34,7 @@ def _tiny_parts(tower: str, text_family: str = "llama") -> tuple[Any, Any, Any, 
         vision_config, strategy, prefix = SiglipVisionConfig(**vision), "full", 0
     else:
         raise ValueError(f"tower must be 'clip' or 'siglip', got {tower!r}")
-    text_class = {"llama": LlamaConfig, "mistral": MistralConfig}[text_family]
+    text_class = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[text_family]
     text_config = text_class(
         vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
@@ -123,6 +123,65 @@ def tiny_llava_next(tower: str = "clip", *, seed: int = 0) -> tuple[Any, Any]:
         chat_template=tokenizer.chat_template,
     )  # fmt: skip
     return hf, processor
+
+
+#: LLaVA-OneVision tile and grid resolutions of `tiny_llava_onevision`: 42 px tiles, patch 14 (3x3 tokens
+#: per tile, pooled to 2x2 per video frame), grids that are multiples of the tile
+ONEVISION_IMAGE_SIZE = 42
+ONEVISION_PINPOINTS = [[42, 84], [84, 42], [84, 84], [42, 126]]
+
+
+def tiny_llava_onevision(tower: str = "siglip", *, seed: int = 0, vision_aspect_ratio: str = "anyres_max_2") -> tuple[Any, Any]:
+    """``(LlavaOnevisionForConditionalGeneration, LlavaOnevisionProcessor)``: a 3-layer SigLIP tower
+    (strategy ``full``, as the released checkpoints) with a 2-layer Qwen2, or a CLIP tower (strategy
+    ``default``) with a 2-layer Llama; 42 px tiles (9 tokens each) on the grids `ONEVISION_PINPOINTS`,
+    ``anyres_max_2`` (a near-square image's grid is downscaled), `mmcore.testing.tiny_tokenizer` with
+    ``<image>`` and ``<video>`` tokens, and a video processor at the tile size."""
+    import torch
+    from tokenizers import AddedToken
+    from transformers import (
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+        LlavaOnevisionImageProcessor,
+        LlavaOnevisionProcessor,
+        LlavaOnevisionVideoProcessor,
+    )
+
+    tokenizer, vision_config, text_config, strategy, prefix = _tiny_parts(tower, "qwen2" if tower == "siglip" else "llama")
+    tokenizer.add_tokens([AddedToken("<video>", special=True, normalized=False)], special_tokens=True)
+    text_config.vocab_size = len(tokenizer)
+    vision_config.image_size = ONEVISION_IMAGE_SIZE
+    config = LlavaOnevisionConfig(
+        vision_config=vision_config,
+        text_config=text_config,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
+        vision_feature_layer=-2 if tower == "clip" else -1,
+        vision_feature_select_strategy=strategy,
+        image_grid_pinpoints=ONEVISION_PINPOINTS,
+        vision_aspect_ratio=vision_aspect_ratio,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    hf = LlavaOnevisionForConditionalGeneration(config).to(torch.float32).eval()
+    size = {"height": ONEVISION_IMAGE_SIZE, "width": ONEVISION_IMAGE_SIZE}
+    image_processor = LlavaOnevisionImageProcessor(size=size, image_grid_pinpoints=ONEVISION_PINPOINTS)
+    video_processor = LlavaOnevisionVideoProcessor(size=size)
+    side = ONEVISION_IMAGE_SIZE // PATCH_SIZE
+    processor = LlavaOnevisionProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor,
+        # the processor subtracts one for the 'default' strategy: count CLIP's CLS in (int(sqrt) still gives side)
+        num_image_tokens=side * side + prefix, vision_feature_select_strategy=strategy,
+        vision_aspect_ratio=vision_aspect_ratio, chat_template=tokenizer.chat_template,
+    )  # fmt: skip
+    return hf, processor
+
+
+def random_video(frames: int, height: int, width: int, seed: int = 0) -> Any:
+    """A seeded random ``(frames, height, width, 3)`` uint8 video."""
+    import numpy as np
+
+    return np.random.default_rng(seed).integers(0, 256, (frames, height, width, 3), dtype=np.uint8)
 
 
 # What a machine without mmcore runs on an exported directory (used by `load_without_mmcore`).

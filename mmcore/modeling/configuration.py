@@ -36,6 +36,10 @@ class MultimodalConfig(PreTrainedConfig):
         peft_config: the LLM's PEFT adapter config when it was wrapped by ``peft.get_peft_model``.
         preprocess_llm_callback: record of the model's ``preprocess_llm`` callback (as an encoder's).
         merge_check: placeholder/feature count check (see `merge_modality_features`).
+        shared_modules: module path -> module path it is (``{"encoders.video.module":
+            "encoders.image.module"}``): encoders that share a part (LLaVA-OneVision's image and video
+            encoders share the tower, projector and newline). Saved once, shared again at load;
+            written by `MultimodalModel`.
         concurrent_encoders: run the encoders of one call on separate device streams, so that on a GPU
             towers too small to fill it overlap (see `MultimodalModel.encode`). Off by default.
         agree_on_modalities: in data-parallel training, ranks agree at each step which encoders run,
@@ -52,6 +56,7 @@ class MultimodalConfig(PreTrainedConfig):
     modality_wrap_token_ids: dict | None = None
     peft_config: dict | None = None
     preprocess_llm_callback: dict | str | None = None
+    shared_modules: dict | None = None
     merge_check: str = "auto"
     concurrent_encoders: bool = False
     agree_on_modalities: bool = True
@@ -71,6 +76,7 @@ class MultimodalConfig(PreTrainedConfig):
                 if experts is not None and kwargs.get("experts_implementation") is None:
                     config._experts_implementation_internal = experts
         self.encoders = dict(self.encoders or {})
+        self.shared_modules = {str(k): str(v) for k, v in (self.shared_modules or {}).items()}
         self.modality_token_ids = {str(k): int(v) for k, v in (self.modality_token_ids or {}).items()}
         self.modality_wrap_token_ids = {
             str(k): [int(x) for x in v] for k, v in (self.modality_wrap_token_ids or {}).items()
