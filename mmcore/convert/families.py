@@ -17,12 +17,12 @@ from mmcore.errors import ConfigError
 FAMILIES: dict[str, str] = {
     "llava": "mmcore.convert.llava",
     "llava_next": "mmcore.convert.llava_next",
+    "llava_onevision": "mmcore.convert.llava_onevision",
     "qwen2_audio": "mmcore.convert.qwen2_audio",
 }
 
 #: model_type -> why it is not converted yet (shown in errors and in docs/converting.md).
 MISSING: dict[str, str] = {
-    "llava_onevision": "its anyres_max tiling, the unpad-then-downscale step and video pooling are not expressed yet",
     "qwen2_vl": "needs the Qwen2-VL native-resolution tower and 3-D rotary positions (dynamic-tokens issue)",
     "qwen2_5_vl": "needs the Qwen2.5-VL native-resolution tower and 3-D rotary positions (dynamic-tokens issue)",
 }
