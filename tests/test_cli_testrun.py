@@ -10,44 +10,53 @@ import warnings
 import torch
 from cli_helpers import assert_one_line_error, needs_plugins
 
-from mmcore.cli.testrun import _generate, _Timer, left_padded, tokens_cell
-from mmcore.testing import tiny_multimodal_model
+from mmcore.cli.testrun import _generate, _text_batch, _Timer, tokens_cell
+from mmcore.processing import MultimodalProcessor
+from mmcore.testing import tiny_llm, tiny_multimodal_model, tiny_tokenizer
 
 
-def test_left_padded_moves_each_rows_padding_to_the_left():
-    ids = torch.tensor([[5, 6, 7, 0, 0], [1, 2, 3, 4, 9]])
-    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
-    new_ids, new_mask = left_padded(ids, mask, pad_id=0)
-    assert new_ids.tolist() == [[0, 0, 5, 6, 7], [1, 2, 3, 4, 9]]
-    assert new_mask.tolist() == [[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]]
+def plugin_model():
+    """CLIP (4 tokens an image) + Whisper + a tiny LLM, built by the plugins (test-run's own case)."""
+    import mmcore
+
+    tokenizer = tiny_tokenizer()
+    encoders = {
+        "vision": mmcore.build_encoder("clip", preset="tiny"),
+        "audio": mmcore.build_encoder("whisper", preset="tiny"),
+    }
+    mllm = mmcore.MultimodalModel(encoders=encoders, language_model=tiny_llm(vocab_size=len(tokenizer)))
+    mmcore.add_modality_tokens(tokenizer, mllm)
+    return mllm, tokenizer
 
 
-def test_generation_runs_from_a_left_padded_batch_without_padding_warnings():
-    mllm, tokenizer = tiny_multimodal_model()
+@needs_plugins
+def test_the_generation_batch_is_the_training_rows_left_padded_by_the_processor():
+    mllm, tokenizer = plugin_model()
+    counts = {"vision": [4, 4], "audio": [10, 7]}  # the second row is three tokens shorter
+    train, prompts = _text_batch(mllm, tokenizer, None, counts, 2, torch.device("cpu"))
+    width = train["input_ids"].shape[1]
+    assert train["attention_mask"].tolist() == [[1] * width, [1] * (width - 3) + [0] * 3]
+    assert (train["labels"][1, -3:] == -100).all()
+    assert prompts["attention_mask"].tolist() == [[1] * width, [0] * 3 + [1] * (width - 3)]
+    for row in range(2):
+        assert (
+            prompts["input_ids"][row][prompts["attention_mask"][row].bool()].tolist()
+            == train["input_ids"][row][train["attention_mask"][row].bool()].tolist()
+        )
+
+
+@needs_plugins
+def test_generation_runs_from_the_left_padded_prompts_without_padding_warnings():
+    mllm, tokenizer = plugin_model()
     token = mllm.config.modality_token_ids["vision"]
     bos = tokenizer.bos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    # a right-padded training batch: the second sample is two tokens shorter
-    rows = [[bos] + [token] * 4 + [11, 12, 13], [bos] + [token] * 4 + [11]]
-    width = max(map(len, rows))
-    batch = {
-        "input_ids": torch.tensor([r + [pad] * (width - len(r)) for r in rows]),
-        "attention_mask": torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows]),
-    }
+    rows = [[bos] + [token] * 4 + [11, 12, 13], [bos] + [token] * 4 + [11]]  # two tokens shorter
+    prompts = MultimodalProcessor.from_model(mllm, tokenizer).pad(rows, padding_side="left")
     inputs = {"vision": {"pixel_values": torch.randn(2, 3, 28, 28)}}
-    seen = {}
-    original = mllm.generate
-
-    def generate(**kwargs):
-        seen.setdefault("attention_mask", kwargs["attention_mask"].clone())
-        return original(**kwargs)
-
-    mllm.generate = generate
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        report = _generate(mllm, batch, inputs, tokenizer, 3, _Timer(torch.device("cpu")))
-    assert seen["attention_mask"].tolist() == [[1] * width, [0, 0] + [1] * (width - 2)]
-    assert report["output_shape"] == [2, width + 3]
+        report = _generate(mllm, prompts, inputs, tokenizer, 3, _Timer(torch.device("cpu")))
+    assert report["output_shape"] == [2, len(rows[0]) + 3]
     assert not [w for w in caught if "padding" in str(w.message).lower()]
 
 
@@ -80,8 +89,6 @@ def test_device_cuda_without_a_gpu_exits_2(cli, tmp_path, monkeypatch):
 
 
 def test_test_run_of_a_model_without_plugin_encoders_exits_2(cli, tmp_path):
-    from mmcore.testing import tiny_multimodal_model
-
     model, tokenizer = tiny_multimodal_model()  # transformers encoders, no plugin recipe
     model.save_pretrained(tmp_path / "m")
     tokenizer.save_pretrained(tmp_path / "m")

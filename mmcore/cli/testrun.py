@@ -187,7 +187,7 @@ def run(
     model.to(device)
     timer = _Timer(device)
     inputs, counts, encoder_parts, checks_ok = _encoder_inputs(model, batch_size, device, torch_dtype)
-    batch = _text_batch(model, tokenizer, processor, counts, batch_size, device)
+    batch, prompts = _text_batch(model, tokenizer, processor, counts, batch_size, device)
     trainable = _set_stage(model, train)
 
     # warm-up step, then a forward pass with per-part timing hooks
@@ -238,7 +238,7 @@ def run(
         finite = [grads[k]["grads_finite"] for k in keys if grads[k]["grads_finite"] is not None]
         part["grads_finite"] = all(finite) if finite else None
         part["trainable_without_grad"] = sum(grads[k]["without_grad"] for k in keys)
-    gen_report = _generate(model, batch, inputs, tokenizer, generate, timer) if generate > 0 else None
+    gen_report = _generate(model, prompts, inputs, tokenizer, generate, timer) if generate > 0 else None
     ok = train_report["loss_finite"] and train_report["grads_finite"] and checks_ok
     return {
         "target": str(target),
@@ -364,9 +364,11 @@ def _tokens_per_item(features: Any, name: str) -> list[int]:
 
 def _text_batch(
     model: Any, tokenizer: Any, processor: Any, counts: dict, batch_size: int, device: Any
-) -> dict:
+) -> tuple[dict, dict]:
     """One sample per batch row: prompt, one placeholder run per modality, answer; labels = ids.
-    Expanded and right-padded by the `MultimodalProcessor` (built from the model when none was saved)."""
+    Expanded and padded by the `MultimodalProcessor` (built from the model when none was saved):
+    right-padded with labels for training, and the same rows left-padded for generation (a
+    decoder-only model continues each row from its last real token)."""
     if processor is None:
         from mmcore.processing import MultimodalProcessor
 
@@ -381,8 +383,12 @@ def _text_batch(
     for row in range(batch_size):
         ids = bos + [token_ids[m] for m in model.encoders] + prompt + answer
         samples.append(processor.expand(ids, {m: [counts[m][row]] for m in model.encoders}, sample=row))
-    batch = processor.pad(samples, labels=samples, padding=True, padding_side="right", return_tensors="pt")
-    return {key: batch[key].to(device) for key in ("input_ids", "attention_mask", "labels")}
+    train = processor.pad(samples, labels=samples, padding=True, padding_side="right", return_tensors="pt")
+    prompts = processor.pad(samples, padding=True, padding_side="left", return_tensors="pt")
+    return (
+        {key: train[key].to(device) for key in ("input_ids", "attention_mask", "labels")},
+        {key: prompts[key].to(device) for key in ("input_ids", "attention_mask")},
+    )
 
 
 def _set_stage(model: Any, stage: str) -> dict[str, tuple[int, int]]:
@@ -480,10 +486,11 @@ def _shape(output: Any) -> Any:
 
 
 def _generate(
-    model: Any, batch: dict, inputs: dict, tokenizer: Any, new_tokens: int, timer: _Timer
+    model: Any, prompts: dict, inputs: dict, tokenizer: Any, new_tokens: int, timer: _Timer
 ) -> dict[str, Any]:
-    """Greedy generation of exactly ``new_tokens`` tokens, timed token by token through a streamer
-    (``generate`` hands it the prompt, then each new token, copied to the host: a sync point)."""
+    """Greedy generation of exactly ``new_tokens`` tokens from the left-padded ``prompts``, timed token
+    by token through a streamer (``generate`` hands it the prompt, then each new token, copied to the
+    host: a sync point)."""
     import torch
     from transformers.generation.streamers import BaseStreamer
 
@@ -499,9 +506,8 @@ def _generate(
 
     model.eval()
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    input_ids, attention_mask = left_padded(batch["input_ids"], batch["attention_mask"], pad)
     kwargs = dict(
-        input_ids=input_ids, attention_mask=attention_mask, encoder_inputs=inputs,
+        input_ids=prompts["input_ids"], attention_mask=prompts["attention_mask"], encoder_inputs=inputs,
         do_sample=False, pad_token_id=pad, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
     )  # fmt: skip
     with torch.no_grad():
@@ -511,7 +517,7 @@ def _generate(
         start = timer.now()
         out = model.generate(**kwargs, streamer=clock)
         total_s = timer.now() - start
-    batch_size, prompt = batch["input_ids"].shape
+    batch_size, prompt = prompts["input_ids"].shape
     # clock.times[0]: the prompt handed over; [1]: the first new token (encoders + prefill); then one per step
     prefill_s = clock.times[1] - start
     decode_s = clock.times[-1] - clock.times[1]
@@ -527,22 +533,6 @@ def _generate(
         else None,
         "peak_memory_bytes": timer.peak(),
     }
-
-
-def left_padded(input_ids: Any, attention_mask: Any, pad_id: int) -> tuple[Any, Any]:
-    """The same rows with their padding moved to the left, as generation wants it (a decoder-only
-    model continues each row from its last real token). Rows keep their tokens in order."""
-    import torch
-
-    lengths = attention_mask.sum(dim=1)
-    width = input_ids.shape[1]
-    ids = torch.full_like(input_ids, pad_id)
-    mask = torch.zeros_like(attention_mask)
-    for row, length in enumerate(lengths.tolist()):
-        real = input_ids[row][attention_mask[row].bool()]
-        ids[row, width - length :] = real
-        mask[row, width - length :] = 1
-    return ids, mask
 
 
 def tokens_cell(tokens: list[int] | None, predicted: list[int] | None = None) -> str | None:
