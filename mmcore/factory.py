@@ -101,6 +101,11 @@ class EncoderFactory:
         """Callbacks per slot (``preprocess``, ``postprocess_module``, ``postprocess_projector``)."""
         return {}
 
+    def additional_args(self, recipe: Mapping[str, Any]) -> Sequence[str]:
+        """Inputs routed to the encoder for its callbacks, not passed to the module (`ModalEncoderModule`
+        ``additional_args``; e.g. a video encoder's ``num_frames``). Default: none."""
+        return ()
+
     def input_names(self, recipe: Mapping[str, Any]) -> Sequence[str] | Mapping[str, str] | None:
         """`ModalEncoderModule` ``input_names`` (None: read the module's forward signature)."""
         return None
@@ -207,6 +212,7 @@ def encoder_from_recipe(
         slots.get("postprocess_projector"),
         input_names=factory.input_names(recipe),
         output_width=factory.output_width(recipe),
+        additional_args=tuple(factory.additional_args(recipe)),
         source=source,
     )
     return encoder

@@ -34,6 +34,13 @@ A third tower is a few lines (the ``dinov2`` model type has no whole-model varia
             return BitImageProcessor(size={"shortest_edge": image_size},
                                      crop_size={"height": image_size, "width": image_size})
 
+Video: the option ``video=True`` makes the same tower an encoder of videos (LLaVA-Video /
+OneVision style): its items are videos (a list of frames, or a ``(frames, H, W, 3)`` array), each
+frame goes through the tower, and the built-in ``video_frames`` / ``video_pool`` callbacks pool each
+frame's patch grid by ``video_stride`` (default 2, bilinear) and lay the frames one after the other;
+the token count per video is exact (`mmcore.builtin.video`). The CLS token must be dropped (CLIP's
+``drop_cls=True``, the default).
+
 Unlike `mmcore.factory`, this module imports torch, transformers and Pillow (which transformers'
 image processors need anyway; a plugin built on it lists ``pillow`` in its dependencies, as the
 ``clip`` and ``siglip`` plugins do): import it from a plugin's factory module (loaded lazily), never
@@ -59,6 +66,8 @@ from mmcore.factory import EncoderFactory
 
 #: Bump when the recipe layout changes (saved models store it in their config.json).
 RECIPE_VERSION = 1
+#: Options every transformers vision factory takes for video (recorded only when ``video=True``).
+VIDEO_OPTIONS: dict[str, Any] = {"video": False, "video_stride": 2}
 
 
 class TransformersVisionFactory(EncoderFactory):
@@ -125,6 +134,27 @@ class TransformersVisionFactory(EncoderFactory):
     def configure(self, config: PretrainedConfig, options: Mapping[str, Any]) -> None:
         """Apply the (checked) options to the config before it goes into the recipe (in place)."""
 
+    def check_options(self, options: Mapping[str, Any]) -> dict[str, Any]:
+        """The family's options, plus `VIDEO_OPTIONS` when ``video=True`` (an image encoder's recipe
+        stays as it was)."""
+        options = dict(options)
+        video = {k: options.pop(k) for k in list(options) if k in VIDEO_OPTIONS}
+        opts = super().check_options(options)
+        if not isinstance(video.get("video", False), bool):
+            raise ConfigError(f"encoder {self.name!r}: video must be True or False, got {video['video']!r}")
+        if video.get("video"):
+            stride = video.get("video_stride", VIDEO_OPTIONS["video_stride"])
+            if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
+                raise ConfigError(f"encoder {self.name!r}: video_stride must be a positive int, got {stride!r}")
+            opts.update(video=True, video_stride=stride)
+        elif "video_stride" in video:
+            raise ConfigError(f"encoder {self.name!r}: video_stride needs video=True")
+        return opts
+
+    def is_video(self, recipe: Mapping[str, Any]) -> bool:
+        """Whether the recipe's items are videos (``video=True``)."""
+        return bool(self._options(recipe).get("video"))
+
     # -- recipe ------------------------------------------------------------------------------------
     def make_recipe(
         self, checkpoint: str | None = None, preset: str | None = None, **options: Any
@@ -140,6 +170,11 @@ class TransformersVisionFactory(EncoderFactory):
             config = self._checkpoint_config(checkpoint)
             processor = self._checkpoint_processor_config(checkpoint, self.image_size(config))
         opts = self._check_option_values(opts, config)
+        if opts.get("video") and self.prefix_tokens(config) - self.dropped_prefix_tokens(opts):
+            raise ConfigError(
+                f"encoder {self.name!r}: video pools each frame's patch grid, so the prefix (CLS) token must be "
+                "dropped (clip: drop_cls=True)"
+            )
         self.configure(config, opts)
         return {
             "version": RECIPE_VERSION,
@@ -229,18 +264,38 @@ class TransformersVisionFactory(EncoderFactory):
         opts = self._options(recipe)
         drop = self.dropped_prefix_tokens(opts)
         if opts["feature_layer"] is None:
-            return {"postprocess_module": DropPrefixTokens(drop)} if drop else {}
-        return {
-            "postprocess_module": SelectFeatureLayer(layer=opts["feature_layer"], drop_prefix_tokens=drop)
-        }
+            callbacks = {"postprocess_module": DropPrefixTokens(drop)} if drop else {}
+        else:
+            callbacks = {
+                "postprocess_module": SelectFeatureLayer(layer=opts["feature_layer"], drop_prefix_tokens=drop)
+            }
+        if self.is_video(recipe):
+            from mmcore.builtin.video import VideoFrames, VideoPool
+
+            config = self._config(recipe)
+            height, _ = self._processed_size(recipe, config)
+            callbacks["preprocess"] = VideoFrames()
+            callbacks["postprocess_projector"] = VideoPool(height, config.patch_size, opts["video_stride"])
+        return callbacks
+
+    def additional_args(self, recipe: Mapping[str, Any]) -> Sequence[str]:
+        return ("num_frames",) if self.is_video(recipe) else ()
 
     # -- inputs ------------------------------------------------------------------------------------
-    def processor(self, recipe: Mapping[str, Any]) -> ImageItemProcessor:
+    def processor(self, recipe: Mapping[str, Any]) -> Any:
         config = recipe.get("processor") or self._default_processor_config(self.image_size(self._config(recipe)))
-        return ImageItemProcessor(self.image_processor_class, config, self.family.lower())
+        images = ImageItemProcessor(self.image_processor_class, config, self.family.lower())
+        if self.is_video(recipe):
+            from mmcore.builtin.video import VideoItemProcessor
+
+            return VideoItemProcessor(images.image_processor, f"{self.family.lower()} video")
+        return images
 
     def num_tokens(self, recipe: Mapping[str, Any], inputs: Mapping[str, Any]) -> list[int]:
-        """One token per patch of each item's ``pixel_values``, plus the prefix tokens not dropped."""
+        """One token per patch of each item's ``pixel_values``, plus the prefix tokens not dropped; for
+        video, each frame's pooled grid times the video's frames."""
+        if self.is_video(recipe):
+            return self._video_count(recipe)(None, inputs)
         pixel_values = inputs.get("pixel_values")
         if pixel_values is None or len(pixel_values.shape) != 4:
             got = "nothing" if pixel_values is None else f"shape {tuple(pixel_values.shape)}"
@@ -253,15 +308,31 @@ class TransformersVisionFactory(EncoderFactory):
         per_item = (height // config.patch_size) * (width // config.patch_size) + prefix
         return [per_item] * pixel_values.shape[0]
 
+    def _video_count(self, recipe: Mapping[str, Any]) -> Any:
+        from mmcore.builtin.video import VideoTokenCount
+
+        config = self._config(recipe)
+        height, _ = self._processed_size(recipe, config)
+        return VideoTokenCount(height, config.patch_size, self._options(recipe)["video_stride"])
+
     def dummy_inputs(self, recipe: Mapping[str, Any], batch_size: int = 1) -> dict[str, Any]:
         config = self._config(recipe)
         height, width = self._processed_size(recipe, config)
+        if self.is_video(recipe):
+            frames = 2
+            return {
+                "pixel_values": torch.randn(batch_size, frames, config.num_channels, height, width),
+                "num_frames": torch.full((batch_size,), frames, dtype=torch.long),
+            }
         return {"pixel_values": torch.randn(batch_size, config.num_channels, height, width)}
 
-    def dummy_items(self, recipe: Mapping[str, Any], n: int = 1) -> list[Image.Image]:
-        """``n`` random RGB images of varied sizes and aspect ratios (the processor resizes them)."""
+    def dummy_items(self, recipe: Mapping[str, Any], n: int = 1) -> list[Any]:
+        """``n`` random RGB images of varied sizes and aspect ratios (the processor resizes them); for
+        video, ``n`` random ``(frames, H, W, 3)`` videos of 1 to 3 frames."""
         rng = np.random.default_rng(0)
         sizes = [(37, 23), (20, 45), (64, 48), (17, 17)]
+        if self.is_video(recipe):
+            return [rng.integers(0, 256, (1 + i % 3, h, w, 3), dtype=np.uint8) for i, (h, w) in enumerate((sizes * n)[:n])]
         return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in (sizes * n)[:n]]
 
     # -- helpers -----------------------------------------------------------------------------------

@@ -14,8 +14,9 @@ lay the frames one after the other, optionally closing the video with a learnabl
   model) when it has one. Result: one ``(tokens_i, hidden_size)`` tensor per video.
 
 `VideoTokenCount` is the processor's count per video (exactly what `VideoPool` yields), and
-`VideoItemProcessor` turns raw videos into those inputs: a video is a list of frames (PIL images or
-``(H, W, 3)`` uint8 arrays) or one ``(frames, H, W, 3)`` uint8 array (or tensor). mmcore decodes no
+`VideoItemProcessor` turns raw videos into those inputs: a video is one ``(frames, H, W, 3)`` uint8
+array (or tensor) or a tuple of frames (PIL images or ``(H, W, 3)`` uint8 arrays; a tuple, since
+`MultimodalProcessor` reads a Python list as a list of items). mmcore decodes no
 video files: decode with decord, torchvision.io or PyAV first (see docs/video.md); `load_video` reads
 a ``.npy`` array or a directory of frame images, which is what ``mmcore train`` takes for ``"video"``.
 """
@@ -323,7 +324,7 @@ def load_video(path: str | Path) -> Any:
             raise DataFormatError(
                 f"{path}: a video directory needs frame images ({', '.join(FRAME_SUFFIXES)})"
             )
-        return [load_image(p) for p in files]
+        return tuple(load_image(p) for p in files)  # a tuple: one item (a list would read as items)
     if path.suffix.lower() != ".npy":
         raise DataFormatError(
             f"{path}: mmcore reads videos as a .npy (frames, H, W, 3) uint8 array or a directory of frames; "

@@ -7,8 +7,10 @@ One JSONL line is one sample::
      "conversations": [{"from": "human", "value": "<image>\\nWhat shape is this?"},
                        {"from": "gpt", "value": "a red circle"}]}
 
-``image`` and ``audio`` are paths relative to the JSONL file (or absolute), or lists of paths for
-several items; ``<image>``/``<audio>`` in the text mark where each item goes (a sample without a
+``image``, ``audio`` and ``video`` are paths relative to the JSONL file (or absolute), or lists of
+paths for several items (a video is a ``.npy`` ``(frames, H, W, 3)`` uint8 array or a directory of
+frame images, for the modality named ``video``: an image tower built with ``video=True``);
+``<image>``/``<audio>``/``<video>`` in the text mark where each item goes (a sample without a
 marker gets its items at the start of the first human turn, as LLaVA does). Roles ``human``/``user``
 and ``gpt``/``assistant`` are accepted; ``system`` too.
 """
@@ -114,9 +116,18 @@ def save_wav(path: str | Path, waveform: torch.Tensor, sampling_rate: int) -> No
         fh.writeframes(pcm.numpy().tobytes())
 
 
+def load_video(path: str | Path) -> Any:
+    """One video: a ``.npy`` ``(frames, H, W, 3)`` uint8 array, or a directory of frame images (a tuple
+    of PIL images, in name order); see `mmcore.builtin.video.load_video`. No video decoder: decode
+    ``.mp4`` files into either form first (decord, torchvision.io or PyAV)."""
+    from mmcore.builtin.video import load_video as load
+
+    return load(path)
+
+
 #: JSONL media key -> loader of one file: mmcore's own; installed encoder plugins add theirs
 #: (`registered_loaders`).
-LOADERS = {"image": load_image, "audio": load_audio}
+LOADERS = {"image": load_image, "audio": load_audio, "video": load_video}
 
 
 def registered_loaders() -> dict[str, Any]:
@@ -252,7 +263,7 @@ class ConversationDataset(torch.utils.data.Dataset):
         messages, paths = self._messages(index)
         sample: dict[str, Any] = {"messages": messages}
         for key, modality in self.media_keys.items():
-            missing = [str(p) for p in paths[key] if not p.is_file()]
+            missing = [str(p) for p in paths[key] if not p.exists()]  # a video may be a directory of frames
             if missing:
                 raise DataFormatError(f"sample {name!r}: missing {key} file(s) {missing}")
             items = []

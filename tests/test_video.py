@@ -1,0 +1,187 @@
+"""Video as items of frames for image towers: ``build_encoder("clip" | "siglip", video=True)`` runs every
+frame through the tower and pools each frame's grid (the built-in ``video_frames`` / ``video_pool``
+callbacks); the processor takes a ``(frames, H, W, 3)`` array or a tuple of frames and counts each
+video's tokens exactly (videos of different lengths in one batch); the pooling is transformers'
+LLaVA-OneVision ``apply_pooling``; the encoder keeps the plugin contract and saves/loads; ``mmcore
+train``'s JSONL takes ``"video"`` items (a ``.npy`` array or a directory of frames)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(
+    not all(importlib.util.find_spec(m) for m in ("mmcore_plugin_clip", "mmcore_plugin_siglip")),
+    reason="needs mmcore-plugin-clip and mmcore-plugin-siglip installed (make test puts them on the path)",
+)
+
+
+def videos():
+    rng = np.random.default_rng(0)
+    array = rng.integers(0, 256, (3, 50, 40, 3), dtype=np.uint8)  # one array
+    frames = tuple(rng.integers(0, 256, (30, 60, 3), dtype=np.uint8) for _ in range(2))  # a tuple of frames
+    return [array, frames]
+
+
+def video_model(plugin: str = "clip"):
+    from mmcore import MultimodalModel, build_encoder
+    from mmcore.processing import MultimodalProcessor
+    from mmcore.testing import tiny_llm, tiny_tokenizer
+
+    torch.manual_seed(0)
+    tokenizer = tiny_tokenizer()
+    mllm = MultimodalModel(
+        encoders={"video": build_encoder(plugin, preset="tiny", video=True)},
+        language_model=tiny_llm(vocab_size=len(tokenizer)),
+        init_projector_type="mlp2x_gelu",
+    ).eval()
+    return mllm, MultimodalProcessor.from_model(mllm, tokenizer)
+
+
+@pytest.mark.parametrize("plugin", ["clip", "siglip"])
+@torch.no_grad()
+def test_each_video_costs_its_frames_and_counts_are_exact(plugin):
+    from mmcore.builtin.video import VideoFrames, VideoPool
+
+    mllm, processor = video_model(plugin)
+    encoder = mllm.encoders["video"]
+    assert isinstance(encoder.preprocess_callback, VideoFrames)
+    assert isinstance(encoder.postprocess_projector_callback, VideoPool)
+    batch = processor(["<video> what happens?", "and <video>"], video=videos(), padding_side="left")
+    assert batch["pixel_values"].shape[:2] == (2, 3) and batch["num_frames"].tolist() == [3, 2]
+    features = encoder(pixel_values=batch["pixel_values"], num_frames=batch["num_frames"])
+    per_frame = encoder.postprocess_projector_callback.tokens_per_frame()
+    assert [f.shape[0] for f in features] == [3 * per_frame, 2 * per_frame]
+    placeholders = (batch["input_ids"] == processor.token_ids["video"]).sum(1).tolist()
+    assert placeholders == [3 * per_frame, 2 * per_frame]
+    # the padded frame of the shorter video changes nothing: each video alone gives its own features
+    for i, video in enumerate(videos()):
+        alone = processor(["<video>"], video=[video])
+        (single,) = encoder(pixel_values=alone["pixel_values"], num_frames=alone["num_frames"])
+        torch.testing.assert_close(single, features[i], rtol=0, atol=1e-6)
+    assert mllm(**batch).logits.shape[:2] == batch["input_ids"].shape
+
+
+@pytest.mark.parametrize("side", [3, 4, 27])
+def test_video_pool_is_llava_onevisions_apply_pooling(side):
+    from types import SimpleNamespace
+
+    from transformers.models.llava_onevision.modeling_llava_onevision import LlavaOnevisionModel
+
+    from mmcore.builtin.video import VideoPool
+
+    pool = VideoPool(image_size=side * 14, patch_size=14)
+    features = torch.randn(5, side * side, 8)
+    shell = SimpleNamespace(
+        config=SimpleNamespace(vision_config=SimpleNamespace(image_size=side * 14, patch_size=14))
+    )
+    expected = LlavaOnevisionModel.apply_pooling(shell, features)
+    assert torch.equal(pool.pool(features), expected)
+    assert expected.shape[1] == pool.tokens_per_frame() == math.ceil(side / 2) ** 2
+    average = VideoPool(side * 14, 14, mode="average").pool(features)
+    assert average.shape == expected.shape and not torch.equal(average, expected)
+
+
+def test_video_encoder_keeps_the_contract(tmp_path):
+    from mmcore.testing import check_encoder_plugin
+
+    check_encoder_plugin("clip", options={"video": True}, tmp_path=tmp_path)
+
+
+@torch.no_grad()
+def test_video_model_saves_and_loads_with_its_processor(tmp_path):
+    from mmcore import MultimodalModel
+    from mmcore.processing import MultimodalProcessor
+
+    mllm, processor = video_model()
+    mllm.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    recipe = json.loads((tmp_path / "config.json").read_text())["encoders"]["video"]["source"]["recipe"]
+    assert recipe["options"]["video"] is True and recipe["options"]["video_stride"] == 2
+    loaded = MultimodalModel.from_pretrained(tmp_path).eval()
+    again = MultimodalProcessor.from_pretrained(tmp_path)
+    batch = processor(["<video> hi", "a <video>"], video=videos(), padding_side="left")
+    batch2 = again(["<video> hi", "a <video>"], video=videos(), padding_side="left")
+    assert torch.equal(batch["input_ids"], batch2["input_ids"])
+    assert torch.equal(loaded(**batch2).logits, mllm(**batch).logits)
+
+
+def test_image_recipes_stay_as_they_were_and_bad_options_are_typed():
+    from mmcore import build_encoder
+    from mmcore.errors import ConfigError
+
+    image = build_encoder("clip", preset="tiny")
+    assert "video" not in image.source["recipe"]["options"] and image.additional_args == ()
+    with pytest.raises(ConfigError, match="drop_cls=True"):
+        build_encoder("clip", preset="tiny", video=True, drop_cls=False)
+    with pytest.raises(ConfigError, match="video_stride needs video=True"):
+        build_encoder("clip", preset="tiny", video_stride=2)
+    with pytest.raises(ConfigError, match="video_stride must be a positive int"):
+        build_encoder("clip", preset="tiny", video=True, video_stride=0)
+
+
+def test_processor_rejects_what_is_not_a_video():
+    from mmcore.errors import EncoderInputError
+
+    _, processor = video_model()
+    with pytest.raises(EncoderInputError, match=r"video 0 must be a \(frames, H, W, 3\) uint8 array"):
+        processor(["<video>"], video=[np.zeros((2, 8, 8, 3), dtype=np.float32)])
+    with pytest.raises(EncoderInputError, match="frame 1 must be a PIL image"):
+        processor(["<video>"], video=[(np.zeros((8, 8, 3), dtype=np.uint8), "frame")])
+
+
+def test_load_video_reads_arrays_and_frame_directories(tmp_path):
+    from PIL import Image
+
+    from mmcore.errors import DataFormatError
+    from mmcore.training.data import LOADERS
+
+    array = videos()[0]
+    np.save(tmp_path / "clip.npy", array)
+    assert np.array_equal(LOADERS["video"](tmp_path / "clip.npy"), array)
+    (tmp_path / "frames").mkdir()
+    for i, frame in enumerate(array):
+        Image.fromarray(frame).save(tmp_path / "frames" / f"{i:03d}.png")
+    frames = LOADERS["video"](tmp_path / "frames")
+    assert isinstance(frames, tuple) and [np.asarray(f).tolist() for f in frames] == array.tolist()
+    (tmp_path / "clip.mp4").write_bytes(b"not decoded")
+    with pytest.raises(DataFormatError, match="decord, torchvision.io.read_video or PyAV"):
+        LOADERS["video"](tmp_path / "clip.mp4")
+    np.save(tmp_path / "bad.npy", np.zeros((4, 4), dtype=np.uint8))
+    with pytest.raises(DataFormatError, match=r"expected a \(frames, H, W, 3\) uint8 array"):
+        LOADERS["video"](tmp_path / "bad.npy")
+
+
+def test_jsonl_video_items_train_a_step(tmp_path):
+    from PIL import Image
+
+    from mmcore.training import ConversationDataset, MultimodalCollator
+    from mmcore.training.data import check_data, registered_loaders
+
+    array = videos()[0]
+    np.save(tmp_path / "a.npy", array)
+    (tmp_path / "b").mkdir()
+    for i, frame in enumerate(array[:2]):
+        Image.fromarray(frame).save(tmp_path / "b" / f"{i}.jpg")
+    records = [
+        {"id": "a", "video": "a.npy", "conversations": [{"from": "human", "value": "<video>\nwhat?"}, {"from": "gpt", "value": "a"}]},
+        {"id": "b", "video": "b", "conversations": [{"from": "human", "value": "<video> and?"}, {"from": "gpt", "value": "b"}]},
+    ]  # fmt: skip
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    loaders = registered_loaders()
+    assert check_data(data, loaders=loaders) == []
+    dataset = ConversationDataset(data, loaders=loaders)
+    mllm, processor = video_model()
+    dataset.check_modalities(processor.modalities)
+    batch = MultimodalCollator(processor)([dataset[0], dataset[1]])
+    assert batch["num_frames"].tolist() == [3, 2]
+    mllm.train()
+    loss = mllm(**batch).loss
+    loss.backward()
+    assert torch.isfinite(loss) and mllm.encoders["video"].projector.projection[0].weight.grad is not None
