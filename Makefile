@@ -1,13 +1,13 @@
 # Two entry points, both self-installing and idempotent: `make demo` and `make test`.
 #
-# The four encoder plugins are separate distributions. `make plugins` builds and installs each one
+# The encoder plugins are separate distributions. `make plugins` builds and installs each one
 # (a real pip install of plugins/<name>) into its own directory under build/plugin-sites/, never
-# into .venv, so tests can put all four on the path together, or exactly one of them alone.
+# into .venv, so tests can put all of them on the path together, or exactly one of them alone.
 PYTHON  ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.mmcore-installed
-PLUGINS := clip siglip eva02 whisper
+PLUGINS := clip siglip eva02 whisper qwen2vl
 SITES   := build/plugin-sites
 ALL_SITES := $(subst $(eval) ,:,$(abspath $(addprefix $(SITES)/,$(PLUGINS))))
 PLUGIN_SOURCES := $(shell find plugins -name '*.py' -o -name pyproject.toml 2>/dev/null)
@@ -37,7 +37,7 @@ plugins: $(SITES)/.stamp
 demo: plugins
 	PYTHONPATH=$(ALL_SITES) $(BIN)/python -m mmcore.demo
 
-# Core and plugin tests with all four plugins installed, then each plugin's tests with only itself.
+# Core and plugin tests with all plugins installed, then each plugin's tests with only itself.
 test: test-core test-plugins-alone
 
 test-core: plugins
