@@ -162,7 +162,7 @@ def _language_model(hf_model: LlavaForConditionalGeneration) -> nn.Module:
         )
     setattr(llm, prefix, base)
     llm.set_output_embeddings(hf_model.lm_head)
-    _check_no_meta(llm, "llava language model")
+    check_no_meta(llm, "llava language model")
     if getattr(hf_model, "generation_config", None) is not None:
         llm.generation_config = copy.deepcopy(hf_model.generation_config)
     return llm
@@ -230,13 +230,7 @@ def to_hf(mllm: MultimodalModel) -> LlavaForConditionalGeneration:
     llava.model.vision_tower = tower
     llava.model.multi_modal_projector.linear_1 = linear_1
     llava.model.multi_modal_projector.linear_2 = linear_2
-    llava.model.language_model = base
-    llava.lm_head = llm.get_output_embeddings()
-    _check_no_meta(llava, "LlavaForConditionalGeneration")
-    if getattr(mllm, "generation_config", None) is not None:
-        llava.generation_config = copy.deepcopy(mllm.generation_config)
-    llava.train(mllm.training)
-    return llava
+    return finish_export(llava, mllm, base, llm, "LlavaForConditionalGeneration")
 
 
 def _tower(name: str, encoder: ModalEncoderModule) -> nn.Module:
@@ -373,10 +367,29 @@ def llava_processor(llava: LlavaForConditionalGeneration, tokenizer: Any, image_
     )
 
 
-def _check_no_meta(module: nn.Module, what: str) -> None:
+def finish_export(hf: nn.Module, mllm: Any, base: nn.Module, llm: nn.Module, what: str) -> nn.Module:
+    """The last steps of every family's ``to_hf``: the transformers shell ``hf`` (built on the meta
+    device, its towers and projector already replaced) gets ``mllm``'s base language model and head,
+    must have no part left on the meta device (`ConfigError` naming ``what`` otherwise), and takes
+    ``mllm``'s generation config and train/eval mode."""
+    hf.model.language_model = base
+    hf.lm_head = llm.get_output_embeddings()
+    check_no_meta(hf, what)
+    if getattr(mllm, "generation_config", None) is not None:
+        hf.generation_config = copy.deepcopy(mllm.generation_config)
+    hf.train(mllm.training)
+    return hf
+
+
+def check_no_meta(module: nn.Module, what: str) -> None:
+    """`ConfigError` when some, but not all, of ``module``'s tensors are still on the meta device (a
+    shell part the source did not replace); a model built wholly on the meta device passes."""
     left = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
     if left and not all(t.is_meta for t in [*module.parameters(), *module.buffers()]):
         raise ConfigError(f"{what}: parts {left[:5]} were not replaced by the source's modules")
+
+
+_check_no_meta = check_no_meta  # the name the family converters used before it was public
 
 
 hf_processor = llava_processor  # the family interface's name (mmcore.convert.export)

@@ -20,7 +20,6 @@ the image processor                    the checkpoint's ``LlavaNextImageProcesso
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import torch
@@ -137,13 +136,7 @@ def to_hf(mllm: MultimodalModel) -> LlavaNextForConditionalGeneration:
     hf.model.multi_modal_projector.linear_1 = linear_1
     hf.model.multi_modal_projector.linear_2 = linear_2
     hf.model.image_newline = pack.image_newline
-    hf.model.language_model = base
-    hf.lm_head = llm.get_output_embeddings()
-    llava._check_no_meta(hf, ARCHITECTURE)
-    if getattr(mllm, "generation_config", None) is not None:
-        hf.generation_config = copy.deepcopy(mllm.generation_config)
-    hf.train(mllm.training)
-    return hf
+    return llava.finish_export(hf, mllm, base, llm, ARCHITECTURE)
 
 
 def hf_processor(hf_model: LlavaNextForConditionalGeneration, tokenizer: Any, image_processor: Any) -> LlavaNextProcessor:

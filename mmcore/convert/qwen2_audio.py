@@ -18,7 +18,6 @@ The processor stays the checkpoint's ``Qwen2AudioProcessor``: its output (``inpu
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import torch
@@ -95,13 +94,7 @@ def to_hf(mllm: MultimodalModel) -> Qwen2AudioForConditionalGeneration:
         hf = Qwen2AudioForConditionalGeneration(config)
     hf.model.audio_tower = tower
     hf.model.multi_modal_projector.linear = projector.projection
-    hf.model.language_model = base
-    hf.lm_head = llm.get_output_embeddings()
-    llava._check_no_meta(hf, ARCHITECTURE)
-    if getattr(mllm, "generation_config", None) is not None:
-        hf.generation_config = copy.deepcopy(mllm.generation_config)
-    hf.train(mllm.training)
-    return hf
+    return llava.finish_export(hf, mllm, base, llm, ARCHITECTURE)
 
 
 def hf_processor(hf_model: Any, tokenizer: Any, image_processor: Any) -> Any:
