@@ -1,4 +1,5 @@
-"""Language-model presets: named configs built in code, so an LLM can be assembled with no download.
+"""Language-model presets: named configs built in code, so an LLM can be assembled with no download;
+and `vit_config`, the field names vision plugins build their ViT presets with.
 
 A preset is a ``transformers`` config (model type plus arguments) with random weights. The full-size
 ones copy the released model's ``config.json`` (architecture fields only), so ``mmcore assemble
@@ -62,6 +63,21 @@ def _decoder(
         vocab_size=vocab, hidden_size=width, intermediate_size=ffn, num_hidden_layers=layers,
         num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=positions,
         rms_norm_eps=eps, rope_theta=theta, bos_token_id=bos, eos_token_id=eos, tie_word_embeddings=tied, **extra,
+    )  # fmt: skip
+
+
+def vit_config(
+    width: int, ffn: int, layers: int, heads: int, patch: int, image: int, *, act: str, eps: float
+) -> dict[str, Any]:
+    """A transformers ViT vision-tower config (CLIP / SigLIP / DINOv2 field names) from its published
+    numbers, as plain data: a vision plugin's presets module stays free of torch.
+
+    >>> vit_config(1024, 4096, 24, 16, 14, 336, act="quick_gelu", eps=1e-5)["num_hidden_layers"]
+    24
+    """
+    return dict(
+        hidden_size=width, intermediate_size=ffn, num_hidden_layers=layers, num_attention_heads=heads,
+        patch_size=patch, image_size=image, num_channels=3, hidden_act=act, layer_norm_eps=eps,
     )  # fmt: skip
 
 

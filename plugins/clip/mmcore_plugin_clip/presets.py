@@ -7,23 +7,15 @@ weights, offline; with ``device="meta"`` a full-size one is instantiated without
 
 from __future__ import annotations
 
+from mmcore.presets import vit_config
+
 # OpenAI CLIP's image normalisation (the checkpoints' preprocessor_config.json).
 IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
 IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def _vit(hidden: int, intermediate: int, layers: int, heads: int, patch: int, image: int) -> dict:
-    return {
-        "hidden_size": hidden,
-        "intermediate_size": intermediate,
-        "num_hidden_layers": layers,
-        "num_attention_heads": heads,
-        "patch_size": patch,
-        "image_size": image,
-        "num_channels": 3,
-        "hidden_act": "quick_gelu",
-        "layer_norm_eps": 1e-5,
-    }
+    return vit_config(hidden, intermediate, layers, heads, patch, image, act="quick_gelu", eps=1e-5)
 
 
 #: preset name -> summary, the checkpoint whose architecture it copies, CLIPVisionConfig fields.

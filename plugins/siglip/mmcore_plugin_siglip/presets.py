@@ -7,23 +7,15 @@ without allocating memory.
 
 from __future__ import annotations
 
+from mmcore.presets import vit_config
+
 # SigLIP's image normalisation (the checkpoints' preprocessor_config.json): [0, 1] -> [-1, 1].
 IMAGE_MEAN = (0.5, 0.5, 0.5)
 IMAGE_STD = (0.5, 0.5, 0.5)
 
 
 def _vit(hidden: int, intermediate: int, layers: int, heads: int, patch: int, image: int) -> dict:
-    return {
-        "hidden_size": hidden,
-        "intermediate_size": intermediate,
-        "num_hidden_layers": layers,
-        "num_attention_heads": heads,
-        "patch_size": patch,
-        "image_size": image,
-        "num_channels": 3,
-        "hidden_act": "gelu_pytorch_tanh",
-        "layer_norm_eps": 1e-6,
-    }
+    return vit_config(hidden, intermediate, layers, heads, patch, image, act="gelu_pytorch_tanh", eps=1e-6)
 
 
 #: preset name -> summary, the checkpoint whose architecture it copies, SiglipVisionConfig fields.
