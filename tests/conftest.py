@@ -32,3 +32,21 @@ def cli(monkeypatch):
         app = cli_app.build_app()
         runner = CliRunner()
         yield lambda *args: runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="session")
+def demo_start(tmp_path_factory):
+    """The demo's model (CLIP + Whisper presets + a width-32 Llama) and processor saved in one
+    directory, and a one-file training set: ``(model_dir, data)``. Needs the clip and whisper plugins."""
+    pytest.importorskip("mmcore_plugin_clip")
+    pytest.importorskip("mmcore_plugin_whisper")
+    import torch
+
+    from mmcore.demo import build_model, make_dataset
+
+    root = tmp_path_factory.mktemp("demo-start")
+    torch.manual_seed(0)
+    model, processor = build_model(llm_width=32)
+    model.save_pretrained(root / "model")
+    processor.save_pretrained(root / "model")
+    return root / "model", make_dataset(root / "data", 1, seed=0, name="train")

@@ -295,38 +295,20 @@ def test_assemble_loads_a_local_llm_directory_or_only_its_config_with_random_ini
     key = "model.layers.0.mlp.down_proj.weight"
     saved = llm.state_dict()[key]
 
-    result = cli(
-        "assemble",
-        "--llm",
-        llm_dir,
-        "-e",
-        "vision=clip:preset=tiny",
-        "-o",
-        tmp_path / "real",
-        "--dtype",
-        "bf16",
-        "--json",
-    )
-    assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout)["random_weights"] is False
+    def assemble(out, *flags):
+        result = cli(
+            "assemble", "--llm", llm_dir, "-e", "vision=clip:preset=tiny", "-o", out, *flags, "--json"
+        )
+        assert result.exit_code == 0, result.output
+        return json.loads(result.stdout)
+
+    assert assemble(tmp_path / "real", "--dtype", "bf16")["random_weights"] is False
     model = MultimodalModel.from_pretrained(tmp_path / "real")
     loaded = model.get_base_language_model().state_dict()[key]
     assert loaded.dtype == torch.bfloat16 and torch.equal(loaded, saved.to(torch.bfloat16))
     assert model.config.text_config.model_type == "qwen2"
 
-    result = cli(
-        "assemble",
-        "--llm",
-        llm_dir,
-        "-e",
-        "vision=clip:preset=tiny",
-        "-o",
-        tmp_path / "random",
-        "--random-init",
-        "--json",
-    )
-    assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout)["random_weights"] is True
+    assert assemble(tmp_path / "random", "--random-init")["random_weights"] is True
     random = MultimodalModel.from_pretrained(tmp_path / "random").get_base_language_model().state_dict()[key]
     assert random.shape == saved.shape and not torch.equal(random, saved)
 

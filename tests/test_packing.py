@@ -350,21 +350,14 @@ def test_training_by_a_length_budget_packed(tmp_path, family):
     assert "batches of up to 120 length per step" in console.export_text()
 
 
-def test_train_command_packs_and_batches_by_length(tmp_path):
-    pytest.importorskip("mmcore_plugin_clip")
-    pytest.importorskip("mmcore_plugin_whisper")
+def test_train_command_packs_and_batches_by_length(tmp_path, demo_start):
     from typer.testing import CliRunner
 
     from mmcore.cli.app import build_app
-    from mmcore.demo import build_model, make_dataset
 
-    torch.manual_seed(0)
-    model, processor = build_model(llm_width=32)
-    model.save_pretrained(tmp_path / "start")
-    processor.save_pretrained(tmp_path / "start")
-    data = make_dataset(tmp_path / "data", 1, seed=0, name="train")
+    start, data = demo_start
     result = CliRunner().invoke(build_app(), [
-        "train", str(tmp_path / "start"), "--data", str(data), "--stage", "finetune", "-o", str(tmp_path / "run"),
+        "train", str(start), "--data", str(data), "--stage", "finetune", "-o", str(tmp_path / "run"),
         "--batch-length", "100", "--pack-to", "128", "--steps", "2", "--log-every", "1", "--no-progress",
         "--device", "cpu",
     ])  # fmt: skip

@@ -138,21 +138,15 @@ def test_remove_lets_every_row_train_again_and_bad_ids_are_refused():
         train_token_rows(model, [10**6])
 
 
-def test_mmcore_train_flag_keeps_the_old_rows_of_the_saved_model(tmp_path):
-    pytest.importorskip("mmcore_plugin_clip")
-    pytest.importorskip("mmcore_plugin_whisper")
+def test_mmcore_train_flag_keeps_the_old_rows_of_the_saved_model(tmp_path, demo_start):
     from typer.testing import CliRunner
 
     from mmcore import MultimodalModel
     from mmcore.cli.app import build_app
-    from mmcore.demo import build_model, make_dataset
 
-    torch.manual_seed(0)
-    model, processor = build_model(llm_width=32)
-    model.save_pretrained(tmp_path / "start")
-    processor.save_pretrained(tmp_path / "start")
-    data = make_dataset(tmp_path / "data", 1, seed=0, name="train")
-    args = ["train", tmp_path / "start", "--data", data, "-o", tmp_path / "run", "--stage", "align", "--steps", "2",
+    start, data = demo_start
+    model = MultimodalModel.from_pretrained(start)
+    args = ["train", start, "--data", data, "-o", tmp_path / "run", "--stage", "align", "--steps", "2",
             "--batch-size", "2", "--lr", "1e-2", "--weight-decay", "0.1", "--train-new-token-rows", "--no-progress",
             "--device", "cpu"]  # fmt: skip
     result = CliRunner().invoke(build_app(), [str(a) for a in args])

@@ -16,21 +16,6 @@ from mmcore.training import TrainConfig, train
 from mmcore.training.data import DataFormatError, check_data, load_image
 
 
-@pytest.fixture(scope="module")
-def start(tmp_path_factory):
-    """A saved tiny model directory (CLIP + Whisper presets + tiny Llama) and a clean data set."""
-    pytest.importorskip("mmcore_plugin_clip")
-    pytest.importorskip("mmcore_plugin_whisper")
-    from mmcore.demo import build_model, make_dataset
-
-    root = tmp_path_factory.mktemp("start")
-    torch.manual_seed(0)
-    model, processor = build_model(llm_width=32)
-    model.save_pretrained(root / "model")
-    processor.save_pretrained(root / "model")
-    return root / "model", make_dataset(root / "data", 1, seed=0, name="train")
-
-
 def invoke(*args):
     from mmcore.cli.app import build_app
 
@@ -42,8 +27,8 @@ def train_args(model_dir, data, out, *extra):
             "--no-progress", "--device", "cpu", *extra]  # fmt: skip
 
 
-def test_output_that_is_a_file_fails_before_training(tmp_path, start):
-    model_dir, data = start
+def test_output_that_is_a_file_fails_before_training(tmp_path, demo_start):
+    model_dir, data = demo_start
     target = tmp_path / "out.txt"
     target.write_text("not a directory")
     result = invoke(*train_args(model_dir, data, target))
@@ -52,8 +37,8 @@ def test_output_that_is_a_file_fails_before_training(tmp_path, start):
     assert target.read_text() == "not a directory"
 
 
-def test_bad_data_lines_are_listed_with_file_and_line_before_training(tmp_path, start):
-    model_dir, data = start
+def test_bad_data_lines_are_listed_with_file_and_line_before_training(tmp_path, demo_start):
+    model_dir, data = demo_start
     good = json.loads(data.read_text().splitlines()[0])
     image = str(data.parent / good["image"])
     bad = tmp_path / "bad.jsonl"
@@ -89,15 +74,15 @@ def test_undecodable_image_is_a_problem_of_its_line(tmp_path):
     assert problem.startswith(f"{tmp_path / 'd.jsonl'}:1:") and "cannot read image" in problem
 
 
-def test_check_data_only_checks(tmp_path, start):
-    model_dir, data = start
+def test_check_data_only_checks(tmp_path, demo_start):
+    model_dir, data = demo_start
     result = invoke(*train_args(model_dir, data, tmp_path / "run"), "--check-data")
     assert result.exit_code == 0, result.output
     assert "ok" in result.stdout and not (tmp_path / "run").exists()
 
 
-def test_no_resume_into_an_older_run_is_refused_unless_overwrite(tmp_path, start):
-    model_dir, data = start
+def test_no_resume_into_an_older_run_is_refused_unless_overwrite(tmp_path, demo_start):
+    model_dir, data = demo_start
     out = tmp_path / "run"
     assert invoke(*train_args(model_dir, data, out, "--save-every", "1")).exit_code == 0
     old = sorted((out / "checkpoints").glob("step-*"))
@@ -167,10 +152,10 @@ def test_skip_nonfinite_skips_and_counts(tmp_path):
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
-def test_nan_waveform_stops_the_cli_with_exit_2(tmp_path, start):
+def test_nan_waveform_stops_the_cli_with_exit_2(tmp_path, demo_start):
     from mmcore.demo import make_dataset
 
-    model_dir, _ = start
+    model_dir, _ = demo_start
     data = make_dataset(tmp_path / "data", 1, seed=0, name="train")
     records = [json.loads(line) for line in data.read_text().splitlines()]
     audio = [r for r in records if "audio" in r][:2]
@@ -274,10 +259,10 @@ def test_train_help_lists_every_config_option_with_its_help():
     assert config_from_cli({**{o.name: o.default for o in options}, "max_grad_norm": 0.0}).max_grad_norm is None
 
 
-def test_resuming_into_a_finished_model_without_checkpoints_is_refused(tmp_path, start):
+def test_resuming_into_a_finished_model_without_checkpoints_is_refused(tmp_path, demo_start):
     """The default --resume into an OUTPUT whose model/ has no checkpoint beside it would overwrite that
     model with a fresh run's: one line, exit 2, naming --overwrite and -o; the model stays as it was."""
-    model_dir, data = start
+    model_dir, data = demo_start
     out = tmp_path / "run"
     assert invoke(*train_args(model_dir, data, out)).exit_code == 0  # no --save-every: no checkpoints
     weights = {p.name: p.read_bytes() for p in (out / "model").iterdir() if p.is_file()}
@@ -290,8 +275,8 @@ def test_resuming_into_a_finished_model_without_checkpoints_is_refused(tmp_path,
     assert replaced.exit_code == 0, replaced.output
 
 
-def test_output_that_is_a_broken_link_or_holds_a_file_named_checkpoints_is_one_line(tmp_path, start):
-    model_dir, data = start
+def test_output_that_is_a_broken_link_or_holds_a_file_named_checkpoints_is_one_line(tmp_path, demo_start):
+    model_dir, data = demo_start
     link = tmp_path / "link"
     link.symlink_to(tmp_path / "gone")
     result = invoke(*train_args(model_dir, data, link))
