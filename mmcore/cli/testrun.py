@@ -81,10 +81,7 @@ def test_run(
         raise ConfigError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
     if train not in TRAIN_STAGES:
         raise ConfigError(f"--train {train!r}: expected one of {', '.join(TRAIN_STAGES)}")
-    if not target.exists():
-        raise ConfigError(f"MODEL_DIR|SPEC {str(target)!r}: no such directory or file")
-    if not target.is_dir() and target.suffix != ".toml":
-        raise ConfigError(f"MODEL_DIR|SPEC {str(target)!r}: expected a model directory or a .toml spec file")
+    check_target(target, "MODEL_DIR|SPEC")
     torch_device = _resolve_device(device)
     with library_progress_bars():
         report = run(
@@ -130,6 +127,15 @@ def _torch_dtype(name: str, device: Any) -> Any:
 
 
 # -- loading ---------------------------------------------------------------------------------------
+
+
+def check_target(target: Path, label: str) -> None:
+    """`ConfigError` unless ``target`` is a directory or a ``.toml`` assembly file (``label``: the
+    argument's name in the message)."""
+    if not target.exists():
+        raise ConfigError(f"{label} {str(target)!r}: no such directory or file")
+    if not target.is_dir() and target.suffix != ".toml":
+        raise ConfigError(f"{label} {str(target)!r}: expected a model directory or a .toml spec file")
 
 
 def load_target(target: Path, dtype: Any, trust_remote_code: bool = False) -> tuple[Any, Any, Any, str]:

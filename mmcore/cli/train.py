@@ -104,6 +104,7 @@ def _train(
     trust_remote_code: bool,
     **config_values: Any,
 ) -> None:
+    from mmcore.cli.testrun import check_target
     from mmcore.training.config import config_from_cli
     from mmcore.training.stages import STAGES
 
@@ -111,10 +112,7 @@ def _train(
     stage, resume, seed = config_values["stage"], config_values["resume"], config_values["seed"]
     if stage not in STAGES:
         raise ConfigError(f"--stage {stage!r}: expected one of {', '.join(STAGES)}")
-    if not target.exists():
-        raise ConfigError(f"SPEC|MODEL_DIR {str(target)!r}: no such directory or file")
-    if not target.is_dir() and target.suffix != ".toml":
-        raise ConfigError(f"SPEC|MODEL_DIR {str(target)!r}: expected a model directory or a .toml spec file")
+    check_target(target, "SPEC|MODEL_DIR")
     from mmcore.training.data import registered_loaders
 
     loaders = registered_loaders()  # image, audio and every installed plugin's data key
