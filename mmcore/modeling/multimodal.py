@@ -597,6 +597,8 @@ class MultimodalModel(PreTrainedModel, GenerationMixin):
 
     @staticmethod
     def _build_language_model(config: MultimodalConfig) -> nn.Module:
+        if getattr(config.text_config, "model_type", None) in ("qwen2_vl_text", "qwen2_5_vl_text"):
+            import mmcore.builtin.mrope  # noqa: F401 - registers their causal LMs with AutoModelForCausalLM
         llm = AutoModelForCausalLM.from_config(config.text_config)
         if config.peft_config:
             import peft
