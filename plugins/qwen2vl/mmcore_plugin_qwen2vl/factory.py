@@ -48,6 +48,7 @@ class Qwen2VLFactory(EncoderFactory):
     tower_class: ClassVar[type] = Qwen2VLVisionTower
     width_field: ClassVar[str] = "embed_dim"  # the tower's width (the merger's input)
     projector_type: ClassVar[str] = "qwen2vl:qwen2_vl_merger"
+    video_processor_class: ClassVar[type] = Qwen2VLVideoProcessor
     presets = {name: entry["summary"] for name, entry in PRESETS["qwen2_vl"].items()}
     options = {"video": False, "min_pixels": None, "max_pixels": None}
     data_key = "image"
@@ -151,6 +152,11 @@ class Qwen2VLFactory(EncoderFactory):
     def default_projector(self, recipe: Mapping[str, Any]) -> str:
         return self.projector_type
 
+    def additional_args(self, recipe: Mapping[str, Any]) -> list[str]:
+        """Qwen2.5-VL videos: ``second_per_grid_ts`` is routed to the encoder (the ``mrope`` callback
+        reads it from the call), not to the language model."""
+        return ["second_per_grid_ts"] if recipe.get("video") and self.family == "qwen2_5_vl" else []
+
     # -- data ----------------------------------------------------------------------------------------
     def processor(self, recipe: Mapping[str, Any]) -> Qwen2VLImageProcessor | Qwen2VLVideoProcessor:
         """transformers' ``Qwen2VLImageProcessor`` (or ``Qwen2VLVideoProcessor`` with ``video``) with the
@@ -163,7 +169,7 @@ class Qwen2VLFactory(EncoderFactory):
             **recipe.get("normalize", {}),
         )  # fmt: skip
         if recipe.get("video"):
-            return Qwen2VLVideoProcessor(**kwargs, do_sample_frames=False)
+            return self.video_processor_class(**kwargs, do_sample_frames=False)
         return Qwen2VLImageProcessor(**kwargs)
 
     def num_tokens(self, recipe: Mapping[str, Any], inputs: Mapping[str, Any]) -> list[int]:
@@ -209,6 +215,19 @@ class Qwen2VLFactory(EncoderFactory):
         return load_image(path)
 
 
+class Qwen25VLVideoProcessor(Qwen2VLVideoProcessor):
+    """``Qwen2VLVideoProcessor`` that also gives each video's ``second_per_grid_ts`` (seconds per
+    temporal patch: ``temporal_patch_size / fps``, the video's sampled fps, 24 when unknown), as
+    transformers' ``Qwen2_5_VLProcessor`` adds it; Qwen2.5-VL spaces a video's temporal positions by it."""
+
+    def __call__(self, videos: Any, **kwargs: Any) -> Any:
+        kwargs["return_metadata"] = True
+        out = super().__call__(videos, **kwargs)
+        seconds = [self.temporal_patch_size / metadata.sampled_fps for metadata in out.pop("video_metadata")]
+        out["second_per_grid_ts"] = torch.tensor(seconds) if kwargs.get("return_tensors") == "pt" else seconds
+        return out
+
+
 class Qwen25VLFactory(Qwen2VLFactory):
     """Factory of the ``qwen2_5_vl`` encoder (the recipe as `Qwen2VLFactory`'s)."""
 
@@ -217,6 +236,7 @@ class Qwen25VLFactory(Qwen2VLFactory):
     tower_class = Qwen25VLVisionTower
     width_field = "hidden_size"
     projector_type = "qwen2vl:qwen2_5_vl_merger"
+    video_processor_class = Qwen25VLVideoProcessor
     presets = {name: entry["summary"] for name, entry in PRESETS["qwen2_5_vl"].items()}
 
 

@@ -121,7 +121,7 @@ class Qwen25VLVisionTower(Qwen2_5_VisionTransformerPretrainedModel):
         return _split_items(self, super().forward, pixel_values, image_grid_thw, kwargs)
 
 
-class _MergerProjection:
+class MergerProjection:
     """Per-item features in, per-item tokens out; the merge of all items is one call of the merger."""
 
     unit = MERGE_SIZE**2
@@ -145,11 +145,11 @@ class _MergerProjection:
         return list(merged.split(sizes))
 
 
-class Qwen2VLMergerProjection(_MergerProjection, PatchMerger):
+class Qwen2VLMergerProjection(MergerProjection, PatchMerger):
     """transformers' Qwen2-VL ``PatchMerger`` (LayerNorm, 2x2 concatenated, Linear-GELU-Linear) on
     per-item features."""
 
 
-class Qwen25VLMergerProjection(_MergerProjection, Qwen2_5_VLPatchMerger):
+class Qwen25VLMergerProjection(MergerProjection, Qwen2_5_VLPatchMerger):
     """transformers' ``Qwen2_5_VLPatchMerger`` (RMSNorm, 2x2 concatenated, Linear-GELU-Linear) on
     per-item features."""
