@@ -19,13 +19,12 @@ FAMILIES: dict[str, str] = {
     "llava_next": "mmcore.convert.llava_next",
     "llava_onevision": "mmcore.convert.llava_onevision",
     "qwen2_audio": "mmcore.convert.qwen2_audio",
+    "qwen2_vl": "mmcore.convert.qwen2_vl",
+    "qwen2_5_vl": "mmcore.convert.qwen2_5_vl",
 }
 
 #: model_type -> why it is not converted yet (shown in errors and in docs/converting.md).
-MISSING: dict[str, str] = {
-    "qwen2_vl": "needs the Qwen2-VL native-resolution tower and 3-D rotary positions (dynamic-tokens issue)",
-    "qwen2_5_vl": "needs the Qwen2.5-VL native-resolution tower and 3-D rotary positions (dynamic-tokens issue)",
-}
+MISSING: dict[str, str] = {}
 
 
 class UnknownFamilyError(ConfigError):
