@@ -74,6 +74,11 @@ def family_for(mllm: Any) -> Any:
         from mmcore.convert import llava_onevision
 
         return llava_onevision
+    qwen = {(e.source or {}).get("encoder") for e in encoders} & {"qwen2vl:qwen2_vl", "qwen2vl:qwen2_5_vl"}
+    if qwen:  # the Qwen2-VL / Qwen2.5-VL tower (their to_hf says what else does not fit)
+        from mmcore.convert import qwen2_5_vl, qwen2_vl
+
+        return qwen2_5_vl if qwen == {"qwen2vl:qwen2_5_vl"} else qwen2_vl
     if len(encoders) == 1 and isinstance(encoders[0].postprocess_projector_callback, AnyResPack):
         return llava_next
     if len(encoders) == 1 and isinstance(encoders[0].postprocess_projector_callback, Qwen2AudioTrim):

@@ -1,0 +1,252 @@
+"""Qwen2-VL and Qwen2.5-VL in and out: a transformers directory converts to an mmcore model sharing its
+modules (an image and a video encoder on one tower, the merger as the projector, M-RoPE through the
+``mrope`` preprocess_llm callback), with equal logits and greedy generations on a left-padded batch of
+two (images of two sizes and a short video), the processor's batch equal to ``Qwen2VLProcessor``'s;
+and back (HF -> mmcore -> HF bit-exact; ``mmcore export`` loads with no mmcore importable and gives
+equal logits)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("mmcore_plugin_qwen2vl") is None,
+    reason="needs mmcore-plugin-qwen2vl installed (make test puts it on the path)",
+)
+
+ATOL = 1e-5
+IMAGE, VIDEO = "<|vision_start|><|image_pad|><|vision_end|>", "<|vision_start|><|video_pad|><|vision_end|>"
+PROMPTS = [f"user: {IMAGE} what is this? assistant:", f"user: compare {IMAGE} with {VIDEO} please assistant:"]
+IMAGE_SIZES = [(16, 24), (28, 20)]  # (h, w): resized to 16x24 and 32x16, 6 and 8 tokens (8 px per token)
+#: config fields that decide what the model computes or how its inputs are made
+CONFIG_FIELDS = ("image_token_id", "video_token_id", "tie_word_embeddings")
+
+
+def images():
+    rng = np.random.default_rng(0)
+    return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in IMAGE_SIZES]
+
+
+def video():
+    return np.random.default_rng(1).integers(
+        0, 256, (4, 16, 16, 3), dtype=np.uint8
+    )  # 2 x 4 x 4 patches: 8 tokens
+
+
+def tiny_qwen2_vl(family: str, seed: int = 0):
+    """``(Qwen2VLForConditionalGeneration or Qwen2_5_VL..., its processor)``: the plugin's tiny tower
+    config, a 2-layer text model with M-RoPE sections (2, 3, 3), and `mmcore.testing.tiny_tokenizer`
+    with Qwen2-VL's vision tokens."""
+    from mmcore_plugin_qwen2vl.presets import PRESETS
+    from tokenizers import AddedToken
+    from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2_5_VLProcessor,
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+        Qwen2VLImageProcessor,
+        Qwen2VLProcessor,
+    )
+    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+
+    from mmcore.testing import tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    special = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+    tokenizer.add_tokens(
+        [AddedToken(t, special=True, normalized=False) for t in special], special_tokens=True
+    )
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in special}
+    text = dict(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, rope_parameters={"rope_type": "default",
+        "mrope_section": [2, 3, 3], "rope_theta": 10000.0}, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    config_class, model_class, processor_class = {
+        "qwen2_vl": (Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor),
+        "qwen2_5_vl": (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor),
+    }[family]
+    config = config_class(
+        text_config=text, vision_config=PRESETS[family]["tiny"]["config"], image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    hf = model_class(config).eval()
+    pixels = dict(
+        patch_size=4, temporal_patch_size=2, merge_size=2, size={"shortest_edge": 64, "longest_edge": 1024}
+    )
+    processor = processor_class(
+        image_processor=Qwen2VLImageProcessor(**pixels), video_processor=Qwen2VLVideoProcessor(**pixels),
+        tokenizer=tokenizer,
+    )  # fmt: skip
+    return hf, processor
+
+
+@pytest.fixture(scope="module", params=["qwen2_vl", "qwen2_5_vl"])
+def source(request, tmp_path_factory):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from mmcore import MultimodalModel
+
+    hf, processor = tiny_qwen2_vl(request.param)
+    path = tmp_path_factory.mktemp(request.param)
+    hf.save_pretrained(path)
+    processor.save_pretrained(path)
+    hf = AutoModelForImageTextToText.from_pretrained(path).eval()
+    hf_processor = AutoProcessor.from_pretrained(path)
+    hf_processor.tokenizer.padding_side = "left"
+    batch = dict(
+        hf_processor(text=PROMPTS, images=images(), videos=[video()], return_tensors="pt", padding=True)
+    )
+    mllm, processor = MultimodalModel.from_pretrained_multimodal_model(path, return_processor=True)
+    return {"family": request.param, "path": path, "hf": hf, "hf_processor": hf_processor, "batch": batch,
+            "mllm": mllm.eval(), "processor": processor}  # fmt: skip
+
+
+def test_the_batch_has_left_padding_two_image_sizes_and_a_video(source):
+    batch = source["batch"]
+    assert batch["image_grid_thw"].tolist() == [[1, 4, 6], [1, 8, 4]]
+    assert batch["video_grid_thw"].tolist() == [[2, 4, 4]]
+    assert batch["attention_mask"][0, 0] == 0 and batch["attention_mask"][:, -1].all()  # row 0 is left-padded
+
+
+@torch.no_grad()
+def test_logits_and_greedy_generations_equal_transformers(source):
+    hf, mllm, batch = source["hf"], source["mllm"], source["batch"]
+    expected = hf(**batch).logits
+    got = mllm(**batch).logits
+    torch.testing.assert_close(got, expected, rtol=0, atol=ATOL)
+    kwargs = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    assert mllm.generate(**batch, **kwargs).tolist() == hf.generate(**batch, **kwargs).tolist()
+
+
+@torch.no_grad()
+def test_without_the_3d_positions_the_logits_differ(source):
+    """The test above would catch M-RoPE missing: 1-D positions change the logits."""
+    mllm, batch = source["mllm"], source["batch"]
+    callback, mllm.preprocess_llm_callback = mllm.preprocess_llm_callback, None
+    try:
+        plain = mllm(**batch).logits
+    finally:
+        mllm.preprocess_llm_callback = callback
+    assert (plain - source["hf"](**batch).logits).abs().max() > 1e-3
+
+
+def test_the_conversion_holds_the_checkpoints_modules(source):
+    from mmcore import MultimodalModel
+    from mmcore.builtin.mrope import MRope
+
+    hf = source["hf"]
+    mllm = MultimodalModel.from_hf(hf)  # in memory
+    image, video = mllm.encoders["image"], mllm.encoders["video"]
+    assert image.module is video.module and image.projector is video.projector  # one tower, as transformers'
+    assert image.module.blocks is hf.model.visual.blocks
+    assert image.projector.projection.mlp is hf.model.visual.merger.mlp
+    assert mllm.language_model.model is hf.model.language_model and mllm.language_model.lm_head is hf.lm_head
+    assert (
+        isinstance(mllm.preprocess_llm_callback, MRope)
+        and mllm.preprocess_llm_callback.family == source["family"]
+    )
+    assert mllm.config.modality_token_ids == {
+        "image": hf.config.image_token_id,
+        "video": hf.config.video_token_id,
+    }
+
+
+def test_processor_makes_the_hf_processors_batch(source):
+    ours = source["processor"](PROMPTS, image=images(), video=[video()], padding_side="left")
+    batch = source["batch"]
+    for key in ("input_ids", "attention_mask", "image_grid_thw", "video_grid_thw"):
+        assert torch.equal(ours[key], batch[key]), key
+    for key in ("pixel_values", "pixel_values_videos"):
+        torch.testing.assert_close(ours[key], batch[key], rtol=0, atol=0)
+
+
+@torch.no_grad()
+def test_saved_conversion_rebuilds_model_and_processor_bit_exact(source, tmp_path):
+    from mmcore import MultimodalModel
+    from mmcore.processing import MultimodalProcessor
+
+    source["mllm"].save_pretrained(tmp_path)
+    source["processor"].save_pretrained(tmp_path)
+    mllm = MultimodalModel.from_pretrained(tmp_path).eval()
+    processor = MultimodalProcessor.from_pretrained(tmp_path)
+    assert mllm.encoders["image"].module is mllm.encoders["video"].module  # saved once, shared again
+    expected = source["mllm"].state_dict()
+    got = mllm.state_dict()
+    assert sorted(got) == sorted(expected)
+    assert all(torch.equal(got[k], v) for k, v in expected.items())
+    batch = processor(PROMPTS, image=images(), video=[video()], padding_side="left")
+    assert torch.equal(batch["input_ids"], source["batch"]["input_ids"])
+    assert torch.equal(mllm(**batch).logits, source["mllm"](**source["batch"]).logits)
+
+
+def test_to_mmcore_and_back_is_bit_exact(source, tmp_path):
+    from mmcore import MultimodalModel
+
+    hf = source["hf"]
+    back = MultimodalModel.from_hf(hf).to_hf()
+    assert type(back) is type(hf) and back.model.visual.blocks is hf.model.visual.blocks
+    source["mllm"].save_pretrained(tmp_path / "mmcore")
+    again = MultimodalModel.from_pretrained(tmp_path / "mmcore").to_hf()
+    expected, got = hf.state_dict(), again.state_dict()
+    assert sorted(got) == sorted(expected)
+    for key, value in expected.items():
+        assert got[key].dtype == value.dtype and torch.equal(got[key], value), key
+    for field in CONFIG_FIELDS:
+        assert getattr(again.config, field) == getattr(hf.config, field), field
+    for field in ("rope_parameters", "hidden_size", "num_hidden_layers", "vocab_size"):
+        assert getattr(again.config.text_config, field) == getattr(hf.config.text_config, field), field
+    vision, expected_vision = again.config.vision_config.to_dict(), hf.config.vision_config.to_dict()
+    assert {k: v for k, v in vision.items() if k != "dtype"} == {
+        k: v for k, v in expected_vision.items() if k != "dtype"
+    }
+
+
+def test_export_loads_without_mmcore_and_gives_equal_logits(source, tmp_path):
+    from typer.testing import CliRunner
+
+    from mmcore.cli import app as cli_app
+    from mmcore.convert.testing import load_without_mmcore
+
+    model_dir, out = tmp_path / "model", tmp_path / "exported"
+    source["mllm"].save_pretrained(model_dir)
+    source["processor"].save_pretrained(model_dir)
+    result = CliRunner().invoke(cli_app.build_app(), ["export", str(model_dir), "-o", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    architecture = type(source["hf"]).__name__
+    assert json.loads(result.stdout)["architectures"] == [architecture]
+    texts = (
+        "[t.replace('<|image_pad|>', token) for t in "
+        + repr([PROMPTS[0], PROMPTS[0].replace("this", "that")])
+        + "]"
+    )
+    loaded = load_without_mmcore(out, tmp_path, image_sizes=IMAGE_SIZES, texts=texts)
+    assert loaded["class"] == architecture and loaded["processor"] == type(source["hf_processor"]).__name__
+    with torch.no_grad():
+        expected = source["hf"](**loaded["batch"]).logits
+        ours = source["mllm"](**{k: v for k, v in loaded["batch"].items() if k != "mm_token_type_ids"}).logits
+    torch.testing.assert_close(loaded["logits"], expected, rtol=0, atol=ATOL)
+    torch.testing.assert_close(ours, expected, rtol=0, atol=ATOL)
+
+
+def test_an_mmcore_model_of_another_shape_names_what_has_no_qwen2_vl_counterpart():
+    import mmcore
+    from mmcore import MultimodalModel
+    from mmcore.convert import NoTransformersCounterpartError
+    from mmcore.testing import tiny_llm
+
+    mllm = MultimodalModel(
+        encoders={"vision": mmcore.build_encoder("qwen2_vl", preset="tiny")}, language_model=tiny_llm()
+    )
+    with pytest.raises(NoTransformersCounterpartError, match="3-D rotary positions"):
+        mllm.to_hf()
