@@ -21,8 +21,8 @@ Items per modality are given as a keyword named after the modality: one list per
 a list holding one list per sample, so give a raw item as an array, a tensor or a tuple (such as
 ``(waveform, sampling_rate)``), never as a Python list.
 
-Counting functions (``num_feature_calculation_funcs``, Cornstarch's name) are for encoders a plugin
-did not build. Signature, as in Cornstarch: ``fn(items, processed) -> list[int]`` where ``items`` is
+Counting functions (``num_tokens=``, as a plugin factory's ``num_tokens`` counts; Cornstarch's name
+``num_feature_calculation_funcs=`` is accepted too) are for encoders a plugin did not build. Signature, as in Cornstarch: ``fn(items, processed) -> list[int]`` where ``items`` is
 the list of raw items given to the modality's processor and ``processed`` the dict it returned; the
 result has one count per item (a list of per-sample lists is flattened): the number of features the
 *encoder* (with its callbacks) yields per item. The projector's effect is applied on top.
@@ -101,6 +101,15 @@ class MultimodalBatch(BatchFeature):
         return self
 
 
+def _counting_functions(
+    num_tokens: Mapping[str, NumTokensFn] | None, num_feature_calculation_funcs: Mapping[str, NumTokensFn] | None
+) -> dict[str, NumTokensFn]:
+    """The one mapping of counting functions given, under mmcore's name or Cornstarch's."""
+    if num_tokens is not None and num_feature_calculation_funcs is not None:
+        raise ConfigError("pass num_tokens or num_feature_calculation_funcs (Cornstarch's name for it), not both")
+    return dict(num_tokens if num_tokens is not None else num_feature_calculation_funcs or {})
+
+
 class MultimodalProcessor:
     """Tokenizer + per-modality processors for a `MultimodalModel`.
 
@@ -115,6 +124,7 @@ class MultimodalProcessor:
             agree on them. Without a model the tokenizer must already have the tokens.
         num_feature_calculation_funcs: modality -> ``fn(items, processed) -> list[int]`` (see the
             module docstring); required for modalities whose encoder a plugin did not build.
+            Cornstarch's name; ``num_tokens=`` (keyword) is mmcore's, for the same mapping.
         predefined_tokens: modality -> the placeholder string the text uses for it (Cornstarch's
             name), e.g. ``{"vision": "<image>"}`` when a data set already writes ``<image>``; default
             ``<modality>``. Added to the tokenizer as a special token (one that is already there keeps
@@ -143,6 +153,7 @@ class MultimodalProcessor:
         *,
         wrap: bool | None = None,
         padding_side: str | None = None,
+        num_tokens: Mapping[str, NumTokensFn] | None = None,
         _encoder_info: Mapping[str, _EncoderInfo] | None = None,
     ):
         if not encoder_processors:
@@ -155,12 +166,10 @@ class MultimodalProcessor:
         self.tokenizer = llm_tokenizer
         self.padding_side = padding_side
         modalities = list(self.encoder_processors)
-        funcs = dict(num_feature_calculation_funcs or {})
+        funcs = _counting_functions(num_tokens, num_feature_calculation_funcs)
         unknown = sorted(set(funcs) - set(modalities))
         if unknown:
-            raise ConfigError(
-                f"num_feature_calculation_funcs for {unknown}, but the processors are for {sorted(modalities)}"
-            )
+            raise ConfigError(f"num_tokens for {unknown}, but the processors are for {sorted(modalities)}")
         if model is not None:
             missing = sorted(set(modalities) - set(model.encoders))
             if missing:
@@ -184,7 +193,8 @@ class MultimodalProcessor:
                 how = "no model says how" if info is None else "a plugin did not build its encoder"
                 raise ConfigError(
                     f"cannot tell how many tokens a {m!r} item becomes ({how}); pass "
-                    f"num_feature_calculation_funcs={{{m!r}: fn}} with fn(items, processed) -> list[int]"
+                    f"num_tokens={{{m!r}: fn}} (Cornstarch: num_feature_calculation_funcs) with "
+                    "fn(items, processed) -> list[int]"
                 )
         # Which processors came from the model's plugin recipes (from_model/from_pretrained set it):
         # those are saved as "from the recipe", not as files.
@@ -203,10 +213,12 @@ class MultimodalProcessor:
         predefined_tokens: Mapping[str, str] | None = None,
         wrap: bool | None = None,
         padding_side: str | None = None,
+        num_tokens: Mapping[str, NumTokensFn] | None = None,
     ) -> MultimodalProcessor:
         """A processor for every encoder of ``model``: processors and token counts from the plugin
-        that built each encoder. ``encoder_processors`` / ``num_feature_calculation_funcs`` override
-        them, and are required for an encoder no plugin built (the error names it)."""
+        that built each encoder. ``encoder_processors`` / ``num_tokens`` (or Cornstarch's
+        ``num_feature_calculation_funcs``) override them, and are required for an encoder no plugin
+        built (the error names it)."""
         given = dict(encoder_processors or {})
         unknown = sorted(set(given) - set(model.encoders))
         if unknown:
@@ -224,7 +236,7 @@ class MultimodalProcessor:
                 kind = (encoder.source or {}).get("kind", type(encoder.module).__name__)
                 raise ConfigError(
                     f"encoder {name!r} was not built by a plugin ({kind}), so mmcore has no processor for it; "
-                    f"pass encoder_processors={{{name!r}: processor}} and num_feature_calculation_funcs={{{name!r}: fn}}"
+                    f"pass encoder_processors={{{name!r}: processor}} and num_tokens={{{name!r}: fn}}"
                 )
             processors[name] = _plugin_processor(name, info.source)
             from_plugin.add(name)
@@ -232,10 +244,10 @@ class MultimodalProcessor:
             processors,
             tokenizer,
             model,
-            num_feature_calculation_funcs,
-            predefined_tokens,
+            predefined_tokens=predefined_tokens,
             wrap=wrap,
             padding_side=padding_side,
+            num_tokens=_counting_functions(num_tokens, num_feature_calculation_funcs),
         )
         processor._processor_from_plugin = from_plugin
         return processor
@@ -698,6 +710,7 @@ class MultimodalProcessor:
         num_feature_calculation_funcs: Mapping[str, NumTokensFn] | None = None,
         padding_side: str | None = None,
         trust_remote_code: bool = False,
+        num_tokens: Mapping[str, NumTokensFn] | None = None,
     ) -> MultimodalProcessor:
         """Load a processor saved by `save_pretrained`.
 
@@ -733,7 +746,7 @@ class MultimodalProcessor:
             )
         records: dict[str, Any] = config["modalities"]
         given = dict(encoder_processors or {})
-        funcs = dict(num_feature_calculation_funcs or {})
+        funcs = _counting_functions(num_tokens, num_feature_calculation_funcs)
         unknown = sorted((set(given) | set(funcs)) - set(records))
         if unknown:
             raise ConfigError(
@@ -771,7 +784,7 @@ class MultimodalProcessor:
             if m not in funcs and (record.get("num_tokens") or {}).get("kind") != PLUGIN:
                 raise SerializationError(
                     f"{m!r}: its token count function ({(record.get('num_tokens') or {}).get('name')}) cannot be "
-                    f"saved; pass it again: from_pretrained(..., num_feature_calculation_funcs={{{m!r}: fn}})"
+                    f"saved; pass it again: from_pretrained(..., num_tokens={{{m!r}: fn}})"
                 )
         from mmcore.trust import refusing_remote_code
 
@@ -781,10 +794,11 @@ class MultimodalProcessor:
             processors,
             tokenizer,
             model,
-            funcs,
+            None,
             {m: r["token"] for m, r in records.items() if isinstance(r.get("token"), str)},
             wrap=bool(config.get("wrap")),
             padding_side=padding_side or config.get("padding_side"),
+            num_tokens=funcs,
             _encoder_info=None if model is not None else infos,
         )
         processor._processor_from_plugin = from_plugin

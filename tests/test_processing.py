@@ -312,7 +312,7 @@ def test_user_counting_function_for_an_encoder_no_plugin_built():
 
 def test_a_counting_function_is_required_without_a_plugin():
     model, tokenizer = tiny_multimodal_model()
-    with pytest.raises(ConfigError, match="num_feature_calculation_funcs=\\{'vision'"):
+    with pytest.raises(ConfigError, match="num_tokens=\\{'vision'"):
         MultimodalProcessor({"vision": ToyImageProcessor(28)}, tokenizer, model)
 
 
@@ -493,13 +493,22 @@ def test_saved_hf_processor_and_functions_passed_again(tmp_path):
     batch = processor("<vision> hi", vision=[image])
     assert batch["pixel_values"].shape == (1, 3, 28, 28)
     processor.save_pretrained(tmp_path / "p")
-    with pytest.raises(SerializationError, match="num_feature_calculation_funcs=\\{'vision'"):
+    with pytest.raises(SerializationError, match="num_tokens=\\{'vision'"):
         MultimodalProcessor.from_pretrained(tmp_path / "p")
     loaded = MultimodalProcessor.from_pretrained(tmp_path / "p", num_feature_calculation_funcs=count)
     assert type(loaded.encoder_processors["vision"]) is type(image_processor)
     again = loaded("<vision> hi", vision=[image])
     assert torch.equal(batch["input_ids"], again["input_ids"])
     assert torch.allclose(batch["pixel_values"], again["pixel_values"])
+    # num_tokens= is mmcore's name for Cornstarch's num_feature_calculation_funcs=; one of them, never both
+    by_mmcore_name = MultimodalProcessor.from_pretrained(tmp_path / "p", num_tokens=count)
+    assert torch.equal(by_mmcore_name("<vision> hi", vision=[image])["input_ids"], batch["input_ids"])
+    assert torch.equal(
+        MultimodalProcessor({"vision": image_processor}, tokenizer, model, num_tokens=count)("<vision> hi", vision=[image])["input_ids"],
+        batch["input_ids"],
+    )
+    with pytest.raises(ConfigError, match="not both"):
+        MultimodalProcessor.from_pretrained(tmp_path / "p", num_tokens=count, num_feature_calculation_funcs=count)
 
 
 def test_saving_twice_replaces_the_files(tmp_path):
