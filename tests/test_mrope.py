@@ -1,0 +1,194 @@
+"""The Qwen2-VL towers assembled from the plugin's presets: with a Qwen2-VL text model and the mrope
+callback they compute what transformers' Qwen2VLForConditionalGeneration / Qwen2_5_VL... computes from
+the same parts (logits 1e-5, greedy generations, through mmcore's own processor: left padding, two image
+sizes and a video in one batch); with a plain 1-D-position LLM (Llama, Qwen2) they need no callback.
+Plus the callback's own contract: recorded and rebuilt, typed errors, its decode-step positions."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("mmcore_plugin_qwen2vl") is None,
+    reason="needs mmcore-plugin-qwen2vl installed (make test puts it on the path)",
+)
+
+ATOL = 1e-5
+PROMPTS = ["a <image> b c", "d <image> e <video> f"]
+
+
+def items():
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, shape, dtype=np.uint8) for shape in ((16, 24, 3), (24, 16, 3))]
+    return images, [rng.integers(0, 256, (4, 16, 8, 3), dtype=np.uint8)]
+
+
+def text_lm(family: str, vocab_size: int):
+    from transformers import AutoModelForCausalLM, Qwen2_5_VLTextConfig, Qwen2VLTextConfig
+
+    import mmcore.builtin.mrope  # noqa: F401 - registers the causal LMs
+
+    config_class = Qwen2VLTextConfig if family == "qwen2_vl" else Qwen2_5_VLTextConfig
+    config = config_class(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=3,
+        rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0},
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config)
+
+
+def assembled(family: str):
+    """``(model, processor)``: the plugin's tiny tower for ``image`` and, sharing it and its merger,
+    ``video``; a Qwen2-VL text model; the mrope callback with the processor's placeholder ids."""
+    import mmcore
+    from mmcore import MultimodalModel
+    from mmcore.builtin.mrope import MRope
+    from mmcore.modeling.projector import MultimodalProjector, MultimodalProjectorConfig
+    from mmcore.processing import MultimodalProcessor
+    from mmcore.testing import tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    torch.manual_seed(0)
+    image = mmcore.build_encoder(family, preset="tiny")
+    merger = MultimodalProjector(
+        MultimodalProjectorConfig(projector_type=f"qwen2vl:{family}_merger", in_features=32, out_features=64)
+    )
+    video = mmcore.build_encoder(family, preset="tiny", video=True, projector=merger, device="meta")
+    image.projector, video.module = merger, image.module  # one tower and merger for both, as Qwen2-VL has
+    model = MultimodalModel(
+        encoders={"image": image, "video": video}, language_model=text_lm(family, len(tokenizer))
+    )
+    processor = MultimodalProcessor.from_model(model, tokenizer)  # adds <image> and <video>
+    ids = processor.token_ids
+    model.preprocess_llm_callback = MRope(ids["image"], ids["video"], family=family, tokens_per_second=2)
+    return model.eval(), processor
+
+
+@pytest.fixture(scope="module", params=["qwen2_vl", "qwen2_5_vl"])
+def built(request):
+    model, processor = assembled(request.param)
+    images, videos = items()
+    batch = processor(PROMPTS, image=images, video=videos, padding_side="left")
+    return {"family": request.param, "model": model, "processor": processor, "batch": batch}
+
+
+def token_types(batch, processor):
+    ids = batch["input_ids"]
+    return (ids == processor.token_ids["image"]).int() + 2 * (ids == processor.token_ids["video"]).int()
+
+
+@torch.no_grad()
+def test_assembled_from_presets_equals_transformers_class_of_the_same_parts(built):
+    model, processor, batch = built["model"], built["processor"], built["batch"]
+    assert batch["image_grid_thw"].tolist() == [[1, 4, 6], [1, 6, 4]] and batch[
+        "video_grid_thw"
+    ].tolist() == [[2, 4, 2]]
+    assert batch["attention_mask"][0, 0] == 0  # the first row is left-padded
+    hf = model.to_hf().eval()
+    assert type(hf).__name__ == (
+        "Qwen2VLForConditionalGeneration"
+        if built["family"] == "qwen2_vl"
+        else "Qwen2_5_VLForConditionalGeneration"
+    )
+    hf_batch = {k: v for k, v in batch.items() if k != "second_per_grid_ts"}
+    if built["family"] == "qwen2_5_vl":
+        hf_batch["second_per_grid_ts"] = batch["second_per_grid_ts"]
+    expected = hf(**hf_batch, mm_token_type_ids=token_types(batch, processor)).logits
+    torch.testing.assert_close(model(**batch).logits, expected, rtol=0, atol=ATOL)
+    kwargs = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    ours = model.generate(**batch, **kwargs)
+    theirs = hf.generate(**hf_batch, mm_token_type_ids=token_types(batch, processor), **kwargs)
+    assert ours.tolist() == theirs.tolist()
+
+
+@torch.no_grad()
+def test_saved_and_loaded_with_the_callback_and_shared_tower_bit_exact(built, tmp_path):
+    from mmcore import MultimodalModel
+    from mmcore.builtin.mrope import MRope
+
+    model, batch = built["model"], built["batch"]
+    model.save_pretrained(tmp_path)
+    loaded = MultimodalModel.from_pretrained(tmp_path).eval()
+    assert loaded.preprocess_llm_callback == model.preprocess_llm_callback
+    assert isinstance(loaded.preprocess_llm_callback, MRope)
+    assert loaded.encoders["video"].module is loaded.encoders["image"].module
+    expected, got = model.state_dict(), loaded.state_dict()
+    assert sorted(got) == sorted(expected) and all(torch.equal(got[k], v) for k, v in expected.items())
+    assert torch.equal(loaded(**batch).logits, model(**batch).logits)
+
+
+@torch.no_grad()
+def test_each_decode_step_continues_the_3d_positions_of_its_row(built):
+    """One decode step with the cache gives the logits the whole sequence gives at its last position."""
+    model, batch = built["model"], built["batch"]
+    out = model(**batch, use_cache=True)
+    next_ids = out.logits[:, -1].argmax(-1, keepdim=True)  # (batch, 1)
+    mask = torch.cat([batch["attention_mask"], torch.ones_like(next_ids)], dim=1)
+    step = model(input_ids=next_ids, attention_mask=mask, past_key_values=out.past_key_values).logits[:, -1]
+    whole = model(
+        **{**batch, "input_ids": torch.cat([batch["input_ids"], next_ids], 1), "attention_mask": mask}
+    ).logits
+    torch.testing.assert_close(step, whole[:, -1], rtol=0, atol=ATOL)
+
+
+@pytest.mark.parametrize("llm_family", ["llama", "qwen2"])
+@torch.no_grad()
+def test_a_plain_1d_llm_takes_the_tower_without_the_callback(llm_family):
+    import mmcore
+    from mmcore import MultimodalModel
+    from mmcore.processing import MultimodalProcessor
+    from mmcore.testing import tiny_llm, tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    torch.manual_seed(0)
+    model = MultimodalModel(
+        encoders={"image": mmcore.build_encoder("qwen2_5_vl", preset="tiny")},
+        language_model=tiny_llm(llm_family, vocab_size=len(tokenizer) + 1),
+    ).eval()
+    processor = MultimodalProcessor.from_model(model, tokenizer)
+    images, _ = items()
+    prompts = ["a <image> b c", "d <image> <image> e"]
+    batch = processor(prompts, image=[[images[0]], images], padding_side="left")
+    assert (batch["input_ids"] == processor.token_ids["image"]).sum(-1).tolist() == [
+        6,
+        12,
+    ]  # 6 tokens per image
+    logits = model(**batch).logits
+    for row, (prompt, row_images) in enumerate(
+        zip(prompts, [[images[0]], images])
+    ):  # padding changes nothing
+        alone = processor([prompt], image=[row_images])
+        n = alone["input_ids"].shape[1]
+        torch.testing.assert_close(logits[row, -n:], model(**alone).logits[0], rtol=0, atol=ATOL)
+    assert model.generate(**batch, max_new_tokens=3, do_sample=False).shape == (
+        2,
+        batch["input_ids"].shape[1] + 3,
+    )
+
+
+def test_the_callback_checks_its_arguments():
+    from mmcore.builtin.mrope import MRope
+    from mmcore.errors import ConfigError, EncoderInputError
+
+    with pytest.raises(ConfigError, match="family must be one of qwen2_vl, qwen2_5_vl"):
+        MRope(5, family="llama")
+    with pytest.raises(ConfigError, match="needs the image_token_id or the video_token_id"):
+        MRope()
+    with pytest.raises(ConfigError, match="tokens_per_second"):
+        MRope(5, family="qwen2_5_vl")
+    with pytest.raises(EncoderInputError, match="need input_ids"):
+        MRope(5)(inputs_embeds=torch.zeros(1, 3, 8), image_grid_thw=torch.tensor([[1, 2, 2]]))
+
+
+def test_text_only_positions_are_the_1d_ones_on_every_axis():
+    from mmcore.builtin.mrope import MRope
+
+    mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
+    positions = MRope(5)(input_ids=torch.ones(2, 4, dtype=torch.long), attention_mask=mask)["position_ids"]
+    assert positions.shape == (4, 2, 4)
+    assert positions[:, 0].tolist() == [[0, 0, 1, 2]] * 4 and positions[:, 1].tolist() == [[0, 1, 2, 3]] * 4
