@@ -1,4 +1,4 @@
-"""``mmcore assemble``: build a model from flags or a TOML spec and write a model directory, or count
+"""``mmcore assemble``: build a model from flags or a TOML assembly file and write a model directory, or count
 it on the meta device (``--dry-run``).
 
 The directory holds what `MultimodalModel.from_pretrained` and ``mmcore test-run`` load: config.json
@@ -93,7 +93,7 @@ def spec_from_cli(
 
 def assemble(
     spec_file: Optional[Path] = typer.Argument(
-        None, metavar="[SPEC]", help="TOML spec file (flags apply on top)."
+        None, metavar="[ASSEMBLY]", help="TOML assembly file (flags apply on top)."
     ),
     llm: Optional[str] = typer.Option(
         None, "--llm", help="LLM: a preset (mmcore list-llms), a hub id or a local directory."
@@ -123,7 +123,7 @@ def assemble(
         "--set",
         "-s",
         metavar="KEY=VALUE",
-        help="Set any spec key, e.g. encoders.vision.options.feature_layer=-1, "
+        help="Set any assembly key, e.g. encoders.vision.options.feature_layer=-1, "
         "encoders.vision.projector_options.num_queries=64. Repeatable.",
     ),
     wrap: Optional[bool] = typer.Option(

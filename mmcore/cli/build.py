@@ -1,4 +1,4 @@
-"""Build the model an `AssemblySpec` describes: for real (assemble, test-run SPEC) or on the meta device
+"""Build the model an `AssemblySpec` describes: for real (assemble, test-run ASSEMBLY) or on the meta device
 (``assemble --dry-run``). Errors name the spec key they come from.
 
 >>> from mmcore.cli.spec import spec_from_dict

@@ -146,11 +146,11 @@ class AssemblySpec:
 
 
 def read_spec_file(path: str | Path) -> dict[str, Any]:
-    """The raw tables of a TOML spec file; `ConfigError` if it is missing or not valid TOML."""
+    """The raw tables of a TOML assembly file; `ConfigError` if it is missing or not valid TOML."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(
-            f"spec file {str(path)!r} does not exist" if not path.exists() else f"{str(path)!r} is not a file"
+            f"assembly file {str(path)!r} does not exist" if not path.exists() else f"{str(path)!r} is not a file"
         )
     try:
         return tomllib.loads(path.read_text(encoding="utf-8"))

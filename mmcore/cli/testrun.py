@@ -1,4 +1,4 @@
-"""``mmcore test-run``: run a model directory (or a spec, assembled in memory) for real on dummy inputs.
+"""``mmcore test-run``: run a model directory (or an assembly file, assembled in memory) for real on dummy inputs.
 
 What one run does, in order:
 
@@ -39,7 +39,7 @@ _ANSWER = " it is a short test ."
 
 def test_run(
     target: Path = typer.Argument(
-        ..., metavar="MODEL_DIR|SPEC", help="A model directory (mmcore assemble -o) or a TOML spec."
+        ..., metavar="MODEL_DIR|ASSEMBLY", help="A model directory (mmcore assemble -o) or a TOML assembly file."
     ),
     device: Optional[str] = typer.Option(
         None, "--device", help="cpu, cuda or cuda:N (default: cuda when available, else cpu)."
@@ -81,7 +81,7 @@ def test_run(
         raise ConfigError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
     if train not in TRAIN_STAGES:
         raise ConfigError(f"--train {train!r}: expected one of {', '.join(TRAIN_STAGES)}")
-    check_target(target, "MODEL_DIR|SPEC")
+    check_target(target, "MODEL_DIR|ASSEMBLY")
     torch_device = _resolve_device(device)
     with library_progress_bars():
         report = run(
@@ -135,11 +135,11 @@ def check_target(target: Path, label: str) -> None:
     if not target.exists():
         raise ConfigError(f"{label} {str(target)!r}: no such directory or file")
     if not target.is_dir() and target.suffix != ".toml":
-        raise ConfigError(f"{label} {str(target)!r}: expected a model directory or a .toml spec file")
+        raise ConfigError(f"{label} {str(target)!r}: expected a model directory or a .toml assembly file")
 
 
 def load_target(target: Path, dtype: Any, trust_remote_code: bool = False) -> tuple[Any, Any, Any, str]:
-    """``(model, tokenizer, processor or None, kind)`` from a model directory or a TOML spec.
+    """``(model, tokenizer, processor or None, kind)`` from a model directory or a TOML assembly file.
 
     ``trust_remote_code`` is passed to every loader as given: without it a directory whose config,
     tokenizer or processor names code to import is refused with a typed error, never asked about."""

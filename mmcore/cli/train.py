@@ -1,4 +1,4 @@
-"""``mmcore train``: train a model directory or a spec on LLaVA-style JSONL, one process or many.
+"""``mmcore train``: train a model directory or an assembly file on LLaVA-style JSONL, one process or many.
 
 The loop is `mmcore.training.train`: a stage preset (align, finetune, full, lora), AdamW with its
 own learning rate for the projectors, a progress bar and loss lines, resumable checkpoints, and a
@@ -21,7 +21,7 @@ _ARGUMENTS = {
     "target": (
         Path,
         typer.Argument(
-            ..., metavar="SPEC|MODEL_DIR", help="A TOML assembly spec or a model directory (mmcore assemble -o)."
+            ..., metavar="ASSEMBLY|MODEL_DIR", help="A TOML assembly file or a model directory (mmcore assemble -o)."
         ),
     ),
     "data": (Path, typer.Option(..., "--data", help="JSONL of LLaVA-style conversations with image/audio paths.")),
@@ -112,7 +112,7 @@ def _train(
     stage, resume, seed = config_values["stage"], config_values["resume"], config_values["seed"]
     if stage not in STAGES:
         raise ConfigError(f"--stage {stage!r}: expected one of {', '.join(STAGES)}")
-    check_target(target, "SPEC|MODEL_DIR")
+    check_target(target, "ASSEMBLY|MODEL_DIR")
     from mmcore.training.data import registered_loaders
 
     loaders = registered_loaders()  # image, audio and every installed plugin's data key
