@@ -184,6 +184,61 @@ def random_video(frames: int, height: int, width: int, seed: int = 0) -> Any:
     return np.random.default_rng(seed).integers(0, 256, (frames, height, width, 3), dtype=np.uint8)
 
 
+def tiny_qwen2_vl(family: str, seed: int = 0):
+    """``(Qwen2VLForConditionalGeneration or Qwen2_5_VLForConditionalGeneration, its processor)`` for
+    ``family`` ``qwen2_vl`` / ``qwen2_5_vl``: the qwen2vl plugin's tiny tower (4 px patches, images of
+    8x8 to 32x32 px), a 2-layer text model with M-RoPE sections (2, 3, 3), and
+    `mmcore.testing.tiny_tokenizer` with Qwen2-VL's vision tokens (``<|vision_start|>``,
+    ``<|vision_end|>``, ``<|image_pad|>``, ``<|video_pad|>``). Needs mmcore-plugin-qwen2vl."""
+    import torch
+    from mmcore_plugin_qwen2vl.presets import PRESETS
+    from tokenizers import AddedToken
+    from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2_5_VLProcessor,
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+        Qwen2VLImageProcessor,
+        Qwen2VLProcessor,
+    )
+    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+
+    from mmcore.testing import tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    special = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+    tokenizer.add_tokens(
+        [AddedToken(t, special=True, normalized=False) for t in special], special_tokens=True
+    )
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in special}
+    text = dict(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, rope_parameters={"rope_type": "default",
+        "mrope_section": [2, 3, 3], "rope_theta": 10000.0}, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    config_class, model_class, processor_class = {
+        "qwen2_vl": (Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor),
+        "qwen2_5_vl": (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor),
+    }[family]
+    config = config_class(
+        text_config=text, vision_config=PRESETS[family]["tiny"]["config"], image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    hf = model_class(config).eval()
+    pixels = dict(
+        patch_size=4, temporal_patch_size=2, merge_size=2, size={"shortest_edge": 64, "longest_edge": 1024}
+    )
+    processor = processor_class(
+        image_processor=Qwen2VLImageProcessor(**pixels), video_processor=Qwen2VLVideoProcessor(**pixels),
+        tokenizer=tokenizer,
+    )  # fmt: skip
+    return hf, processor
+
+
 # What a machine without mmcore runs on an exported directory (used by `load_without_mmcore`).
 _WITHOUT_MMCORE = """
 import sys
