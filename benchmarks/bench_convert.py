@@ -30,6 +30,8 @@ import tempfile
 import textwrap
 import time
 
+from _report import write_json
+
 MEASURE = textwrap.dedent(
     """
     import json, resource, sys, time
@@ -136,9 +138,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows.append(meta_real_size())
     for row in rows:
         print(json.dumps(row))
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(rows, fh, indent=2)
+    write_json(args.json, rows, args)
     return rows
 
 

@@ -22,14 +22,12 @@ the median of ``--repeats`` counts; nothing here is a timed assert):
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import platform
 import statistics
 import time
 
 import numpy as np
 import torch
+from _report import write_json
 from rich.console import Console
 from rich.table import Table
 
@@ -211,11 +209,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         else:
             table.add_row(r["what"], f"{r['llm_tokens']} ({r['audio_tokens']})", f"{r['seconds']:.3f}", f"{r['step_vs_full']:.3f}x full, tokens {r['tokens_vs_full']:.3f}x")
     Console().print(table)
-    if args.json:
-        meta = {"date": datetime.date.today().isoformat(), "machine": platform.platform(), "torch": torch.__version__,
-                "threads": torch.get_num_threads(), "args": vars(args)}  # fmt: skip
-        with open(args.json, "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=2)
+    write_json(args.json, rows, args)
     return rows
 
 

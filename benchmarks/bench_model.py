@@ -26,14 +26,12 @@ full`` (CLIP ViT-L/14-336 + a Llama-3-8B architecture, random weights, bf16, SDP
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import platform
 import statistics
 import time
 from collections.abc import Callable
 
 import torch
+from _report import write_json
 from rich.console import Console
 from rich.table import Table
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
@@ -326,11 +324,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         ratio = "-" if row["ratio"] is None else f"{row['ratio']:.3f}x"
         table.add_row(row["what"], fmt(row["mmcore"], row["unit"]), fmt(row["reference"], row["unit"]), ratio, row["target"])
     Console().print(table)
-    if args.json:
-        meta = {"date": datetime.date.today().isoformat(), "machine": platform.platform(), "torch": torch.__version__,
-                "threads": torch.get_num_threads(), "args": vars(args)}  # fmt: skip
-        with open(args.json, "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=2)
+    write_json(args.json, rows, args)
     return rows
 
 

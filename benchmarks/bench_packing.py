@@ -41,14 +41,12 @@ keep that below the padded batches' own; flash-attention on GPU computes only th
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import platform
 import random
 import statistics
 import time
 
 import torch
+from _report import write_json
 from rich.console import Console
 from rich.table import Table
 
@@ -245,11 +243,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         table.add_row(r["strategy"], str(r["batches"]), str(r["updates"]), f"{r['samples_per_s']:.2f}", f"{r['real_tokens_per_s']:.0f}",
                       f"{r['padding_pct']:.1f} %", f"{r['samples_per_s_vs_a']:.2f}x", f"{r['real_tokens_per_s_vs_a']:.2f}x")  # fmt: skip
     Console().print(table)
-    if args.json:
-        meta = {"date": datetime.date.today().isoformat(), "machine": platform.platform(), "torch": torch.__version__,
-                "threads": torch.get_num_threads(), "args": vars(args), "mix": kinds, "lengths": lengths}  # fmt: skip
-        with open(args.json, "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=2)
+    write_json(args.json, rows, args, mix=kinds, lengths=lengths)
     return rows
 
 
