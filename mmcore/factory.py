@@ -94,7 +94,13 @@ class EncoderFactory:
     def load_item(self, path: Any) -> Any:
         """One item read from the file at ``path`` (a `pathlib.Path`), as the processor takes it: what
         ``mmcore train`` does with each path under `data_key` in a record. Raise
-        `mmcore.errors.DataFormatError` for a file that cannot be read (its message names the file)."""
+        `mmcore.errors.DataFormatError` for a file that cannot be read (its message names the file).
+        Default: mmcore's own reader for the data keys it knows (``image``, ``audio``, ``video``:
+        `mmcore.training.data.LOADERS`)."""
+        from mmcore.training.data import LOADERS
+
+        if self.data_key in LOADERS:
+            return LOADERS[self.data_key](path)
         raise NotImplementedError(f"encoder {self.name!r} reads no training files (no load_item)")
 
     def default_callbacks(self, recipe: Mapping[str, Any]) -> dict[str, Any]:

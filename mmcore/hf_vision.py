@@ -93,12 +93,7 @@ class TransformersVisionFactory(EncoderFactory):
     `dropped_prefix_tokens`, `configure`.
     """
 
-    data_key = "image"
-
-    def load_item(self, path: Any) -> Any:
-        from mmcore.training.data import load_image
-
-        return load_image(path)
+    data_key = "image"  # a training record's "image" paths are this encoder's items (read by load_item)
 
     model_class: ClassVar[type[PreTrainedModel]]
     config_class: ClassVar[type[PretrainedConfig]]

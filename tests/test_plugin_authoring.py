@@ -203,3 +203,20 @@ def test_the_suite_fails_dummy_inputs_of_another_size_than_the_processors():
 def test_the_suite_fails_a_miscounting_encoder_in_the_dry_run():
     with registered_plugin(_plugin(MiscountingVision)), pytest.raises(AssertionError, match=r"\(5, 24\)"):
         EncoderSuite().test_preset_builds_on_meta_and_a_dry_run_gives_num_tokens_rows("test:toy", "tiny")
+
+
+class ImageFilesVision(GoodVision):
+    data_key = "image"  # mmcore reads these files itself: no load_item of its own
+
+
+def test_a_factory_whose_data_key_mmcore_knows_reads_its_files_with_mmcores_loader(tmp_path):
+    from PIL import Image
+
+    from mmcore.factory import get_factory
+
+    Image.new("L", (5, 4), 200).save(tmp_path / "grey.png")
+    with registered_plugin(_plugin(ImageFilesVision)):
+        image = get_factory("toy").load_item(tmp_path / "grey.png")
+    assert image.mode == "RGB" and image.size == (5, 4)
+    with registered_plugin(_plugin(GoodVision)), pytest.raises(NotImplementedError, match="reads no training files"):
+        get_factory("toy").load_item(tmp_path / "grey.png")

@@ -168,12 +168,7 @@ class Eva02Factory(EncoderFactory):
         "data_config": None,  # changes to timm's data config, e.g. {"crop_mode": "squash"}: resize, no crop
     }
 
-    data_key = "image"  # a training record's "image" paths are this encoder's items
-
-    def load_item(self, path: Any) -> Any:
-        from mmcore.training.data import load_image
-
-        return load_image(path)
+    data_key = "image"  # a training record's "image" paths are this encoder's items (read by load_item)
 
     # -- recipe --------------------------------------------------------------------------------------
 

@@ -229,12 +229,7 @@ class WhisperFactory(EncoderFactory):
         "trim_padding": True,  # each clip keeps the positions its own samples cover (Qwen2-Audio)
     }
 
-    data_key = "audio"  # a training record's "audio" paths are this encoder's items
-
-    def load_item(self, path: Any) -> Any:
-        from mmcore.training.data import load_audio
-
-        return load_audio(path)
+    data_key = "audio"  # a training record's "audio" paths are this encoder's items (read by load_item)
 
     # -- recipe --------------------------------------------------------------------------------------
 
