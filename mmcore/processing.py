@@ -632,6 +632,12 @@ class MultimodalProcessor:
         for m, processed in inputs.items():
             for key in processed:
                 owners.setdefault(key, []).append(m)
+        # a name another encoder also takes is nested even when only one modality is in this batch
+        # (an image and a video encoder both take pixel_values)
+        takers: dict[str, set[str]] = {}
+        for m, info in self._encoders.items():
+            for key in info.input_names or ():
+                takers.setdefault(key, set()).add(m)
         top: dict[str, Any] = {}
         nested: dict[str, dict[str, Any]] = {}
         for m, processed in inputs.items():
@@ -639,6 +645,7 @@ class MultimodalProcessor:
             clash = any(
                 key in RESERVED_INPUT_NAMES
                 or len(owners[key]) > 1
+                or bool(takers.get(key, set()) - {m})
                 or (takes is not None and key not in takes)
                 for key in processed
             )

@@ -445,7 +445,10 @@ def test_inputs_with_the_same_name_go_through_encoder_inputs():
     # model_kwargs is the routing on its own: a name two encoders take goes under encoder_inputs
     pixels, features = torch.zeros(1, 3, 32, 32), torch.zeros(1, 8, 20)
     routed = processor.model_kwargs({"vision": {"pixel_values": pixels}, "audio": {"input_features": features}})
-    assert routed["pixel_values"] is pixels and routed["input_features"] is features
+    # vision2 also takes pixel_values, so vision's go nested even when vision2 has no items here
+    assert routed["encoder_inputs"]["vision"]["pixel_values"] is pixels and routed["input_features"] is features
+    with torch.no_grad():
+        model.eval()(**processor("<vision> <audio>", vision=[_image(0.0)], audio=[_wave(0.0)]))
     routed = processor.model_kwargs({"vision": {"pixel_values": pixels}, "vision2": {"pixel_values": pixels}})
     assert set(routed) == {"encoder_inputs"} and set(routed["encoder_inputs"]) == {"vision", "vision2"}
     assert batch["input_features"].shape == (1, 8, 20)  # audio's name is its own: stays top-level

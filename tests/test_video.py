@@ -185,3 +185,23 @@ def test_jsonl_video_items_train_a_step(tmp_path):
     loss = mllm(**batch).loss
     loss.backward()
     assert torch.isfinite(loss) and mllm.encoders["video"].projector.projection[0].weight.grad is not None
+
+
+@torch.no_grad()
+def test_a_batch_of_videos_only_runs_on_a_model_with_an_image_encoder_too():
+    from mmcore import MultimodalModel, build_encoder
+    from mmcore.processing import MultimodalProcessor
+    from mmcore.testing import tiny_llm, tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    mllm = MultimodalModel(
+        encoders={
+            "vision": build_encoder("clip", preset="tiny"),
+            "video": build_encoder("clip", preset="tiny", video=True),
+        },
+        language_model=tiny_llm(vocab_size=len(tokenizer)),
+    ).eval()
+    processor = MultimodalProcessor.from_model(mllm, tokenizer)
+    batch = processor(["<video> hi"], video=videos()[:1])  # both encoders take pixel_values: nested
+    assert set(batch["encoder_inputs"]) == {"video"} and "pixel_values" not in batch
+    assert mllm(**batch).logits.shape[:2] == batch["input_ids"].shape
