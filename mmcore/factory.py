@@ -120,6 +120,12 @@ class EncoderFactory:
         """Projector type used when the user names none (None: the model's ``init_projector_type``)."""
         return None
 
+    def checkpoint_projector(self, recipe: Mapping[str, Any], checkpoint: str, module: nn.Module) -> nn.Module | None:
+        """The projector whose weights come with ``checkpoint`` (Qwen2-VL's patch merger is part of its
+        vision tower), given ``module`` as `build_module` just built it from there; used when the user
+        names no projector. None (the default): the model builds one (see `default_projector`)."""
+        return None
+
     # -- helpers for subclasses --------------------------------------------------------------------
     def check_options(self, options: Mapping[str, Any]) -> dict[str, Any]:
         """``self.options`` updated by ``options``; `ConfigError` naming unknown ones."""
@@ -206,6 +212,8 @@ def encoder_from_recipe(
         slots[slot] = callback
     with _device(device):
         module = factory.build_module(recipe, checkpoint)
+        if projector is None and checkpoint is not None:
+            projector = factory.checkpoint_projector(recipe, checkpoint, module)
     source = {"kind": PLUGIN_SOURCE, "encoder": factory.name, "recipe": dict(recipe)}
     default_projector = factory.default_projector(recipe)
     if projector is None and default_projector is not None:
