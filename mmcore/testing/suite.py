@@ -371,14 +371,16 @@ class TransformersVisionSuite(EncoderSuite):
         rng = np.random.default_rng(0)
         return [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in (sizes or self.raw_sizes)]
 
-    @staticmethod
-    def assert_loaded_from(module: Any, saved: Mapping[str, Any]) -> None:
-        """Every weight of ``module`` is the checkpoint's (the factory may leave parts out, as
-        SigLIP's pooling head)."""
+    def assert_loaded_from(self, encoder: str, built: Any, saved: Mapping[str, Any]) -> None:
+        """``built`` has every weight its recipe calls for, and each is the checkpoint's (the
+        factory may leave parts of the checkpoint out, as SigLIP's pooling head)."""
         import torch
 
-        loaded = module.state_dict()
-        assert loaded and set(loaded) <= set(saved), sorted(set(loaded) - set(saved))
+        loaded = built.module.state_dict()
+        with torch.device("meta"):
+            expected = self.factory(encoder).build_module(built.source["recipe"]).state_dict().keys()
+        assert loaded.keys() == expected, sorted(set(loaded) ^ set(expected))
+        assert set(loaded) <= set(saved), sorted(set(loaded) - set(saved))
         assert all(torch.equal(v, saved[k]) for k, v in loaded.items())
 
     # -- the real loading path ---------------------------------------------------------------------
@@ -387,7 +389,7 @@ class TransformersVisionSuite(EncoderSuite):
 
         saved = self.save_checkpoint(encoder, tmp_path)
         built = mmcore.build_encoder(encoder, str(tmp_path))
-        self.assert_loaded_from(built.module, saved)
+        self.assert_loaded_from(encoder, built, saved)
         recipe = built.source["recipe"]
         side = 3 * recipe["config"]["patch_size"]
         assert recipe["checkpoint"] == str(tmp_path) and recipe["preset"] is None
@@ -416,7 +418,7 @@ class TransformersVisionSuite(EncoderSuite):
         model.save_pretrained(tmp_path)
         self.image_processor(factory, vision).save_pretrained(tmp_path)
         built = mmcore.build_encoder(encoder, str(tmp_path))
-        self.assert_loaded_from(built.module, model.vision_model.state_dict())
+        self.assert_loaded_from(encoder, built, model.vision_model.state_dict())
         assert built.source["recipe"]["config"]["model_type"] == factory.model_type
 
     def test_a_checkpoint_without_a_processor_config_warns_and_uses_the_familys(

@@ -33,6 +33,7 @@ class TestClipSuite(TransformersVisionSuite):
 def test_tiny_preset_contract_counts_2x2_patches_with_the_cls_dropped(tmp_path):
     report = check_encoder_plugin("clip", preset="tiny", tmp_path=tmp_path, meta_presets=True)
     assert report.tokens_per_item == [4, 4]
+    assert {"processor", "meta_presets", "save_load"} <= set(report.checks)
     assert report.recipe["options"] == {"feature_layer": -2, "drop_cls": True}
 
 

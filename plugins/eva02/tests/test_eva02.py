@@ -64,6 +64,7 @@ class TestEva02Suite(EncoderSuite):
 def test_contract_counts_2x2_patches_with_the_class_token_dropped(tmp_path):
     report = check_encoder_plugin("eva02", preset="tiny", tmp_path=tmp_path, meta_presets=True)
     assert report.tokens_per_item == [4, 4]  # 28 px / patch 14 = 2 x 2, class token dropped
+    assert {"processor", "meta_presets", "save_load"} <= set(report.checks)
 
 
 def test_the_spec_names_omnilmms_tower():

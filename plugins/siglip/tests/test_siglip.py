@@ -39,6 +39,7 @@ def has_head(module):
 def test_tiny_preset_contract_counts_2x2_patches(tmp_path):
     report = check_encoder_plugin("siglip", preset="tiny", tmp_path=tmp_path, meta_presets=True)
     assert report.tokens_per_item == [4, 4]  # no CLS
+    assert {"processor", "meta_presets", "save_load"} <= set(report.checks)
     assert report.recipe["options"] == {"feature_layer": -1, "keep_head": False}
 
 

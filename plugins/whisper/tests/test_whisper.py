@@ -43,6 +43,7 @@ class TestWhisperSuite(EncoderSuite):
 def test_contract_counts_the_tiny_presets_window(tmp_path):
     report = check_encoder_plugin("whisper", preset="tiny", tmp_path=tmp_path, meta_presets=True)
     assert report.tokens_per_item == [10, 10]  # the tiny preset's 0.2 s window
+    assert {"processor", "meta_presets", "save_load"} <= set(report.checks)
 
 
 def test_the_spec_names_whisper_large_v3():
