@@ -44,8 +44,6 @@ from mmcore.modeling.projector import MultimodalProjector, MultimodalProjectorCo
 MODEL_TYPE = "qwen2_vl"
 ARCHITECTURE = "Qwen2VLForConditionalGeneration"
 IMAGE, VIDEO = "image", "video"
-#: the tower's children that move between transformers' tower and the plugin's (the merger is the projector's)
-TOWER_PARTS = ("patch_embed", "rotary_pos_emb", "blocks")
 
 
 class Family:
@@ -77,6 +75,8 @@ def from_hf(
     """The `MultimodalModel` that computes what ``hf_model`` computes, holding its own modules: an
     ``image`` and a ``video`` encoder sharing its tower and merger, its language model and the
     ``mrope`` callback. ``image_processor`` (the checkpoint's) sets the recipe's pixel budget."""
+    from mmcore_plugin_qwen2vl.modules import TOWER_PARTS
+
     config = hf_model.config
     factory = get_factory(family.encoder)
     recipe = _recipe(factory, config, image_processor, source)
@@ -163,6 +163,8 @@ def to_hf(mllm: MultimodalModel, family: Family = QWEN2_VL) -> Any:
     """The ``Qwen2VLForConditionalGeneration`` holding ``mllm``'s modules, when ``mllm`` is the plugin's
     tower with its merger projector (an image encoder, and optionally a video one sharing them), the
     ``mrope`` callback and a Qwen2-VL text model; `NoTransformersCounterpartError` naming the part otherwise."""
+    from mmcore_plugin_qwen2vl.modules import TOWER_PARTS
+
     image, video = _encoders(mllm, family)
     tower, projector = image.module, image.projector
     callback = mllm.preprocess_llm_callback

@@ -29,7 +29,14 @@ from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoP
 
 from mmcore.errors import ConfigError, EncoderInputError
 from mmcore.factory import EncoderFactory
-from mmcore_plugin_qwen2vl.modules import MERGE_SIZE, Qwen2VLVisionTower, Qwen25VLVisionTower
+from mmcore_plugin_qwen2vl.modules import (
+    MERGE_SIZE,
+    TOWER_PARTS,
+    Qwen2VLCheckpointTower,
+    Qwen2VLVisionTower,
+    Qwen25VLCheckpointTower,
+    Qwen25VLVisionTower,
+)
 from mmcore_plugin_qwen2vl.presets import PRESETS, RELEASED_PIXELS
 
 #: the inputs of an image encoder and of a video one (call argument -> the tower's argument)
@@ -46,6 +53,7 @@ class Qwen2VLFactory(EncoderFactory):
     family: ClassVar[str] = "qwen2_vl"
     config_class: ClassVar[type[PretrainedConfig]] = Qwen2VLVisionConfig
     tower_class: ClassVar[type] = Qwen2VLVisionTower
+    checkpoint_class: ClassVar[type] = Qwen2VLCheckpointTower
     width_field: ClassVar[str] = "embed_dim"  # the tower's width (the merger's input)
     projector_type: ClassVar[str] = "qwen2vl:qwen2_vl_merger"
     video_processor_class: ClassVar[type] = Qwen2VLVideoProcessor
@@ -123,16 +131,20 @@ class Qwen2VLFactory(EncoderFactory):
     # -- module --------------------------------------------------------------------------------------
     def build_module(self, recipe: Mapping[str, Any], checkpoint: str | None = None) -> torch.nn.Module:
         """The tower (its merger is the projector, built apart). ``checkpoint``: a whole Qwen2-VL model
-        (the weights under ``model.visual.``) or a tower saved alone; the merger's and the language
-        model's weights are skipped."""
+        (the weights under ``model.visual.``) or a tower saved alone, loaded into transformers' own tower
+        class; its merger is kept aside for `checkpoint_projector`, the language model's weights are
+        skipped."""
         config = self.config_class(**recipe["config"])
         if checkpoint is None:
             return self.tower_class._from_config(config)
         try:
-            tower, info = self.tower_class.from_pretrained(
-                checkpoint, config=config, key_mapping={r"^(model\.)?visual\.": ""},
-                dtype=torch.get_default_dtype(), output_loading_info=True,
-            )  # fmt: skip
+            full, info = self.checkpoint_class.from_pretrained(
+                checkpoint,
+                config=config,
+                key_mapping={r"^(model\.)?visual\.": ""},
+                dtype=torch.get_default_dtype(),
+                output_loading_info=True,
+            )
         except OSError as exc:
             raise ConfigError(f"{self.family}: cannot load weights from {checkpoint!r}: {exc}") from exc
         if info["missing_keys"] or info["mismatched_keys"]:
@@ -141,7 +153,32 @@ class Qwen2VLFactory(EncoderFactory):
                 f"{self.family}: {checkpoint!r} is not a {self.family} checkpoint of this shape; it lacks or "
                 f"mismatches {len(missing)} tower weights: {', '.join(missing[:5])}"
             )
+        with torch.device("meta"):  # a shell whose parts become the loaded tower's
+            tower = self.tower_class._from_config(config)
+        for part in TOWER_PARTS:
+            setattr(tower, part, getattr(full, part))
+        tower.__dict__["checkpoint_merger"] = full.merger  # not a submodule: the projector's, if it is taken
         return tower
+
+    def checkpoint_projector(
+        self, recipe: Mapping[str, Any], checkpoint: str, module: torch.nn.Module
+    ) -> Any:
+        """The checkpoint's own merger as the projector (``qwen2_vl_merger`` / ``qwen2_5_vl_merger``,
+        its output the checkpoint's language-model width)."""
+        merger = module.__dict__.pop("checkpoint_merger", None)
+        if merger is None:
+            return None
+        from mmcore.modeling.projector import MultimodalProjector, MultimodalProjectorConfig
+
+        config = MultimodalProjectorConfig(
+            projector_type=self.projector_type,
+            in_features=self.output_width(recipe),
+            out_features=merger.mlp[-1].out_features,
+        )
+        with torch.device("meta"):  # its norm and MLP are the checkpoint's
+            projector = MultimodalProjector(config)
+        projector.projection.ln_q, projector.projection.mlp = merger.ln_q, merger.mlp
+        return projector
 
     def output_width(self, recipe: Mapping[str, Any]) -> int:
         return recipe["config"][self.width_field]
@@ -209,11 +246,6 @@ class Qwen2VLFactory(EncoderFactory):
             items.append(rng.integers(0, 256, shape, dtype=np.uint8))
         return items
 
-    def load_item(self, path: Any) -> Any:
-        from mmcore.training.data import load_image
-
-        return load_image(path)
-
 
 class Qwen25VLVideoProcessor(Qwen2VLVideoProcessor):
     """``Qwen2VLVideoProcessor`` that also gives each video's ``second_per_grid_ts`` (seconds per
@@ -234,6 +266,7 @@ class Qwen25VLFactory(Qwen2VLFactory):
     family = "qwen2_5_vl"
     config_class = Qwen2_5_VLVisionConfig
     tower_class = Qwen25VLVisionTower
+    checkpoint_class = Qwen25VLCheckpointTower
     width_field = "hidden_size"
     projector_type = "qwen2vl:qwen2_5_vl_merger"
     video_processor_class = Qwen25VLVideoProcessor

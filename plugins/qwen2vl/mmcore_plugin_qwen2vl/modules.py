@@ -35,6 +35,10 @@ from transformers.models.qwen2_vl.modeling_qwen2_vl import PatchMerger, Qwen2Vis
 from mmcore.errors import ConfigError, EncoderInputError
 
 MERGE_SIZE = 2  # every released Qwen2-VL / Qwen2.5-VL tower merges 2x2 patches
+#: the tower's children that move between transformers' tower and the plugin's (the merger is the projector's)
+TOWER_PARTS = ("patch_embed", "rotary_pos_emb", "blocks")
+#: what a whole-model checkpoint holds besides the tower: skipped quietly when the tower loads
+OTHER_WEIGHTS = [r"language_model\.", r"^lm_head\."]
 
 
 class MergeUnits(nn.Module):
@@ -92,9 +96,6 @@ class Qwen2VLVisionTower(Qwen2VisionTransformerPretrainedModel):
     """transformers' Qwen2-VL tower without its merger: ``pixel_values`` ``(P, C * 2 * 14 * 14)`` and
     ``image_grid_thw`` ``(items, 3)`` -> ``last_hidden_state``: a list of ``(P_i, D)`` per item."""
 
-    # its merger's weights, in a whole-model or tower checkpoint, belong to the projector
-    _keys_to_ignore_on_load_unexpected = [r"(^|\.)merger\.", r"language_model\.", r"^lm_head\."]
-
     def __init__(self, config: Qwen2VLVisionConfig) -> None:
         super().__init__(config)
         self.merger = MergeUnits(config.spatial_merge_size**2)
@@ -109,8 +110,6 @@ class Qwen25VLVisionTower(Qwen2_5_VisionTransformerPretrainedModel):
     """transformers' Qwen2.5-VL tower without its merger (window attention inside, item order out):
     ``pixel_values`` ``(P, C * 2 * 14 * 14)`` and ``image_grid_thw`` -> a list of ``(P_i, D)``."""
 
-    _keys_to_ignore_on_load_unexpected = [r"(^|\.)merger\.", r"language_model\.", r"^lm_head\."]
-
     def __init__(self, config: Qwen2_5_VLVisionConfig) -> None:
         super().__init__(config)
         self.merger = MergeUnits(config.spatial_merge_size**2)
@@ -119,6 +118,18 @@ class Qwen25VLVisionTower(Qwen2_5_VisionTransformerPretrainedModel):
         self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor, **kwargs: Any
     ) -> BaseModelOutput:
         return _split_items(self, super().forward, pixel_values, image_grid_thw, kwargs)
+
+
+class Qwen2VLCheckpointTower(Qwen2VisionTransformerPretrainedModel):
+    """transformers' Qwen2-VL tower as it loads from a whole-model checkpoint (merger included)."""
+
+    _keys_to_ignore_on_load_unexpected = OTHER_WEIGHTS
+
+
+class Qwen25VLCheckpointTower(Qwen2_5_VisionTransformerPretrainedModel):
+    """transformers' Qwen2.5-VL tower as it loads from a whole-model checkpoint (merger included)."""
+
+    _keys_to_ignore_on_load_unexpected = OTHER_WEIGHTS
 
 
 class MergerProjection:

@@ -129,6 +129,33 @@ def test_loads_the_tower_of_a_whole_model_and_its_image_processor(tmp_path):
     for name, tensor in encoder.module.state_dict().items():
         assert torch.equal(tensor, hf.model.visual.state_dict()[name]), name
     assert not any(name.startswith("merger.") for name in encoder.module.state_dict())  # the projector's
+    merger = encoder.projector  # the checkpoint's own, sized to its language model
+    assert merger.config.projector_type == "qwen2vl:qwen2_vl_merger" and merger.config.out_features == 64
+    assert merger.projection.mlp is not None and torch.equal(
+        merger.projection.mlp[0].weight, hf.model.visual.merger.mlp[0].weight
+    )
+    from mmcore import MultimodalModel
+    from mmcore.errors import WidthMismatchError
+    from mmcore.testing import tiny_llm
+
+    model = MultimodalModel(encoders={"vision": encoder}, language_model=tiny_llm(hidden_size=64))
+    assert model.encoders["vision"].projector is merger
+    with pytest.raises(
+        WidthMismatchError,
+        match="projector outputs width 64 but the language model's embeddings have width 32",
+    ):
+        MultimodalModel(
+            encoders={"vision": mmcore.build_encoder("qwen2_vl", str(tmp_path))}, language_model=tiny_llm()
+        )
+    fresh = mmcore.build_encoder(
+        "qwen2_vl", str(tmp_path), projector="qwen2vl:qwen2_vl_merger"
+    )  # sized to the LLM
+    assert (
+        MultimodalModel(encoders={"vision": fresh}, language_model=tiny_llm())
+        .encoders["vision"]
+        .projector.config.out_features
+        == 32
+    )
 
 
 def test_a_checkpoint_of_another_family_is_a_config_error(tmp_path):
