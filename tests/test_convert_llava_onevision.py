@@ -224,3 +224,20 @@ def test_export_loads_without_mmcore_and_gives_equal_logits(source, tmp_path):
     batch = exported(text=PROMPTS, images=images(), videos=videos(), return_tensors="pt", padding=True)
     for key in ("input_ids", "pixel_values_videos"):
         assert torch.equal(batch[key], source["batch"][key]), key
+
+
+def test_real_size_config_converts_on_the_meta_device(tmp_path):
+    from transformers import LlavaOnevisionConfig
+
+    from mmcore.convert import convert_pretrained
+
+    LlavaOnevisionConfig().save_pretrained(
+        tmp_path
+    )  # llava-onevision-qwen2-7b's shapes: SigLIP 384 px, anyres_max_9
+    converted = convert_pretrained(tmp_path, device="meta")
+    mllm = converted.model
+    assert converted.family == "llava_onevision" and all(p.is_meta for p in mllm.parameters())
+    assert mllm.encoders["image"].postprocess_projector_callback.max_patches == 9
+    assert mllm.encoders["video"].postprocess_projector_callback.tokens_per_frame() == 14 * 14
+    assert mllm.encoders["video"].module is mllm.encoders["image"].module
+    assert mllm.to_hf().config.vision_aspect_ratio == "anyres_max_9"

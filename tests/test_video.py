@@ -83,6 +83,7 @@ def test_video_pool_is_llava_onevisions_apply_pooling(side):
     expected = LlavaOnevisionModel.apply_pooling(shell, features)
     assert torch.equal(pool.pool(features), expected)
     assert expected.shape[1] == pool.tokens_per_frame() == math.ceil(side / 2) ** 2
+    assert VideoPool(384, 14).tokens_per_frame() == 14 * 14  # OneVision's SigLIP: 27x27 patches at 384 px
     average = VideoPool(side * 14, 14, mode="average").pool(features)
     assert average.shape == expected.shape and not torch.equal(average, expected)
 

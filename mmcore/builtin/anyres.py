@@ -177,8 +177,8 @@ class AnyResPack(Callback, nn.Module):
         self.image_size = _positive("image_size", image_size)
         self.patch_size = _positive("patch_size", patch_size)
         self.hidden_size = _positive("hidden_size", hidden_size)
-        if self.image_size % self.patch_size:
-            raise ConfigError(f"anyres: image_size {image_size} is not a multiple of patch_size {patch_size}")
+        # image_size // patch_size tokens per side, as the tower's strided patch embedding (SigLIP at 384 px
+        # with patch 14: 27), so the size need not be a multiple of the patch
         self.newline = bool(newline)
         self.max_patches = None if max_patches is None else _positive("max_patches", max_patches)
         # LLaVA-NeXT's initialisation: N(0, 1 / hidden_size)

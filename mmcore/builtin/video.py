@@ -125,10 +125,7 @@ class VideoPool(Callback, nn.Module):
         self.image_size = _positive("image_size", image_size)
         self.patch_size = _positive("patch_size", patch_size)
         self.stride = _positive("stride", stride)
-        if self.image_size % self.patch_size:
-            raise ConfigError(
-                f"video_pool: image_size {image_size} is not a multiple of patch_size {patch_size}"
-            )
+        # image_size // patch_size tokens per side, as the tower's strided patch embedding (27 for 384 / 14)
         if mode not in POOL_MODES:
             raise ConfigError(f"video_pool: mode must be one of {POOL_MODES}, got {mode!r}")
         self.mode = mode
