@@ -206,3 +206,29 @@ def test_a_batch_of_videos_only_runs_on_a_model_with_an_image_encoder_too():
     batch = processor(["<video> hi"], video=videos()[:1])  # both encoders take pixel_values: nested
     assert set(batch["encoder_inputs"]) == {"video"} and "pixel_values" not in batch
     assert mllm(**batch).logits.shape[:2] == batch["input_ids"].shape
+
+
+def test_cli_assembles_a_video_encoder_and_trains_it_from_jsonl(tmp_path):
+    from typer.testing import CliRunner
+
+    from mmcore.cli import app as cli_app
+
+    def run(*args):
+        return CliRunner().invoke(cli_app.build_app(), [str(a) for a in args])
+
+    model_dir = tmp_path / "model"
+    result = run("assemble", "--llm", "tiny", "-e", "video=clip:preset=tiny", "--set", "encoders.video.options.video=true",
+                 "-o", model_dir)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    recipe = json.loads((model_dir / "config.json").read_text())["encoders"]["video"]["source"]["recipe"]
+    assert recipe["options"]["video"] is True
+    np.save(tmp_path / "a.npy", videos()[0])
+    record = {
+        "video": "a.npy",
+        "conversations": [{"from": "human", "value": "<video> what?"}, {"from": "gpt", "value": "a"}],
+    }
+    (tmp_path / "data.jsonl").write_text(json.dumps(record) + "\n")
+    result = run("train", model_dir, "--data", tmp_path / "data.jsonl", "--steps", 1, "--batch-size", 1,
+                 "-o", tmp_path / "run")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert any((tmp_path / "run").iterdir())  # the run wrote its model / checkpoint
