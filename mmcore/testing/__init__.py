@@ -2,7 +2,7 @@
 plugin author's tests use. Everything works with no network.
 
 - `mmcore.testing.fixtures`: `tiny_tokenizer`, `tiny_llm`, `tiny_clip_vision`, `tiny_siglip_vision`,
-  `tiny_whisper_encoder`, `tiny_multimodal_model`;
+  `tiny_whisper_encoder`, `tiny_multimodal_model`, `tiny_assembled_model`;
 - `mmcore.testing.plugins`: `registered_plugin`, `check_encoder_plugin` (`ContractReport`, `ContractError`);
 - `mmcore.testing.sync`: `count_host_syncs`, `HOST_SYNC_OPS`;
 - `mmcore.testing.reference`: `mmcore_twin_of_llava`;
@@ -16,6 +16,7 @@ if "pytest" in sys.modules:  # under pytest: the suite's plain asserts report th
     sys.modules["pytest"].register_assert_rewrite("mmcore.testing.suite")
 
 from mmcore.testing.fixtures import (
+    tiny_assembled_model,
     tiny_clip_vision,
     tiny_llm,
     tiny_multimodal_model,
@@ -35,6 +36,7 @@ __all__ = [
     "count_host_syncs",
     "mmcore_twin_of_llava",
     "registered_plugin",
+    "tiny_assembled_model",
     "tiny_clip_vision",
     "tiny_llm",
     "tiny_multimodal_model",

@@ -109,6 +109,22 @@ def tiny_whisper_encoder(d_model: int = 16, num_mel_bins: int = 8, max_source_po
     return WhisperEncoder._from_config(config)
 
 
+def tiny_assembled_model(encoders: Any, **model_options: Any) -> tuple[Any, Any]:
+    """``encoders`` (modality -> `ModalEncoderModule`, e.g. from `mmcore.build_encoder`) around a
+    tiny Llama sized to `tiny_tokenizer`, with the modality tokens added to both; ``model_options``
+    go to `MultimodalModel` (e.g. ``init_projector_type="resampler"``). Returns ``(model, tokenizer)``.
+
+    >>> model, tokenizer = tiny_assembled_model({"vision": mmcore.build_encoder("clip", preset="tiny")})  # doctest: +SKIP
+    """
+    from mmcore.modeling.multimodal import MultimodalModel
+    from mmcore.modeling.tokens import add_modality_tokens
+
+    tokenizer = tiny_tokenizer()
+    model = MultimodalModel(encoders=dict(encoders), language_model=tiny_llm(vocab_size=len(tokenizer)), **model_options)
+    add_modality_tokens(tokenizer, model)
+    return model, tokenizer
+
+
 def tiny_multimodal_model(family: str = "llama", projector: str = "mlp2x_gelu", wrap: bool = False, seed: int = 0):
     """CLIP (penultimate layer, CLS dropped) + Whisper + a tiny LLM, with modality tokens added.
 

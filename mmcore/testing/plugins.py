@@ -8,7 +8,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from mmcore.testing.fixtures import tiny_llm, tiny_tokenizer
+from mmcore.testing.fixtures import tiny_assembled_model
 
 
 @contextmanager
@@ -164,11 +164,8 @@ def check_encoder_plugin(
         checks.append("meta_presets")
 
     from mmcore.modeling.multimodal import MultimodalModel
-    from mmcore.modeling.tokens import add_modality_tokens
 
-    tokenizer = tiny_tokenizer()
-    model = MultimodalModel(encoders={spec.modality: encoder}, language_model=tiny_llm(vocab_size=len(tokenizer)))
-    add_modality_tokens(tokenizer, model)
+    model, _ = tiny_assembled_model({spec.modality: encoder})
     model.eval()
     with tempfile.TemporaryDirectory() if tmp_path is None else contextlib.nullcontext(str(tmp_path)) as root:
         target = f"{root}/{spec.name}-contract-model"

@@ -46,7 +46,7 @@ from typing import Any, ClassVar
 
 import pytest
 
-from mmcore.testing.fixtures import tiny_llm, tiny_tokenizer
+from mmcore.testing.fixtures import tiny_assembled_model
 from mmcore.testing.plugins import check_encoder_plugin
 
 #: Modules listing an encoder must not import (a plugin's entry module registers metadata only).
@@ -83,17 +83,6 @@ def _features(encoder: Any, inputs: Mapping[str, Any]) -> list[Any]:
     with torch.no_grad():
         features = encoder(**encoder.select_inputs(dict(inputs)))
     return list(features) if isinstance(features, list) else list(features.unbind(0))
-
-
-def _assembled(encoder: Any, modality: str) -> tuple[Any, Any]:
-    """``encoder`` + a tiny LLM with the modality tokens added; ``(model, tokenizer)``."""
-    from mmcore.modeling.multimodal import MultimodalModel
-    from mmcore.modeling.tokens import add_modality_tokens
-
-    tokenizer = tiny_tokenizer()
-    model = MultimodalModel(encoders={modality: encoder}, language_model=tiny_llm(vocab_size=len(tokenizer)))
-    add_modality_tokens(tokenizer, model)
-    return model, tokenizer
 
 
 def _callbacks(encoder: Any) -> tuple[Any, Any, Any]:
@@ -272,7 +261,7 @@ class EncoderSuite:
         items = factory.dummy_items(recipe, 2)
         if not items:
             pytest.skip(f"{encoder} has no dummy_items")
-        model, tokenizer = _assembled(built, modality)
+        model, tokenizer = tiny_assembled_model({modality: built})
         processor = MultimodalProcessor.from_model(model, tokenizer)
         token = processor.tokens[modality]
         batch = processor([f"a {token} b", f"{token} a b c d"], **{modality: [[items[0]], [items[1]]]})
@@ -466,7 +455,7 @@ class TransformersVisionSuite(EncoderSuite):
         factory = self.factory(encoder)
         built = mmcore.build_encoder(encoder, str(checkpoint))
         modality = factory.spec.modality
-        model, tokenizer = _assembled(built, modality)
+        model, tokenizer = tiny_assembled_model({modality: built})
         processor = MultimodalProcessor.from_model(model, tokenizer)
         token = processor.tokens[modality]
         batch = processor([f"a {token} b", f"{token} c"], **{modality: self.images()[:2]})

@@ -14,7 +14,7 @@ import mmcore
 from mmcore.callbacks import DropPrefixTokens
 from mmcore.errors import ConfigError
 from mmcore.plugins import get_registry
-from mmcore.testing import check_encoder_plugin, tiny_llm, tiny_tokenizer
+from mmcore.testing import check_encoder_plugin, tiny_assembled_model
 from mmcore.testing.suite import EncoderSuite
 
 TINY = {"img_size": 28, "depth": 2, "embed_dim": 32, "num_heads": 2}
@@ -284,11 +284,8 @@ def test_data_config_option_changes_the_transforms():
 def test_processor_output_runs_through_the_assembled_model_and_saves(tmp_path):
     torch.manual_seed(0)
     encoder = mmcore.build_encoder("eva02", preset="tiny")
-    tokenizer = tiny_tokenizer()
-    model = mmcore.MultimodalModel(
-        encoders={"vision": encoder}, language_model=tiny_llm(vocab_size=len(tokenizer))
-    )
-    image_id = mmcore.add_modality_tokens(tokenizer, model)["vision"]
+    model, _ = tiny_assembled_model({"vision": encoder})
+    image_id = model.modality_token_ids["vision"]
     projector = model.encoders["vision"].projector
     assert projector.config.projector_type == "resampler"  # the plugin's default projector
 

@@ -15,7 +15,7 @@ from transformers import SiglipVisionModel
 
 import mmcore
 from mmcore.callbacks import SelectFeatureLayer
-from mmcore.testing import check_encoder_plugin, tiny_llm, tiny_tokenizer
+from mmcore.testing import check_encoder_plugin, tiny_assembled_model
 from mmcore.testing.suite import TransformersVisionSuite
 
 
@@ -123,9 +123,7 @@ def test_by_default_a_checkpoint_loads_without_its_pooling_head(saved_tower, tmp
     encoder = mmcore.build_encoder("siglip", str(path))
     assert not has_head(encoder.module) and encoder.source["recipe"]["config"]["vision_use_head"] is False
     assert encoder.module.state_dict().keys() == {k for k in saved if not k.startswith("head.")}
-    tokenizer = tiny_tokenizer()
-    model = mmcore.MultimodalModel({"vision": encoder}, tiny_llm(vocab_size=len(tokenizer)))
-    mmcore.add_modality_tokens(tokenizer, model)
+    model, _ = tiny_assembled_model({"vision": encoder})
     model.save_pretrained(tmp_path / "model")
     loaded = mmcore.MultimodalModel.from_pretrained(tmp_path / "model")
     assert not has_head(loaded.encoders["vision"].module)

@@ -15,7 +15,7 @@ from transformers.models.whisper.modeling_whisper import WhisperEncoder
 import mmcore
 from mmcore.errors import ConfigError
 from mmcore.plugins import get_registry
-from mmcore.testing import check_encoder_plugin, tiny_llm, tiny_tokenizer
+from mmcore.testing import check_encoder_plugin, tiny_assembled_model
 from mmcore.testing.suite import EncoderSuite
 
 TINY = dict(d_model=16, encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=64, num_mel_bins=8)
@@ -251,29 +251,17 @@ def test_bad_preset_or_option_is_a_config_error(kwargs, match):
         mmcore.build_encoder("whisper", device="meta", **kwargs)
 
 
-def assembled(encoder):
-    tokenizer = tiny_tokenizer()
-    model = mmcore.MultimodalModel(
-        encoders={"audio": encoder}, language_model=tiny_llm(vocab_size=len(tokenizer))
-    )
-    ids = mmcore.add_modality_tokens(tokenizer, model)
-    return model, ids["audio"]
-
-
 def assembled_with_processor(encoder, **model_options):
     """The encoder + a tiny LLM, and the `MultimodalProcessor` for both (the same tokenizer)."""
-    tokenizer = tiny_tokenizer()
-    model = mmcore.MultimodalModel(
-        encoders={"audio": encoder}, language_model=tiny_llm(vocab_size=len(tokenizer)), **model_options
-    )
-    mmcore.add_modality_tokens(tokenizer, model)
+    model, tokenizer = tiny_assembled_model({"audio": encoder}, **model_options)
     return model, mmcore.MultimodalProcessor.from_model(model, tokenizer)
 
 
 def test_processor_output_runs_through_the_assembled_model(tmp_path):
     torch.manual_seed(0)
     encoder = mmcore.build_encoder("whisper", preset="tiny", max_seconds=0.1)
-    model, audio_id = assembled(encoder)
+    model, _ = tiny_assembled_model({"audio": encoder})
+    audio_id = model.modality_token_ids["audio"]
     f, recipe = factory(), recipe_of(encoder)
     processed = f.processor(recipe)(f.dummy_items(recipe, 2))
     counts = f.num_tokens(recipe, processed)
