@@ -45,24 +45,17 @@ def text_lm(family: str, vocab_size: int):
 def assembled(family: str):
     """``(model, processor)``: the plugin's tiny tower for ``image`` and, sharing it and its merger,
     ``video``; a Qwen2-VL text model; the mrope callback with the processor's placeholder ids."""
-    import mmcore
+    from mmcore_plugin_qwen2vl.factory import image_and_video_encoders
+
     from mmcore import MultimodalModel
     from mmcore.builtin.mrope import MRope
-    from mmcore.modeling.projector import MultimodalProjector, MultimodalProjectorConfig
     from mmcore.processing import MultimodalProcessor
     from mmcore.testing import tiny_tokenizer
 
     tokenizer = tiny_tokenizer()
     torch.manual_seed(0)
-    image = mmcore.build_encoder(family, preset="tiny")
-    merger = MultimodalProjector(
-        MultimodalProjectorConfig(projector_type=f"qwen2vl:{family}_merger", in_features=32, out_features=64)
-    )
-    video = mmcore.build_encoder(family, preset="tiny", video=True, projector=merger, device="meta")
-    image.projector, video.module = merger, image.module  # one tower and merger for both, as Qwen2-VL has
-    model = MultimodalModel(
-        encoders={"image": image, "video": video}, language_model=text_lm(family, len(tokenizer))
-    )
+    encoders = image_and_video_encoders(family, preset="tiny", text_width=64)  # one tower and merger
+    model = MultimodalModel(encoders=encoders, language_model=text_lm(family, len(tokenizer)))
     processor = MultimodalProcessor.from_model(model, tokenizer)  # adds <image> and <video>
     ids = processor.token_ids
     model.preprocess_llm_callback = MRope(ids["image"], ids["video"], family=family, tokens_per_second=2)

@@ -275,3 +275,47 @@ class Qwen25VLFactory(Qwen2VLFactory):
 
 def _jsonable(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
+
+
+def image_and_video_encoders(
+    encoder: str = "qwen2_vl",
+    checkpoint: str | None = None,
+    *,
+    preset: str | None = None,
+    text_width: int | None = None,
+    device: str | torch.device | None = None,
+    **options: Any,
+) -> dict[str, Any]:
+    """``{"image": ..., "video": ...}``: two encoders over one tower and one merger, as Qwen2-VL reads
+    images and videos (a model saves the shared parts once and shares them again at load).
+
+    The merger is the checkpoint's own, or, for a preset (or with ``text_width`` given), a fresh
+    ``qwen2_vl_merger`` / ``qwen2_5_vl_merger`` to the language model's width ``text_width``.
+
+    >>> encoders = image_and_video_encoders("qwen2_vl", preset="tiny", text_width=64)  # doctest: +SKIP
+    >>> model = MultimodalModel(encoders=encoders, language_model=llm)                 # doctest: +SKIP
+    """
+    import contextlib
+
+    import mmcore
+    from mmcore.factory import encoder_from_recipe
+    from mmcore.modeling.projector import MultimodalProjector, MultimodalProjectorConfig
+
+    image = mmcore.build_encoder(encoder, checkpoint, preset=preset, device=device, **options)
+    factory, recipe = mmcore.get_factory(encoder), image.source["recipe"]
+    if image.projector is None or text_width is not None:
+        if text_width is None:
+            raise ConfigError(
+                f"{factory.family}: a preset's merger needs text_width (the language model's width)"
+            )
+        config = MultimodalProjectorConfig(
+            projector_type=factory.projector_type,
+            in_features=factory.output_width(recipe),
+            out_features=text_width,
+        )
+        with torch.device(device) if device is not None else contextlib.nullcontext():
+            image.projector = MultimodalProjector(config)
+    # the image encoder's recipe for videos, built on the meta device: its tower is the image encoder's
+    video = encoder_from_recipe(factory, {**recipe, "video": True}, projector=image.projector, device="meta")
+    video.module = image.module
+    return {"image": image, "video": video}

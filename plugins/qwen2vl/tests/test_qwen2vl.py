@@ -189,3 +189,22 @@ def test_the_merger_is_the_default_projector_and_counts_four_patches_a_token():
     assert projector.config.projector_type == "qwen2vl:qwen2_5_vl_merger"
     assert isinstance(projector.projection, Qwen25VLMergerProjection)
     assert projector.num_output_tokens(24) == 6
+
+
+def test_image_and_video_encoders_share_one_tower_and_merger(tmp_path):
+    from mmcore_plugin_qwen2vl.factory import image_and_video_encoders
+
+    from mmcore import MultimodalModel
+    from mmcore.testing import tiny_llm
+
+    encoders = image_and_video_encoders("qwen2_5_vl", preset="tiny", text_width=32)
+    image, video = encoders["image"], encoders["video"]
+    assert video.module is image.module and video.projector is image.projector
+    assert video.source["recipe"] == {**image.source["recipe"], "video": True}
+    assert set(video.input_map) == {"pixel_values_videos", "video_grid_thw", "second_per_grid_ts"}
+    model = MultimodalModel(encoders=encoders, language_model=tiny_llm())
+    model.save_pretrained(tmp_path)
+    loaded = MultimodalModel.from_pretrained(tmp_path)
+    assert loaded.encoders["video"].module is loaded.encoders["image"].module
+    with pytest.raises(ConfigError, match="needs text_width"):
+        image_and_video_encoders("qwen2_vl", preset="tiny")
