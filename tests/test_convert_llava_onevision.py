@@ -241,3 +241,19 @@ def test_real_size_config_converts_on_the_meta_device(tmp_path):
     assert mllm.encoders["video"].postprocess_projector_callback.tokens_per_frame() == 14 * 14
     assert mllm.encoders["video"].module is mllm.encoders["image"].module
     assert mllm.to_hf().config.vision_aspect_ratio == "anyres_max_9"
+
+
+def test_convert_dry_run_counts_the_shared_tower_once(source):
+    from typer.testing import CliRunner
+
+    from mmcore.cli import app as cli_app
+
+    result = CliRunner().invoke(cli_app.build_app(), ["convert", str(source["path"]), "--dry-run", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    parts = {p["part"]: p for p in report["parts"]}
+    assert parts["video.module"] == {"part": "video.module", "type": "shared with image.module", "params": 0}
+    newline = (
+        source["mllm"].encoders["image"].postprocess_projector_callback.image_newline
+    )  # a callback's, no part
+    assert report["total_params"] == sum(p.numel() for p in source["mllm"].parameters()) - newline.numel()

@@ -118,7 +118,12 @@ def _write(converted: Any, target: Path) -> None:
 def _report(source: str, converted: Any, target: Path | None) -> dict[str, Any]:
     model = converted.model
     parts = []
+    seen: dict[int, str] = {}
     for name, module in model.parts().items():
+        if id(module) in seen:  # an encoder sharing another's part (OneVision's video encoder): counted once
+            parts.append({"part": name, "type": f"shared with {seen[id(module)]}", "params": 0})
+            continue
+        seen[id(module)] = name
         if name.endswith(".projector"):
             kind = module.config.projector_type
         elif name.endswith(".module"):

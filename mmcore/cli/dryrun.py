@@ -54,8 +54,11 @@ def count_report(model: Any, *, placeholder_tokens: int = 0) -> dict[str, Any]:
     parts: list[dict[str, Any]] = []
     projectors = 0
     encoders = 0
+    seen: set[int] = set()  # a part two encoders share is counted once
     for name, encoder in model.encoders.items():
-        module, projector = _numel(encoder.module), _numel(encoder.projector)
+        module = 0 if id(encoder.module) in seen else _numel(encoder.module)
+        projector = 0 if id(encoder.projector) in seen else _numel(encoder.projector)
+        seen.update((id(encoder.module), id(encoder.projector)))
         encoders += module
         projectors += projector
         parts.append({"part": f"{name}.module", "params": module})
