@@ -26,6 +26,7 @@ saved mmcore model rebuilds its language model from config.json.
 
 from __future__ import annotations
 
+import functools
 from types import SimpleNamespace
 from typing import Any
 
@@ -98,7 +99,7 @@ class MRope(Callback):
         # What get_rope_index reads of the model: its vision config and get_vision_position_ids.
         self._stand_in = SimpleNamespace(
             config=SimpleNamespace(vision_config=vision),
-            get_vision_position_ids=lambda *a, **k: model.get_vision_position_ids(None, *a, **k),
+            get_vision_position_ids=functools.partial(model.get_vision_position_ids, None),
         )
 
     def params(self) -> dict[str, Any]:
