@@ -186,8 +186,12 @@ class MultimodalModel(PreTrainedModel, GenerationMixin):
             # An encoder may name its own projector type (a plugin's default: EVA02's resampler).
             self._attach_projector(name, encoder, encoder.requested_projector or init_projector_type, init_activation)
         self.encoders = nn.ModuleDict(encoders)
-        if config is not None and self.config.shared_modules and not encoder_modules:
-            self._share_modules(self.config.shared_modules)  # the load: parts saved once, shared again
+        if config is not None and self.config.shared_modules:  # the load: parts saved once, shared again
+            given = {f"encoders.{name}." for name in (encoder_modules or {})}  # the caller's own modules stay
+            self._share_modules({
+                alias: source for alias, source in self.config.shared_modules.items()
+                if not any(alias.startswith(g) or source.startswith(g) for g in given)
+            })  # fmt: skip
         self.config.shared_modules = _shared_modules(self.encoders)
         self.preprocess_llm_callback = preprocess_llm_callback
         if getattr(language_model, "generation_config", None) is not None:
