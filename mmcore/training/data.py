@@ -316,7 +316,8 @@ class ConversationDataset(torch.utils.data.Dataset):
             ids, _ = collator.tokenize({"messages": messages}, index)
             counts: dict[str, list[int]] = {}
             for key, modality in self.media_keys.items():
-                counts.setdefault(modality, []).extend([per_item.get(modality, 1)] * len(paths[key]))
+                if paths[key]:  # a modality the sample has no items of is not the processor's business
+                    counts.setdefault(modality, []).extend([per_item.get(modality, 1)] * len(paths[key]))
             lengths.append(len(processor.expand(ids, counts, sample=index)))
         self._token_lengths = lengths
         return per_item
