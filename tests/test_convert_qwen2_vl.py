@@ -199,3 +199,16 @@ def test_an_mmcore_model_of_another_shape_names_what_has_no_qwen2_vl_counterpart
     )
     with pytest.raises(NoTransformersCounterpartError, match="3-D rotary positions"):
         mllm.to_hf()
+
+
+def test_test_run_takes_the_converted_directory(source, tmp_path):
+    """``mmcore test-run`` runs the video encoder's dummy inputs through its renamed arguments
+    (pixel_values_videos -> the tower's pixel_values) and trains and generates with M-RoPE."""
+    from typer.testing import CliRunner
+
+    from mmcore.cli import app as cli_app
+
+    source["mllm"].save_pretrained(tmp_path)
+    source["processor"].save_pretrained(tmp_path)
+    result = CliRunner().invoke(cli_app.build_app(), ["test-run", str(tmp_path), "--json"])
+    assert result.exit_code == 0, result.output

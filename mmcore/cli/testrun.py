@@ -339,7 +339,7 @@ def _encoder_inputs(model: Any, batch_size: int, device: Any, dtype: Any) -> tup
             for k, v in raw.items()
         }  # fmt: skip
         with torch.no_grad():
-            features = encoder(**moved)
+            features = encoder(**encoder.select_inputs(moved))  # call names -> the encoder's arguments
         per_item = _tokens_per_item(features, name)
         flatten_features(features, name)  # checks the features' shape as the merge will
         inputs[name], counts[name] = moved, per_item
