@@ -232,3 +232,29 @@ def test_cli_assembles_a_video_encoder_and_trains_it_from_jsonl(tmp_path):
                  "-o", tmp_path / "run")  # fmt: skip
     assert result.exit_code == 0, result.output
     assert any((tmp_path / "run").iterdir())  # the run wrote its model / checkpoint
+
+
+@torch.no_grad()
+def test_an_image_and_a_video_encoder_can_share_one_tower_through_save_and_load(tmp_path):
+    from safetensors import safe_open
+
+    from mmcore import MultimodalModel, build_encoder
+    from mmcore.testing import tiny_llm, tiny_tokenizer
+
+    torch.manual_seed(0)
+    tokenizer = tiny_tokenizer()
+    image, video = build_encoder("clip", preset="tiny"), build_encoder("clip", preset="tiny", video=True)
+    video.module = image.module  # one tower for both, as LLaVA-OneVision
+    mllm = MultimodalModel(
+        encoders={"vision": image, "video": video}, language_model=tiny_llm(vocab_size=len(tokenizer))
+    ).eval()
+    video.projector = image.projector
+    mllm.save_pretrained(tmp_path)
+    with safe_open(tmp_path / "model.safetensors", "pt") as f:
+        assert not [k for k in f.keys() if k.startswith("encoders.video.")]
+    loaded = MultimodalModel.from_pretrained(tmp_path).eval()
+    assert loaded.encoders["video"].module is loaded.encoders["vision"].module
+    assert loaded.encoders["video"].projector is loaded.encoders["vision"].projector
+    pixels = torch.randn(1, 2, 3, 28, 28)
+    torch.testing.assert_close(loaded.encoders["video"](pixel_values=pixels)[0], mllm.encoders["video"](pixel_values=pixels)[0],
+                               rtol=0, atol=0)  # fmt: skip

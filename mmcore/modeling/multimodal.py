@@ -835,6 +835,8 @@ class MultimodalModel(PreTrainedModel, GenerationMixin):
         """
         self.config.encoders = record_encoders(self.encoders, strict=not allow_unrecorded_callbacks)
         self.config.preprocess_llm_callback = record_llm_callback(self.preprocess_llm_callback, strict=not allow_unrecorded_callbacks)
+        self.config.shared_modules = _shared_modules(self.encoders)  # parts shared after construction too
+        self._declare_shared_parameters()
         if not kwargs.get("is_main_process", True):
             return
         # A symlinked target, a mount point or the working directory is updated in place (see
