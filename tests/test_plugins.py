@@ -233,13 +233,17 @@ def test_builtin_projectors_and_callbacks_are_an_ordinary_plugin(site):
 
     reg = plugins.get_registry()
     assert status("builtin").state == "loaded"
-    assert [s.name for s in reg.list_projectors()] == ["linear", "mlp", "mlpNx_act", "resampler"]
+    builtin_projectors = [s.name for s in reg.list_projectors() if s.plugin == "builtin"]  # plugins add theirs
+    assert builtin_projectors == ["linear", "mlp", "mlpNx_act", "resampler"]
+    from mmcore.builtin.mrope import MRope
     from mmcore.builtin.qwen2_audio import Qwen2AudioPaddingMask, Qwen2AudioTrim
+    from mmcore.builtin.video import VideoFrames, VideoPool
 
     builtin_callbacks = {
         cls.name: cls
-        for cls in (SelectFeatureLayer, DropPrefixTokens, AnyResFlatten, AnyResPack, Qwen2AudioPaddingMask, Qwen2AudioTrim)
-    }
+        for cls in (SelectFeatureLayer, DropPrefixTokens, AnyResFlatten, AnyResPack, Qwen2AudioPaddingMask, Qwen2AudioTrim,
+                    VideoFrames, VideoPool, MRope)
+    }  # fmt: skip
     assert {s.name for s in reg.list_callbacks() if s.plugin == "builtin"} == set(builtin_callbacks)
     for name, cls in builtin_callbacks.items():
         assert load_factory(reg.get_callback(f"builtin:{name}")) is cls
