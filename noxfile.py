@@ -13,7 +13,7 @@ import nox
 nox.options.sessions = ["tests"]
 nox.options.reuse_existing_virtualenvs = True
 
-PLUGINS = ["clip", "siglip", "eva02", "whisper"]
+PLUGINS = ["clip", "siglip", "eva02", "whisper", "qwen2vl"]
 
 
 def _install(session: nox.Session, *plugins: str) -> None:
