@@ -12,11 +12,11 @@ from __future__ import annotations
 import importlib.util
 import json
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from typer.testing import CliRunner
+
+from mmcore.convert.testing import random_images
 
 pytestmark = pytest.mark.skipif(
     not all(importlib.util.find_spec(m) for m in ("mmcore_plugin_clip", "mmcore_plugin_siglip")),
@@ -28,32 +28,21 @@ PROMPTS = ["<image> what is in the image ?", "hello <image>"]
 
 
 def images():
-    rng = np.random.default_rng(0)
-    return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in ((30, 40), (50, 20))]
+    return random_images(((30, 40), (50, 20)))
 
 
 @pytest.fixture(scope="module", params=["clip", "siglip"])
 def source(request, tmp_path_factory):
-    """A saved tiny LLaVA directory, LLaVA loaded back from it, its processor's batch and the conversion."""
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
-
-    from mmcore import MultimodalModel
-    from mmcore.convert.testing import tiny_llava
+    """A saved tiny LLaVA directory, LLaVA loaded back from it, its processor's batch and the conversion
+    (Cornstarch's call, on the class: mmcore.convert.from_pretrained_multimodal_model is the same)."""
+    from mmcore.convert.testing import convert_saved, tiny_llava
 
     llava, processor = tiny_llava(request.param)
     path = tmp_path_factory.mktemp(f"llava-{request.param}")
-    llava.save_pretrained(path)
-    processor.save_pretrained(path)
-    hf = LlavaForConditionalGeneration.from_pretrained(path).eval()
-    hf_processor = AutoProcessor.from_pretrained(path)
-    hf_processor.tokenizer.padding_side = "left"
-    batch = hf_processor(text=PROMPTS, images=images(), return_tensors="pt", padding=True)
+    converted = convert_saved(llava, processor, path, text=PROMPTS, images=images())
     # Left-padded, images at different positions: the comparison covers both.
-    assert batch["attention_mask"][:, 0].tolist() == [1, 0]
-    # Cornstarch's call, on the class (mmcore.convert.from_pretrained_multimodal_model is the same)
-    mllm, processor = MultimodalModel.from_pretrained_multimodal_model(path, return_processor=True)
-    return {"tower": request.param, "path": path, "hf": hf, "hf_processor": hf_processor, "batch": dict(batch),
-            "mllm": mllm.eval(), "processor": processor}  # fmt: skip
+    assert converted["batch"]["attention_mask"][:, 0].tolist() == [1, 0]
+    return {"tower": request.param, **converted}
 
 
 @torch.no_grad()

@@ -6,12 +6,11 @@ aspect ratios, the processor's ids equal), and back (LLaVA-NeXT -> mmcore -> LLa
 from __future__ import annotations
 
 import importlib.util
-import json
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
+
+from mmcore.convert.testing import random_images
 
 pytestmark = pytest.mark.skipif(
     not all(importlib.util.find_spec(m) for m in ("mmcore_plugin_clip", "mmcore_plugin_siglip")),
@@ -28,28 +27,16 @@ CONFIG_FIELDS = (
 
 
 def images():
-    rng = np.random.default_rng(0)
-    return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in ((30, 70), (64, 40))]
+    return random_images(((30, 70), (64, 40)))
 
 
 @pytest.fixture(scope="module", params=["clip", "siglip"])
 def source(request, tmp_path_factory):
-    from transformers import AutoProcessor, LlavaNextForConditionalGeneration
-
-    from mmcore import MultimodalModel
-    from mmcore.convert.testing import tiny_llava_next
+    from mmcore.convert.testing import convert_saved, tiny_llava_next
 
     hf, processor = tiny_llava_next(request.param)
     path = tmp_path_factory.mktemp(f"llava-next-{request.param}")
-    hf.save_pretrained(path)
-    processor.save_pretrained(path)
-    hf = LlavaNextForConditionalGeneration.from_pretrained(path).eval()
-    hf_processor = AutoProcessor.from_pretrained(path)
-    hf_processor.tokenizer.padding_side = "left"
-    batch = dict(hf_processor(text=PROMPTS, images=images(), return_tensors="pt", padding=True))
-    mllm, processor = MultimodalModel.from_pretrained_multimodal_model(path, return_processor=True)
-    return {"path": path, "hf": hf, "hf_processor": hf_processor, "batch": batch, "mllm": mllm.eval(),
-            "processor": processor}  # fmt: skip
+    return convert_saved(hf, processor, path, text=PROMPTS, images=images())
 
 
 @torch.no_grad()
@@ -99,34 +86,21 @@ def test_saved_conversion_rebuilds_model_and_processor_with_nothing_passed(sourc
 
 def test_llava_next_to_mmcore_to_llava_next_is_bit_exact(source, tmp_path):
     from mmcore import MultimodalModel
+    from mmcore.convert.testing import assert_bit_exact
 
     hf = source["hf"]
     back = MultimodalModel.from_hf(hf).to_hf()
     assert type(back).__name__ == "LlavaNextForConditionalGeneration"
     assert back.model.vision_tower is hf.model.vision_tower and back.model.image_newline is hf.model.image_newline
     source["mllm"].save_pretrained(tmp_path / "mmcore")
-    again = MultimodalModel.from_pretrained(tmp_path / "mmcore").to_hf()
-    expected, got = hf.state_dict(), again.state_dict()
-    assert sorted(got) == sorted(expected)
-    for key, value in expected.items():
-        assert got[key].dtype == value.dtype and torch.equal(got[key], value), key
-    for field in CONFIG_FIELDS:
-        assert getattr(again.config, field) == getattr(hf.config, field), field
+    assert_bit_exact(MultimodalModel.from_pretrained(tmp_path / "mmcore").to_hf(), hf, CONFIG_FIELDS)
 
 
 def test_export_loads_without_mmcore_and_gives_equal_logits(source, tmp_path):
-    from typer.testing import CliRunner
+    from mmcore.convert.testing import export_with_cli, load_without_mmcore
 
-    from mmcore.cli import app as cli_app
-
-    model_dir, out = tmp_path / "model", tmp_path / "exported"
-    source["mllm"].save_pretrained(model_dir)
-    source["processor"].save_pretrained(model_dir)
-    result = CliRunner().invoke(cli_app.build_app(), ["export", str(model_dir), "-o", str(out), "--json"])
-    assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout)["architectures"] == ["LlavaNextForConditionalGeneration"]
-    from mmcore.convert.testing import load_without_mmcore
-
+    out, report = export_with_cli(source["mllm"], source["processor"], tmp_path)
+    assert report["architectures"] == ["LlavaNextForConditionalGeneration"]
     loaded = load_without_mmcore(out, tmp_path, image_sizes=[(30, 70), (64, 40)], texts=repr(PROMPTS))
     assert (loaded["class"], loaded["processor"]) == ("LlavaNextForConditionalGeneration", "LlavaNextProcessor")
     assert torch.equal(loaded["batch"]["input_ids"], source["batch"]["input_ids"])

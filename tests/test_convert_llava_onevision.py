@@ -11,10 +11,10 @@ from __future__ import annotations
 import importlib.util
 import json
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
+
+from mmcore.convert.testing import random_images
 
 pytestmark = pytest.mark.skipif(
     not all(importlib.util.find_spec(m) for m in ("mmcore_plugin_clip", "mmcore_plugin_siglip")),
@@ -36,8 +36,7 @@ CONFIG_FIELDS = (
 
 
 def images():
-    rng = np.random.default_rng(0)
-    return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in IMAGE_SIZES]
+    return random_images(IMAGE_SIZES)
 
 
 def videos():
@@ -48,24 +47,11 @@ def videos():
 
 @pytest.fixture(scope="module", params=["siglip", "clip"])
 def source(request, tmp_path_factory):
-    from transformers import AutoProcessor, LlavaOnevisionForConditionalGeneration
-
-    from mmcore import MultimodalModel
-    from mmcore.convert.testing import tiny_llava_onevision
+    from mmcore.convert.testing import convert_saved, tiny_llava_onevision
 
     hf, processor = tiny_llava_onevision(request.param)
     path = tmp_path_factory.mktemp(f"llava-onevision-{request.param}")
-    hf.save_pretrained(path)
-    processor.save_pretrained(path)
-    hf = LlavaOnevisionForConditionalGeneration.from_pretrained(path).eval()
-    hf_processor = AutoProcessor.from_pretrained(path)
-    hf_processor.tokenizer.padding_side = "left"
-    batch = dict(
-        hf_processor(text=PROMPTS, images=images(), videos=videos(), return_tensors="pt", padding=True)
-    )
-    mllm, processor = MultimodalModel.from_pretrained_multimodal_model(path, return_processor=True)
-    return {"path": path, "hf": hf, "hf_processor": hf_processor, "batch": batch, "mllm": mllm.eval(),
-            "processor": processor}  # fmt: skip
+    return convert_saved(hf, processor, path, text=PROMPTS, images=images(), videos=videos())
 
 
 @torch.no_grad()
@@ -165,6 +151,7 @@ def test_saved_conversion_rebuilds_shared_parts_and_processor(source, tmp_path):
 
 def test_llava_onevision_to_mmcore_to_llava_onevision_is_bit_exact(source, tmp_path):
     from mmcore import MultimodalModel
+    from mmcore.convert.testing import assert_bit_exact
 
     hf = source["hf"]
     back = MultimodalModel.from_hf(hf).to_hf()
@@ -174,13 +161,7 @@ def test_llava_onevision_to_mmcore_to_llava_onevision_is_bit_exact(source, tmp_p
         and back.model.image_newline is hf.model.image_newline
     )
     source["mllm"].save_pretrained(tmp_path / "mmcore")
-    again = MultimodalModel.from_pretrained(tmp_path / "mmcore").to_hf()
-    expected, got = hf.state_dict(), again.state_dict()
-    assert sorted(got) == sorted(expected)
-    for key, value in expected.items():
-        assert got[key].dtype == value.dtype and torch.equal(got[key], value), key
-    for field in CONFIG_FIELDS:
-        assert getattr(again.config, field) == getattr(hf.config, field), field
+    assert_bit_exact(MultimodalModel.from_pretrained(tmp_path / "mmcore").to_hf(), hf, CONFIG_FIELDS)
 
 
 def test_a_video_encoder_with_its_own_tower_has_no_onevision_counterpart(source):
@@ -196,17 +177,10 @@ def test_a_video_encoder_with_its_own_tower_has_no_onevision_counterpart(source)
 
 
 def test_export_loads_without_mmcore_and_gives_equal_logits(source, tmp_path):
-    from typer.testing import CliRunner
+    from mmcore.convert.testing import export_with_cli, load_without_mmcore
 
-    from mmcore.cli import app as cli_app
-    from mmcore.convert.testing import load_without_mmcore
-
-    model_dir, out = tmp_path / "model", tmp_path / "exported"
-    source["mllm"].save_pretrained(model_dir)
-    source["processor"].save_pretrained(model_dir)
-    result = CliRunner().invoke(cli_app.build_app(), ["export", str(model_dir), "-o", str(out), "--json"])
-    assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout)["architectures"] == ["LlavaOnevisionForConditionalGeneration"]
+    out, report = export_with_cli(source["mllm"], source["processor"], tmp_path)
+    assert report["architectures"] == ["LlavaOnevisionForConditionalGeneration"]
     loaded = load_without_mmcore(
         out, tmp_path, image_sizes=list(IMAGE_SIZES), texts=repr(PROMPTS).replace("<video>", "")
     )

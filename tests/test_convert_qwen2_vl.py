@@ -8,12 +8,12 @@ equal logits)."""
 from __future__ import annotations
 
 import importlib.util
-import json
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+
+from mmcore.convert.testing import random_images
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("mmcore_plugin_qwen2vl") is None,
@@ -29,8 +29,7 @@ CONFIG_FIELDS = ("image_token_id", "video_token_id", "tie_word_embeddings")
 
 
 def images():
-    rng = np.random.default_rng(0)
-    return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in IMAGE_SIZES]
+    return random_images(IMAGE_SIZES)
 
 
 def video():
@@ -41,24 +40,12 @@ def video():
 
 @pytest.fixture(scope="module", params=["qwen2_vl", "qwen2_5_vl"])
 def source(request, tmp_path_factory):
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    from mmcore import MultimodalModel
-    from mmcore.convert.testing import tiny_qwen2_vl
+    from mmcore.convert.testing import convert_saved, tiny_qwen2_vl
 
     hf, processor = tiny_qwen2_vl(request.param)
     path = tmp_path_factory.mktemp(request.param)
-    hf.save_pretrained(path)
-    processor.save_pretrained(path)
-    hf = AutoModelForImageTextToText.from_pretrained(path).eval()
-    hf_processor = AutoProcessor.from_pretrained(path)
-    hf_processor.tokenizer.padding_side = "left"
-    batch = dict(
-        hf_processor(text=PROMPTS, images=images(), videos=[video()], return_tensors="pt", padding=True)
-    )
-    mllm, processor = MultimodalModel.from_pretrained_multimodal_model(path, return_processor=True)
-    return {"family": request.param, "path": path, "hf": hf, "hf_processor": hf_processor, "batch": batch,
-            "mllm": mllm.eval(), "processor": processor}  # fmt: skip
+    return {"family": request.param,
+            **convert_saved(hf, processor, path, text=PROMPTS, images=images(), videos=[video()])}  # fmt: skip
 
 
 def test_the_batch_has_left_padding_two_image_sizes_and_a_video(source):
@@ -141,18 +128,14 @@ def test_saved_conversion_rebuilds_model_and_processor_bit_exact(source, tmp_pat
 
 def test_to_mmcore_and_back_is_bit_exact(source, tmp_path):
     from mmcore import MultimodalModel
+    from mmcore.convert.testing import assert_bit_exact
 
     hf = source["hf"]
     back = MultimodalModel.from_hf(hf).to_hf()
     assert type(back) is type(hf) and back.model.visual.blocks is hf.model.visual.blocks
     source["mllm"].save_pretrained(tmp_path / "mmcore")
     again = MultimodalModel.from_pretrained(tmp_path / "mmcore").to_hf()
-    expected, got = hf.state_dict(), again.state_dict()
-    assert sorted(got) == sorted(expected)
-    for key, value in expected.items():
-        assert got[key].dtype == value.dtype and torch.equal(got[key], value), key
-    for field in CONFIG_FIELDS:
-        assert getattr(again.config, field) == getattr(hf.config, field), field
+    assert_bit_exact(again, hf, CONFIG_FIELDS)
     for field in ("rope_parameters", "hidden_size", "num_hidden_layers", "vocab_size"):
         assert getattr(again.config.text_config, field) == getattr(hf.config.text_config, field), field
     vision, expected_vision = again.config.vision_config.to_dict(), hf.config.vision_config.to_dict()
@@ -162,18 +145,11 @@ def test_to_mmcore_and_back_is_bit_exact(source, tmp_path):
 
 
 def test_export_loads_without_mmcore_and_gives_equal_logits(source, tmp_path):
-    from typer.testing import CliRunner
+    from mmcore.convert.testing import export_with_cli, load_without_mmcore
 
-    from mmcore.cli import app as cli_app
-    from mmcore.convert.testing import load_without_mmcore
-
-    model_dir, out = tmp_path / "model", tmp_path / "exported"
-    source["mllm"].save_pretrained(model_dir)
-    source["processor"].save_pretrained(model_dir)
-    result = CliRunner().invoke(cli_app.build_app(), ["export", str(model_dir), "-o", str(out), "--json"])
-    assert result.exit_code == 0, result.output
+    out, report = export_with_cli(source["mllm"], source["processor"], tmp_path)
     architecture = type(source["hf"]).__name__
-    assert json.loads(result.stdout)["architectures"] == [architecture]
+    assert report["architectures"] == [architecture]
     texts = (
         "[t.replace('<|image_pad|>', token) for t in "
         + repr([PROMPTS[0], PROMPTS[0].replace("this", "that")])

@@ -56,7 +56,7 @@ def assembled_model(projector: str = "mlp2x_gelu"):
 def test_llava_to_mmcore_to_llava_is_bit_exact(tower, tmp_path):
     from mmcore import MultimodalModel
     from mmcore.convert import convert_pretrained, from_hf, to_hf
-    from mmcore.convert.testing import tiny_llava
+    from mmcore.convert.testing import assert_bit_exact, tiny_llava
 
     llava, processor = tiny_llava(tower)
     # In memory: the same modules come back.
@@ -70,12 +70,7 @@ def test_llava_to_mmcore_to_llava_is_bit_exact(tower, tmp_path):
     converted = convert_pretrained(tmp_path / "llava")
     converted.model.save_pretrained(tmp_path / "mmcore")
     again = MultimodalModel.from_pretrained(tmp_path / "mmcore").to_hf()  # the method, as users call it
-    expected, got = llava.state_dict(), again.state_dict()
-    assert sorted(got) == sorted(expected)
-    for key, value in expected.items():
-        assert got[key].dtype == value.dtype and torch.equal(got[key], value), key
-    for field in CONFIG_FIELDS:
-        assert getattr(again.config, field) == getattr(llava.config, field), field
+    assert_bit_exact(again, llava, CONFIG_FIELDS)
     for sub in ("vision_config", "text_config"):
         ours, theirs = getattr(again.config, sub).to_diff_dict(), getattr(llava.config, sub).to_diff_dict()
         for key in ("architectures", "_name_or_path", "transformers_version", "dtype"):
@@ -145,22 +140,17 @@ def test_to_hf_names_the_part_without_a_counterpart(build, needle):
 
 # -- mmcore export -----------------------------------------------------------------------------------------------
 def test_export_loads_without_mmcore_and_gives_equal_logits(tmp_path):
-    mllm, processor = assembled_model()
-    model_dir, out = tmp_path / "model", tmp_path / "exported"
-    mllm.save_pretrained(model_dir)
-    processor.save_pretrained(model_dir)
+    from mmcore.convert.testing import export_with_cli, load_without_mmcore
 
-    result = run_cli("export", model_dir, "-o", out, "--json")
-    assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout)["architectures"] == ["LlavaForConditionalGeneration"]
+    mllm, processor = assembled_model()
+    out, report = export_with_cli(mllm, processor, tmp_path)
+    assert report["architectures"] == ["LlavaForConditionalGeneration"]
     files = {p.name for p in out.iterdir()}
     assert {"config.json", "model.safetensors", "processor_config.json",
             "tokenizer.json", "chat_template.jinja"} <= files  # fmt: skip
     assert not any(name.endswith((".bin", ".pt")) for name in files)
     config = json.loads((out / "config.json").read_text())
     assert config["architectures"] == ["LlavaForConditionalGeneration"] and config["model_type"] == "llava"
-
-    from mmcore.convert.testing import load_without_mmcore
 
     messages = ('[[{"role": "user", "content": token + " what is in the image ?"}], [{"role": "user", "content": "hi " + token}]]')
     loaded = load_without_mmcore(
@@ -180,11 +170,9 @@ def test_export_loads_without_mmcore_and_gives_equal_logits(tmp_path):
 
 
 def images():
-    import numpy as np
-    from PIL import Image
+    from mmcore.convert.testing import random_images
 
-    rng = np.random.default_rng(0)
-    return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in ((30, 40), (50, 20))]
+    return random_images(((30, 40), (50, 20)))
 
 
 def test_export_refuses_a_model_without_a_counterpart_in_one_line(tmp_path):

@@ -177,6 +177,16 @@ def tiny_llava_onevision(tower: str = "siglip", *, seed: int = 0, vision_aspect_
     return hf, processor
 
 
+def random_images(sizes: Any, seed: int = 0) -> list[Any]:
+    """Seeded random RGB PIL images, one per ``(height, width)`` of ``sizes``, drawn from one generator
+    (the images `load_without_mmcore` makes for the same sizes)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in sizes]
+
+
 def random_video(frames: int, height: int, width: int, seed: int = 0) -> Any:
     """A seeded random ``(frames, height, width, 3)`` uint8 video."""
     import numpy as np
@@ -288,3 +298,57 @@ def load_without_mmcore(out: Any, workdir: Any, *, image_sizes: list[tuple[int, 
     if run.returncode != 0:
         raise AssertionError(f"loading {out} without mmcore failed:\n{run.stderr[-3000:]}")
     return torch.load(result, weights_only=True)
+
+
+def convert_saved(hf: Any, processor: Any, path: Any, *, text: list[str], **media: Any) -> dict[str, Any]:
+    """Save the transformers model ``hf`` and its ``processor`` into ``path``, load both back as
+    transformers does (``AutoModelForImageTextToText`` / ``AutoProcessor``), make a left-padded batch
+    of ``text`` and ``media`` (``images=``, ``videos=``) with the loaded processor, and convert the
+    directory as a user does (``MultimodalModel.from_pretrained_multimodal_model``).
+
+    Returns ``{"path", "hf", "hf_processor", "batch", "mllm", "processor"}`` (the models in eval mode)."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from mmcore import MultimodalModel
+
+    hf.save_pretrained(path)
+    processor.save_pretrained(path)
+    loaded = AutoModelForImageTextToText.from_pretrained(path).eval()
+    hf_processor = AutoProcessor.from_pretrained(path)
+    hf_processor.tokenizer.padding_side = "left"
+    batch = dict(hf_processor(text=text, **media, return_tensors="pt", padding=True))
+    mllm, mm_processor = MultimodalModel.from_pretrained_multimodal_model(path, return_processor=True)
+    return {"path": path, "hf": loaded, "hf_processor": hf_processor, "batch": batch, "mllm": mllm.eval(),
+            "processor": mm_processor}  # fmt: skip
+
+
+def assert_bit_exact(got: Any, expected: Any, config_fields: tuple[str, ...] = ()) -> None:
+    """``got`` holds the tensors of ``expected`` (the same keys, dtypes and values, to the bit) and the
+    same values of the config fields ``config_fields``; an ``AssertionError`` naming the first key or
+    field that differs otherwise."""
+    import torch
+
+    want, have = expected.state_dict(), got.state_dict()
+    assert sorted(have) == sorted(want)
+    for key, value in want.items():
+        assert have[key].dtype == value.dtype and torch.equal(have[key], value), key
+    for field in config_fields:
+        assert getattr(got.config, field) == getattr(expected.config, field), field
+
+
+def export_with_cli(mllm: Any, processor: Any, workdir: Any) -> tuple[Any, dict[str, Any]]:
+    """Save ``mllm`` and its ``processor`` under ``workdir / "model"`` and run ``mmcore export`` on it
+    into ``workdir / "exported"``; returns (that directory, the command's ``--json`` report). An
+    ``AssertionError`` with the command's output when it fails."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from mmcore.cli import app as cli_app
+
+    model_dir, out = workdir / "model", workdir / "exported"
+    mllm.save_pretrained(model_dir)
+    processor.save_pretrained(model_dir)
+    result = CliRunner().invoke(cli_app.build_app(), ["export", str(model_dir), "-o", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    return out, json.loads(result.stdout)
