@@ -185,3 +185,76 @@ def test_text_only_positions_are_the_1d_ones_on_every_axis():
     positions = MRope(5)(input_ids=torch.ones(2, 4, dtype=torch.long), attention_mask=mask)["position_ids"]
     assert positions.shape == (4, 2, 4)
     assert positions[:, 0].tolist() == [[0, 0, 1, 2]] * 4 and positions[:, 1].tolist() == [[0, 1, 2, 3]] * 4
+
+
+def packing_samples():
+    """Chats with images of three sizes, a video and none, of different lengths (the images apart:
+    adjacent placeholders of one modality would be one run to transformers' get_rope_index)."""
+    rng = np.random.default_rng(1)
+
+    def image(h, w):
+        return rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+    def chat(question, answer, items=""):
+        return [{"role": "user", "content": items + question}, {"role": "assistant", "content": answer}]
+
+    return [
+        {"messages": chat("what is this ?", "a red circle", "<image>\n"), "image": [image(16, 24)]},
+        {"messages": chat("hello world , how are you ?", "one two three")},
+        {"messages": chat("compare them", "a blue square", "<image> and <image>\n"), "image": [image(24, 16), image(16, 16)]},
+        {"messages": chat("and this one ?", "a star", "<video>\n"), "video": [rng.integers(0, 256, (4, 16, 8, 3), dtype=np.uint8)]},
+        {"messages": chat("the last one", "a tall green triangle", "<image>\n"), "image": [image(32, 8)]},
+    ]  # fmt: skip
+
+
+def mrope_positions(model, batch):
+    """The ``(4, rows, seq)`` positions the mrope callback gives the language model for a batch."""
+    grids = {k: batch[k] for k in ("image_grid_thw", "video_grid_thw", "second_per_grid_ts") if k in batch}
+    keys = ("input_ids", "attention_mask", "position_ids")
+    return model.preprocess_llm_callback(**{k: batch[k] for k in keys if k in batch}, **grids)["position_ids"]
+
+
+@torch.no_grad()
+def test_packed_samples_have_their_own_positions_and_the_losses_they_have_alone(built):
+    """A packed batch (position ids from 0 at each sample, no attention mask): each sample's 3-D
+    positions are the ones it has alone (from 0, its own grids), and Qwen2-VL's text model reads the
+    packed text positions (the first of its four rows) as sample boundaries, so every token has the
+    loss it has when its sample runs alone."""
+    from test_packing import token_losses
+
+    from mmcore.training import MultimodalCollator
+
+    model, processor = built["model"], built["processor"]
+    samples = packing_samples()
+    packed = MultimodalCollator(processor, pack_to=80)(samples)
+    rows = packed["input_ids"].shape[0]
+    assert 1 < rows < len(samples) and "attention_mask" not in packed
+    alone, alone_positions = {}, {}
+    for sample in samples:
+        batch = MultimodalCollator(processor)([sample])
+        ((ids, losses),) = token_losses(model, batch)
+        alone[tuple(ids)] = losses
+        alone_positions[tuple(ids)] = mrope_positions(model, batch)[:, 0]  # (4, seq)
+    positions = mrope_positions(model, packed)  # (4, rows, W)
+    seen = 0
+    width = packed["input_ids"].shape[1]
+    for row in range(rows):
+        starts = (packed["position_ids"][row] == 0).nonzero().flatten().tolist() + [width]
+        for start, end in zip(starts[:-1], starts[1:]):
+            ids = tuple(packed["input_ids"][row, start:end].tolist())
+            if ids in alone_positions:
+                assert torch.equal(positions[:, row, start:end], alone_positions[ids])
+                seen += 1
+    assert seen == len(samples)
+    got = token_losses(model, packed)
+    assert len(got) == len(samples) and {tuple(ids) for ids, _ in got} == set(alone)
+    for ids, losses in got:
+        expected = alone[tuple(ids)]
+        assert [(p, t) for p, t, _ in losses] == [(p, t) for p, t, _ in expected]
+        torch.testing.assert_close(
+            torch.tensor([v for *_, v in losses]), torch.tensor([v for *_, v in expected]), atol=ATOL, rtol=0
+        )
+    # the control: every row one causal sequence (no restart of the text positions) gives other
+    # logits, so the equality above is the block-diagonal attention's doing
+    crossing = {k: v for k, v in packed.items() if k not in ("position_ids", "cu_seq_lens_q", "cu_seq_lens_k")}  # fmt: skip
+    assert not torch.allclose(model(**crossing).logits, model(**packed).logits, atol=1e-3)

@@ -14,9 +14,13 @@ Qwen2-VL model is built.
   (left padding: pads get position 0, each row counts from its first real token), as transformers
   does; the rope delta of each row (its largest position + 1 - its length) is kept.
 - Each decode step: the text position of the new tokens plus that row's delta.
+- A packed batch (`mmcore.training.packing`: no attention mask, ``position_ids`` from 0 at every
+  sample): each sample's positions are the ones it has alone, from 0 with its own grids.
 
 The language model receives ``position_ids`` ``(4, batch, seq)``: the text positions, then the three
-M-RoPE axes, the form transformers' generation gives ``Qwen2VLTextModel``.
+M-RoPE axes, the form transformers' generation gives ``Qwen2VLTextModel``. It builds its attention mask
+from the text positions, so a packed batch's restarts keep attention within each sample (transformers'
+packed-sequence detection; flash-attention takes the batch's ``cu_seq_lens`` as they are).
 
 `Qwen2VLTextForCausalLM` / `Qwen2_5_VLTextForCausalLM`: transformers' ``Qwen2VLTextModel`` /
 ``Qwen2_5_VLTextModel`` with an ``lm_head`` (transformers has the text model but no causal LM of it),
@@ -33,6 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, GenerationMixin
+from transformers.masking_utils import find_packed_sequence_indices
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.modeling_utils import slice_logits_to_keep
 from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLTextConfig
@@ -134,14 +139,18 @@ class MRope(Callback):
         )  # (batch, seq)
         has_vision = image_grid_thw is not None or video_grid_thw is not None
         if past == 0:  # prefill, or a forward without a cache
+            samples = _packed_samples(text) if attention_mask is None and position_ids is not None else None
             if has_vision:
                 if input_ids is None:
                     raise EncoderInputError(
                         "mrope: images or videos need input_ids (to find their placeholders)"
                     )
-                mrope, deltas = self._rope_index(
-                    input_ids, attention_mask, image_grid_thw, video_grid_thw, second_per_grid_ts
-                )
+                grids = (image_grid_thw, video_grid_thw, second_per_grid_ts)
+                if samples is None:
+                    mrope, deltas = self._rope_index(input_ids, attention_mask, *grids)
+                else:  # a packed batch: each sample's positions as if it ran alone
+                    mrope = self._packed_rope_index(input_ids, samples, *grids)
+                    deltas = None  # training: no decode step follows
             else:  # text only: every axis the text position
                 mrope = text[None].expand(3, -1, -1)
                 deltas = torch.zeros(batch, 1, dtype=torch.long, device=reference.device)
@@ -154,6 +163,20 @@ class MRope(Callback):
                 deltas = deltas.repeat_interleave(batch // deltas.shape[0], dim=0)
             mrope = (text + deltas.to(text.device))[None].expand(3, -1, -1)  # (3, batch, seq)
         return {"position_ids": torch.cat([text[None], mrope.to(text.dtype)], dim=0)}  # (4, batch, seq)
+
+    def _packed_rope_index(self, input_ids, samples, image_grid_thw, video_grid_thw, second_per_grid_ts):
+        """``(3, R, W)`` positions of a packed batch: its samples (``samples``: the lengths of each
+        row's samples) as the rows of one right-padded batch through `_rope_index`, so each counts from
+        0 with its own grids (consumed in text order, the order of the samples here), put back in place."""
+        pieces = [piece for row, lengths in zip(input_ids, samples) for piece in row.split(lengths)]
+        width = max(len(piece) for piece in pieces)
+        # (N, width): the samples as rows, right-padded
+        ids = torch.stack([nn.functional.pad(piece, (0, width - len(piece))) for piece in pieces])
+        lengths = torch.tensor([len(piece) for piece in pieces], device=ids.device)
+        mask = (torch.arange(width, device=ids.device) < lengths[:, None]).long()  # (N, width)
+        positions, _ = self._rope_index(ids, mask, image_grid_thw, video_grid_thw, second_per_grid_ts)
+        flat = torch.cat([positions[:, n, : len(piece)] for n, piece in enumerate(pieces)], dim=1)
+        return flat.view(3, *input_ids.shape)  # (3, R, W)
 
     def _rope_index(self, input_ids, attention_mask, image_grid_thw, video_grid_thw, second_per_grid_ts):
         types = torch.zeros_like(input_ids, dtype=torch.int32)  # text 0, image 1, video 2 (mm_token_type_ids)
@@ -176,6 +199,15 @@ def _grids(encoder_inputs: Any, image: Any, video: Any, seconds: Any) -> tuple[A
         video = video if video is not None else inputs.get("video_grid_thw")
         seconds = seconds if seconds is not None else inputs.get("second_per_grid_ts")
     return image, video, seconds
+
+
+def _packed_samples(positions: torch.Tensor) -> list[list[int]] | None:
+    """The lengths of the samples in each row of a packed batch (positions restart at each; transformers'
+    ``find_packed_sequence_indices``, the test its attention masks take), or None when nothing is packed."""
+    indices = find_packed_sequence_indices(positions)  # (R, W): the sample of each token in its row
+    if indices is None:
+        return None
+    return [torch.unique_consecutive(row, return_counts=True)[1].tolist() for row in indices]
 
 
 def _text_positions(position_ids, attention_mask, batch: int, seq: int, past: int, device) -> torch.Tensor:
