@@ -677,18 +677,20 @@ class MultimodalProcessor:
                 }
                 if m in self._processor_from_plugin:
                     record["processor"] = {"kind": PLUGIN, "encoder": self._encoders[m].source.get("encoder")}
-                elif (
-                    hasattr(processor, "save_pretrained") and _transformers_class_path(processor) is not None
+                elif hasattr(inner := _unwrapped(processor), "save_pretrained") and (
+                    _transformers_class_path(inner) is not None
                 ):
                     subfolder = (
                         f"{m}_processor" if re.fullmatch(r"[A-Za-z0-9_.-]+", m) else f"processor_{index}"
                     )
-                    processor.save_pretrained(staging / subfolder)
+                    inner.save_pretrained(staging / subfolder)
                     record["processor"] = {
                         "kind": "saved",
-                        "class": _transformers_class_path(processor),
+                        "class": _transformers_class_path(inner),
                         "subfolder": subfolder,
                     }
+                    if isinstance(processor, ProcessorCall):
+                        record["processor"]["call"] = processor.record()
                 else:
                     record["processor"] = {"kind": "unsaved", "class": _qualname(processor)}
                 if m in self._count_from_plugin:
@@ -781,6 +783,13 @@ class MultimodalProcessor:
                 from_plugin.add(m)
             elif saved.get("kind") == "saved":
                 processors[m] = _load_saved_processor(m, saved, root, trust_remote_code)
+                call = saved.get("call")
+                if call is not None:
+                    if not isinstance(call, Mapping) or set(call) - {"kwargs", "rename"}:
+                        raise SerializationError(
+                            f"{config_file}: {m!r}: the processor call must be {{'kwargs': ..., 'rename': ...}}, got {call!r}"
+                        )
+                    processors[m] = ProcessorCall(processors[m], call.get("kwargs"), call.get("rename"))
             else:
                 raise SerializationError(
                     f"{m!r}: its processor ({saved.get('class')}) was not saved (it has no save_pretrained or is not "
@@ -916,6 +925,11 @@ def _qualname(obj: Any) -> str:
     return f"{getattr(target, '__module__', '?')}.{getattr(target, '__qualname__', type(obj).__name__)}"
 
 
+def _unwrapped(processor: Any) -> Any:
+    """The transformers processor a `ProcessorCall` calls; any other processor itself."""
+    return processor.processor if isinstance(processor, ProcessorCall) else processor
+
+
 def _transformers_class_path(obj: Any) -> str | None:
     """``module.Class`` of ``obj``'s class when transformers defines it (the only code a saved directory
     may name for loading), else None."""
@@ -943,6 +957,7 @@ def _load_saved_processor(modality: str, record: Mapping[str, Any], root: Path, 
 # parameters and rebuilt at load; only classes inside mmcore are rebuilt this way (no other code runs).
 _BUILTIN_COUNTERS = (
     "mmcore.builtin.anyres:AnyResTokenCount",
+    "mmcore.builtin.qwen2_audio:Qwen2AudioTokenCount",
     "mmcore.builtin.video:VideoTokenCount",
     "mmcore.processing:FixedCount",
 )
@@ -962,6 +977,45 @@ class _Items(list):
 
     def keys(self):
         return ("items",)
+
+
+class ProcessorCall:
+    """A transformers processor called the way a checkpoint calls it: with fixed keyword arguments,
+    its outputs renamed. Qwen2-Audio's processor calls its ``WhisperFeatureExtractor`` with
+    ``padding="max_length", return_attention_mask=True`` and renames ``attention_mask`` to
+    ``feature_attention_mask`` (the text's ``attention_mask`` is never an encoder's input):
+
+    >>> ProcessorCall(feature_extractor, {"padding": "max_length", "return_attention_mask": True},
+    ...               rename={"attention_mask": "feature_attention_mask"})          # doctest: +SKIP
+
+    `MultimodalProcessor.save_pretrained` writes the transformers processor's files and records the
+    call (JSON values only); ``from_pretrained`` rebuilds it."""
+
+    def __init__(
+        self, processor: Any, kwargs: Mapping[str, Any] | None = None, rename: Mapping[str, str] | None = None
+    ):
+        self.processor = processor
+        self.kwargs = dict(kwargs or {})
+        self.rename = dict(rename or {})
+        try:
+            json.dumps(self.kwargs)
+        except TypeError as exc:
+            raise ConfigError(f"ProcessorCall kwargs must be JSON values (they are saved), got {self.kwargs!r}") from exc
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in self.rename.items()):
+            raise ConfigError(f"ProcessorCall rename must map output names to names, got {self.rename!r}")
+        names = list(getattr(processor, "model_input_names", None) or ())
+        #: the outputs' names after the renaming (an HF processor's attribute: tensors are asked for)
+        self.model_input_names = [self.rename.get(n, n) for n in names]
+
+    def __repr__(self) -> str:
+        return f"ProcessorCall({type(self.processor).__name__}, {self.kwargs!r}, rename={self.rename!r})"
+
+    def __call__(self, items: Any, **kwargs: Any) -> dict[str, Any]:
+        out = self.processor(items, **{**self.kwargs, **kwargs})
+        return {self.rename.get(k, k): v for k, v in dict(out).items()}
+
+    def record(self) -> dict[str, Any]:
+        return {"kwargs": self.kwargs, "rename": self.rename}
 
 
 class FixedCount:

@@ -14,7 +14,7 @@ pooling) reads a padded 30 s log-mel window per clip. Its processor also gives
 
 The encoder routes ``feature_attention_mask`` to the callbacks only:
 ``ModalEncoderModule(tower, ..., additional_args=["feature_attention_mask"])`` (`qwen2_audio_encoder`
-does all of it). `qwen2_audio_token_counts` is the count per clip for a processor.
+does all of it). `Qwen2AudioTokenCount` is the count per clip for a processor.
 """
 
 from __future__ import annotations
@@ -76,10 +76,21 @@ class Qwen2AudioTrim(Callback):
         return BaseModelOutput(last_hidden_state=[f[: int(n)] for f, n in zip(features, keep.tolist())])
 
 
-def qwen2_audio_token_counts(items: Any, processed: dict) -> list[int]:
-    """Tokens per clip for a processor whose output holds ``feature_attention_mask``."""
-    _, keep = qwen2_audio_output_lengths(_frames(processed, "qwen2-audio token count"))
-    return [int(n) for n in keep.tolist()]
+class Qwen2AudioTokenCount:
+    """Tokens per clip for a processor whose output holds ``feature_attention_mask`` (Qwen2-Audio's:
+    the clip's real frames), as `Qwen2AudioTrim` keeps them. A built-in counter: a saved processor
+    records it by name and rebuilds it."""
+
+    def params(self) -> dict[str, Any]:
+        return {}
+
+    def __call__(self, items: Any, processed: dict) -> list[int]:
+        _, keep = qwen2_audio_output_lengths(_frames(processed, "qwen2-audio token count"))
+        return [int(n) for n in keep.tolist()]
+
+
+#: the count as a function (``fn(items, processed)``)
+qwen2_audio_token_counts = Qwen2AudioTokenCount()
 
 
 def qwen2_audio_encoder(tower: torch.nn.Module, projector: Any = None):

@@ -140,8 +140,9 @@ def convert_pretrained(
 
         try:
             extra = {}
-            if "video_processor" in inspect.signature(family.processor_from_hf).parameters:
-                extra["video_processor"] = getattr(hf_processor, "video_processor", None)
+            for part in ("video_processor", "feature_extractor"):  # the families that take one
+                if part in inspect.signature(family.processor_from_hf).parameters:
+                    extra[part] = getattr(hf_processor, part, None)
             processor = family.processor_from_hf(
                 mllm, tokenizer, getattr(hf_processor, "chat_template", None), image_processor=image_processor, **extra
             )

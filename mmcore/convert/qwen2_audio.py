@@ -12,8 +12,8 @@ per-clip lengths (``audio_output_lengths``)  ``qwen2_audio_trim`` (postprocess_p
 ``audio_token_id``                         ``modality_token_ids["audio"]``
 =========================================  ======================================================
 
-The processor stays the checkpoint's ``Qwen2AudioProcessor``: its output (``input_ids``,
-``input_features``, ``feature_attention_mask``) goes into the mmcore model as it is.
+The processor (`processor_from_hf`) holds the checkpoint's tokenizer and ``WhisperFeatureExtractor`` and
+makes ``Qwen2AudioProcessor``'s batch; that processor's output goes into the mmcore model as it is too.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from mmcore.modeling.projector import MultimodalProjector, MultimodalProjectorCo
 MODEL_TYPE = "qwen2_audio"
 MODALITY = "audio"
 ARCHITECTURE = "Qwen2AudioForConditionalGeneration"
+AUDIO_TOKEN = "<|AUDIO|>"  # Qwen2AudioProcessor's placeholder, expanded per clip
 
 
 def hf_class() -> type[Qwen2AudioForConditionalGeneration]:
@@ -57,11 +58,42 @@ def from_hf(
     return mllm
 
 
-def processor_from_hf(mllm: MultimodalModel, tokenizer: Any, chat_template: str | None = None, image_processor: Any = None) -> Any:
-    """No mmcore processor yet: the checkpoint's ``Qwen2AudioProcessor`` makes the model's inputs."""
-    raise ConfigError(
-        "qwen2_audio: use the checkpoint's Qwen2AudioProcessor (its output goes into the mmcore model as it is); "
-        "an mmcore MultimodalProcessor for it is not written yet"
+def processor_from_hf(
+    mllm: MultimodalModel, tokenizer: Any, chat_template: str | None = None, image_processor: Any = None,
+    feature_extractor: Any = None,
+) -> Any:  # fmt: skip
+    """The `MultimodalProcessor` of a converted model: the checkpoint's tokenizer and chat template, its
+    ``WhisperFeatureExtractor`` called as ``Qwen2AudioProcessor`` calls it (the whole window,
+    ``feature_attention_mask`` for the real frames), ``<|AUDIO|>`` as the placeholder, and each clip's
+    tokens counted from its length (`Qwen2AudioTokenCount`). Its batch is the one ``Qwen2AudioProcessor``
+    makes."""
+    from transformers import WhisperFeatureExtractor
+
+    from mmcore.builtin.qwen2_audio import Qwen2AudioTokenCount
+    from mmcore.errors import TokenIdError
+    from mmcore.processing import MultimodalProcessor, ProcessorCall
+
+    if not isinstance(feature_extractor, WhisperFeatureExtractor):
+        raise ConfigError(
+            "qwen2_audio: expected the checkpoint's WhisperFeatureExtractor (its Qwen2AudioProcessor's), got "
+            f"{type(feature_extractor).__name__}"
+        )
+    ((name, _),) = mllm.encoders.items()
+    token_id = mllm.config.modality_token_ids[name]
+    if tokenizer.convert_tokens_to_ids(AUDIO_TOKEN) != token_id:
+        raise TokenIdError(
+            f"the tokenizer's {AUDIO_TOKEN} is id {tokenizer.convert_tokens_to_ids(AUDIO_TOKEN)}, but the model's "
+            f"{name} token is id {token_id}; expected the checkpoint's own tokenizer"
+        )
+    if chat_template and not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = chat_template
+    call = ProcessorCall(
+        feature_extractor,
+        {"sampling_rate": feature_extractor.sampling_rate, "padding": "max_length", "return_attention_mask": True},
+        rename={"attention_mask": "feature_attention_mask"},
+    )
+    return MultimodalProcessor(
+        {name: call}, tokenizer, mllm, {name: Qwen2AudioTokenCount()}, predefined_tokens={name: AUDIO_TOKEN}
     )
 
 
@@ -97,5 +129,25 @@ def to_hf(mllm: MultimodalModel) -> Qwen2AudioForConditionalGeneration:
     return llava.finish_export(hf, mllm, base, llm, ARCHITECTURE)
 
 
-def hf_processor(hf_model: Any, tokenizer: Any, image_processor: Any) -> Any:
-    raise NoTransformersCounterpartError("qwen2_audio: export needs an mmcore processor for it, which is not written yet")
+def hf_processor_for(hf_model: Qwen2AudioForConditionalGeneration, processor: Any) -> Any:
+    """transformers' ``Qwen2AudioProcessor`` for an exported model: the mmcore processor's feature
+    extractor (a `ProcessorCall` of a ``WhisperFeatureExtractor``), tokenizer and chat template."""
+    from transformers import Qwen2AudioProcessor, WhisperFeatureExtractor
+
+    from mmcore.processing import ProcessorCall
+
+    (call,) = processor.encoder_processors.values()
+    extractor = call.processor if isinstance(call, ProcessorCall) else call
+    if not isinstance(extractor, WhisperFeatureExtractor):
+        raise NoTransformersCounterpartError(
+            f"the processor's audio processor is {type(call).__name__}; Qwen2-Audio's is a WhisperFeatureExtractor"
+        )
+    tokenizer = processor.tokenizer
+    if tokenizer.convert_tokens_to_ids(AUDIO_TOKEN) != hf_model.config.audio_token_id:
+        raise NoTransformersCounterpartError(
+            f"Qwen2AudioProcessor expands {AUDIO_TOKEN}, but the model's audio token id {hf_model.config.audio_token_id} "
+            f"is {tokenizer.convert_ids_to_tokens(hf_model.config.audio_token_id)!r}"
+        )
+    return Qwen2AudioProcessor(
+        feature_extractor=extractor, tokenizer=tokenizer, chat_template=getattr(tokenizer, "chat_template", None)
+    )
