@@ -10,7 +10,13 @@ import importlib.util
 import pytest
 import torch
 
-from mmcore.convert.testing import random_images
+from mmcore.convert.testing import (
+    assert_bit_exact,
+    assert_same_outputs,
+    assert_same_tensors,
+    random_images,
+    save_and_load,
+)
 
 pytestmark = pytest.mark.skipif(
     not all(importlib.util.find_spec(m) for m in ("mmcore_plugin_clip", "mmcore_plugin_siglip")),
@@ -39,12 +45,8 @@ def source(request, tmp_path_factory):
     return convert_saved(hf, processor, path, text=PROMPTS, images=images())
 
 
-@torch.no_grad()
 def test_logits_and_greedy_generations_equal_llava_next(source):
-    hf, mllm, batch = source["hf"], source["mllm"], source["batch"]
-    torch.testing.assert_close(mllm(**batch).logits, hf(**batch).logits, rtol=0, atol=ATOL)
-    kwargs = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False)
-    assert mllm.generate(**batch, **kwargs).tolist() == hf.generate(**batch, **kwargs).tolist()
+    assert_same_outputs(source["mllm"], source["hf"], source["batch"], atol=ATOL)
 
 
 def test_the_conversion_holds_the_checkpoints_modules(source):
@@ -64,21 +66,12 @@ def test_the_conversion_holds_the_checkpoints_modules(source):
 
 def test_processor_makes_the_hf_processors_batch(source):
     ours = source["processor"](PROMPTS, image=images(), padding_side="left")
-    batch = source["batch"]
-    for key in ("input_ids", "attention_mask", "image_sizes"):
-        assert torch.equal(ours[key], batch[key]), key
-    torch.testing.assert_close(ours["pixel_values"], batch["pixel_values"], rtol=0, atol=0)
+    assert_same_tensors(ours, source["batch"], ("input_ids", "attention_mask", "image_sizes", "pixel_values"))
 
 
 @torch.no_grad()
 def test_saved_conversion_rebuilds_model_and_processor_with_nothing_passed(source, tmp_path):
-    from mmcore import MultimodalModel
-    from mmcore.processing import MultimodalProcessor
-
-    source["mllm"].save_pretrained(tmp_path)
-    source["processor"].save_pretrained(tmp_path)
-    mllm = MultimodalModel.from_pretrained(tmp_path).eval()
-    processor = MultimodalProcessor.from_pretrained(tmp_path)
+    mllm, processor = save_and_load(source["mllm"], source["processor"], tmp_path)
     batch = processor(PROMPTS, image=images(), padding_side="left")
     assert torch.equal(batch["input_ids"], source["batch"]["input_ids"])
     torch.testing.assert_close(mllm(**batch).logits, source["hf"](**source["batch"]).logits, rtol=0, atol=ATOL)
@@ -86,7 +79,6 @@ def test_saved_conversion_rebuilds_model_and_processor_with_nothing_passed(sourc
 
 def test_llava_next_to_mmcore_to_llava_next_is_bit_exact(source, tmp_path):
     from mmcore import MultimodalModel
-    from mmcore.convert.testing import assert_bit_exact
 
     hf = source["hf"]
     back = MultimodalModel.from_hf(hf).to_hf()

@@ -14,7 +14,13 @@ import json
 import pytest
 import torch
 
-from mmcore.convert.testing import random_images
+from mmcore.convert.testing import (
+    assert_bit_exact,
+    assert_same_outputs,
+    assert_same_tensors,
+    random_images,
+    save_and_load,
+)
 
 pytestmark = pytest.mark.skipif(
     not all(importlib.util.find_spec(m) for m in ("mmcore_plugin_clip", "mmcore_plugin_siglip")),
@@ -56,10 +62,8 @@ def source(request, tmp_path_factory):
 
 @torch.no_grad()
 def test_logits_and_greedy_generations_equal_llava_onevision(source):
-    hf, mllm, batch = source["hf"], source["mllm"], source["batch"]
-    torch.testing.assert_close(mllm(**batch).logits, hf(**batch).logits, rtol=0, atol=ATOL)
-    kwargs = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False)
-    assert mllm.generate(**batch, **kwargs).tolist() == hf.generate(**batch, **kwargs).tolist()
+    hf, mllm = source["hf"], source["mllm"]
+    assert_same_outputs(mllm, hf, source["batch"], atol=ATOL)
     images_only = dict(source["hf_processor"](text=["<image> hi", "a <image>"], images=images(), return_tensors="pt",
                                                padding=True))  # fmt: skip
     torch.testing.assert_close(mllm(**images_only).logits, hf(**images_only).logits, rtol=0, atol=ATOL)
@@ -115,33 +119,24 @@ def test_the_conversion_shares_one_tower_projector_and_newline(source):
 
 def test_processor_makes_the_hf_processors_batch(source):
     ours = source["processor"](PROMPTS, image=images(), video=videos(), padding_side="left")
-    batch = source["batch"]
-    for key in ("input_ids", "attention_mask", "image_sizes"):
-        assert torch.equal(ours[key], batch[key]), key
-    for key in ("pixel_values", "pixel_values_videos"):
-        torch.testing.assert_close(ours[key], batch[key], rtol=0, atol=0)
+    keys = ("input_ids", "attention_mask", "image_sizes", "pixel_values", "pixel_values_videos")
+    assert_same_tensors(ours, source["batch"], keys)
 
 
 @torch.no_grad()
 def test_saved_conversion_rebuilds_shared_parts_and_processor(source, tmp_path):
     from safetensors import safe_open
 
-    from mmcore import MultimodalModel
-    from mmcore.processing import MultimodalProcessor
-
-    source["mllm"].save_pretrained(tmp_path)
-    source["processor"].save_pretrained(tmp_path)
+    mllm, processor = save_and_load(source["mllm"], source["processor"], tmp_path)
     with safe_open(tmp_path / "model.safetensors", "pt") as f:
         keys = list(f.keys())
     assert not [k for k in keys if k.startswith("encoders.video.")]  # shared parts are saved once
-    mllm = MultimodalModel.from_pretrained(tmp_path).eval()
     image, video = mllm.encoders["image"], mllm.encoders["video"]
     assert video.module is image.module and video.projector is image.projector
     assert (
         video.postprocess_projector_callback.image_newline
         is image.postprocess_projector_callback.image_newline
     )
-    processor = MultimodalProcessor.from_pretrained(tmp_path)
     batch = processor(PROMPTS, image=images(), video=videos(), padding_side="left")
     assert torch.equal(batch["input_ids"], source["batch"]["input_ids"])
     torch.testing.assert_close(
@@ -151,7 +146,6 @@ def test_saved_conversion_rebuilds_shared_parts_and_processor(source, tmp_path):
 
 def test_llava_onevision_to_mmcore_to_llava_onevision_is_bit_exact(source, tmp_path):
     from mmcore import MultimodalModel
-    from mmcore.convert.testing import assert_bit_exact
 
     hf = source["hf"]
     back = MultimodalModel.from_hf(hf).to_hf()

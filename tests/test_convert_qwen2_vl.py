@@ -13,7 +13,13 @@ import numpy as np
 import pytest
 import torch
 
-from mmcore.convert.testing import random_images
+from mmcore.convert.testing import (
+    assert_bit_exact,
+    assert_same_outputs,
+    assert_same_tensors,
+    random_images,
+    save_and_load,
+)
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("mmcore_plugin_qwen2vl") is None,
@@ -55,14 +61,8 @@ def test_the_batch_has_left_padding_two_image_sizes_and_a_video(source):
     assert batch["attention_mask"][0, 0] == 0 and batch["attention_mask"][:, -1].all()  # row 0 is left-padded
 
 
-@torch.no_grad()
 def test_logits_and_greedy_generations_equal_transformers(source):
-    hf, mllm, batch = source["hf"], source["mllm"], source["batch"]
-    expected = hf(**batch).logits
-    got = mllm(**batch).logits
-    torch.testing.assert_close(got, expected, rtol=0, atol=ATOL)
-    kwargs = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False)
-    assert mllm.generate(**batch, **kwargs).tolist() == hf.generate(**batch, **kwargs).tolist()
+    assert_same_outputs(source["mllm"], source["hf"], source["batch"], atol=ATOL)
 
 
 @torch.no_grad()
@@ -100,27 +100,22 @@ def test_the_conversion_holds_the_checkpoints_modules(source):
 
 def test_processor_makes_the_hf_processors_batch(source):
     ours = source["processor"](PROMPTS, image=images(), video=[video()], padding_side="left")
-    batch = source["batch"]
-    for key in ("input_ids", "attention_mask", "image_grid_thw", "video_grid_thw"):
-        assert torch.equal(ours[key], batch[key]), key
-    for key in ("pixel_values", "pixel_values_videos"):
-        torch.testing.assert_close(ours[key], batch[key], rtol=0, atol=0)
+    keys = (
+        "input_ids",
+        "attention_mask",
+        "image_grid_thw",
+        "video_grid_thw",
+        "pixel_values",
+        "pixel_values_videos",
+    )
+    assert_same_tensors(ours, source["batch"], keys)
 
 
 @torch.no_grad()
 def test_saved_conversion_rebuilds_model_and_processor_bit_exact(source, tmp_path):
-    from mmcore import MultimodalModel
-    from mmcore.processing import MultimodalProcessor
-
-    source["mllm"].save_pretrained(tmp_path)
-    source["processor"].save_pretrained(tmp_path)
-    mllm = MultimodalModel.from_pretrained(tmp_path).eval()
-    processor = MultimodalProcessor.from_pretrained(tmp_path)
+    mllm, processor = save_and_load(source["mllm"], source["processor"], tmp_path)
     assert mllm.encoders["image"].module is mllm.encoders["video"].module  # saved once, shared again
-    expected = source["mllm"].state_dict()
-    got = mllm.state_dict()
-    assert sorted(got) == sorted(expected)
-    assert all(torch.equal(got[k], v) for k, v in expected.items())
+    assert_bit_exact(mllm, source["mllm"])
     batch = processor(PROMPTS, image=images(), video=[video()], padding_side="left")
     assert torch.equal(batch["input_ids"], source["batch"]["input_ids"])
     assert torch.equal(mllm(**batch).logits, source["mllm"](**source["batch"]).logits)
@@ -128,7 +123,6 @@ def test_saved_conversion_rebuilds_model_and_processor_bit_exact(source, tmp_pat
 
 def test_to_mmcore_and_back_is_bit_exact(source, tmp_path):
     from mmcore import MultimodalModel
-    from mmcore.convert.testing import assert_bit_exact
 
     hf = source["hf"]
     back = MultimodalModel.from_hf(hf).to_hf()

@@ -322,18 +322,46 @@ def convert_saved(hf: Any, processor: Any, path: Any, *, text: list[str], **medi
             "processor": mm_processor}  # fmt: skip
 
 
-def assert_bit_exact(got: Any, expected: Any, config_fields: tuple[str, ...] = ()) -> None:
-    """``got`` holds the tensors of ``expected`` (the same keys, dtypes and values, to the bit) and the
-    same values of the config fields ``config_fields``; an ``AssertionError`` naming the first key or
-    field that differs otherwise."""
+def assert_same_tensors(got: Any, expected: Any, keys: Any) -> None:
+    """``got[key]`` has the dtype and, to the bit, the values of ``expected[key]`` for each of ``keys``;
+    an ``AssertionError`` naming the first key that differs otherwise."""
     import torch
 
+    for key in keys:
+        assert got[key].dtype == expected[key].dtype and torch.equal(got[key], expected[key]), key
+
+
+def assert_bit_exact(got: Any, expected: Any, config_fields: tuple[str, ...] = ()) -> None:
+    """The model ``got`` holds the tensors of ``expected`` (the same keys, dtypes and values, to the bit)
+    and the same values of the config fields ``config_fields``; an ``AssertionError`` naming the first
+    key or field that differs otherwise."""
     want, have = expected.state_dict(), got.state_dict()
     assert sorted(have) == sorted(want)
-    for key, value in want.items():
-        assert have[key].dtype == value.dtype and torch.equal(have[key], value), key
+    assert_same_tensors(have, want, want)
     for field in config_fields:
         assert getattr(got.config, field) == getattr(expected.config, field), field
+
+
+def assert_same_outputs(mllm: Any, hf: Any, batch: dict[str, Any], *, atol: float = 1e-5, new_tokens: int = 6) -> None:
+    """On ``batch``, the mmcore model's logits are transformers' ``hf``'s (within ``atol``, ``rtol=0``) and
+    both generate the same ``new_tokens`` tokens greedily."""
+    import torch
+
+    with torch.no_grad():
+        torch.testing.assert_close(mllm(**batch).logits, hf(**batch).logits, rtol=0, atol=atol)
+        kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+        assert mllm.generate(**batch, **kwargs).tolist() == hf.generate(**batch, **kwargs).tolist()
+
+
+def save_and_load(mllm: Any, processor: Any, path: Any) -> tuple[Any, Any]:
+    """Save the mmcore model and its processor into ``path`` and load both back from it with nothing
+    passed; returns (the model in eval mode, the processor)."""
+    from mmcore import MultimodalModel
+    from mmcore.processing import MultimodalProcessor
+
+    mllm.save_pretrained(path)
+    processor.save_pretrained(path)
+    return MultimodalModel.from_pretrained(path).eval(), MultimodalProcessor.from_pretrained(path)
 
 
 def export_with_cli(mllm: Any, processor: Any, workdir: Any) -> tuple[Any, dict[str, Any]]:
