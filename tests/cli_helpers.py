@@ -5,19 +5,14 @@ the app with the fake plugin is in ``conftest.py``."""
 
 from __future__ import annotations
 
-import importlib.util
-
-import pytest
+import plugin_marks
 import typer
 
 from mmcore import hookimpl
 from mmcore.registry import CallbackSpec, EncoderSpec, ProjectorSpec
 
 HEAVY = ("torch", "transformers", "timm")
-needs_plugins = pytest.mark.skipif(
-    not all(importlib.util.find_spec(m) for m in ("mmcore_plugin_clip", "mmcore_plugin_whisper")),
-    reason="needs mmcore-plugin-clip and mmcore-plugin-whisper installed (make test puts them on the path)",
-)
+needs_plugins = plugin_marks.needs_plugins("clip", "whisper")
 
 
 class FakePlugin:

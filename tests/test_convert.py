@@ -9,19 +9,16 @@ saved directory with no module passed, and its processor must make the HF proces
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import pytest
 import torch
+from plugin_marks import needs_plugins
 from typer.testing import CliRunner
 
 from mmcore.convert.testing import random_images
 
-pytestmark = pytest.mark.skipif(
-    not all(importlib.util.find_spec(m) for m in ("mmcore_plugin_clip", "mmcore_plugin_siglip")),
-    reason="needs mmcore-plugin-clip and mmcore-plugin-siglip installed (make test puts them on the path)",
-)
+pytestmark = needs_plugins("clip", "siglip")
 
 ATOL = 1e-5
 PROMPTS = ["<image> what is in the image ?", "hello <image>"]

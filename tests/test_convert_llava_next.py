@@ -5,10 +5,9 @@ aspect ratios, the processor's ids equal), and back (LLaVA-NeXT -> mmcore -> LLa
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 import torch
+from plugin_marks import needs_plugins
 
 from mmcore.convert.testing import (
     assert_bit_exact,
@@ -18,10 +17,7 @@ from mmcore.convert.testing import (
     save_and_load,
 )
 
-pytestmark = pytest.mark.skipif(
-    not all(importlib.util.find_spec(m) for m in ("mmcore_plugin_clip", "mmcore_plugin_siglip")),
-    reason="needs mmcore-plugin-clip and mmcore-plugin-siglip installed (make test puts them on the path)",
-)
+pytestmark = needs_plugins("clip", "siglip")
 
 ATOL = 1e-5
 PROMPTS = ["user: <image> what is this? assistant:", "user: describe <image> please assistant:"]

@@ -8,11 +8,11 @@ OneVision bit-exact through the saved directory (shared parts saved once, shared
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import pytest
 import torch
+from plugin_marks import needs_plugins
 
 from mmcore.convert.testing import (
     assert_bit_exact,
@@ -22,10 +22,7 @@ from mmcore.convert.testing import (
     save_and_load,
 )
 
-pytestmark = pytest.mark.skipif(
-    not all(importlib.util.find_spec(m) for m in ("mmcore_plugin_clip", "mmcore_plugin_siglip")),
-    reason="needs mmcore-plugin-clip and mmcore-plugin-siglip installed (make test puts them on the path)",
-)
+pytestmark = needs_plugins("clip", "siglip")
 
 ATOL = 1e-5
 PROMPTS = [

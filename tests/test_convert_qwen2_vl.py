@@ -7,11 +7,10 @@ equal logits)."""
 
 from __future__ import annotations
 
-import importlib.util
-
 import numpy as np
 import pytest
 import torch
+from plugin_marks import needs_plugins
 
 from mmcore.convert.testing import (
     assert_bit_exact,
@@ -21,10 +20,7 @@ from mmcore.convert.testing import (
     save_and_load,
 )
 
-pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("mmcore_plugin_qwen2vl") is None,
-    reason="needs mmcore-plugin-qwen2vl installed (make test puts it on the path)",
-)
+pytestmark = needs_plugins("qwen2vl")
 
 ATOL = 1e-5
 IMAGE, VIDEO = "<|vision_start|><|image_pad|><|vision_end|>", "<|vision_start|><|video_pad|><|vision_end|>"

@@ -12,12 +12,10 @@ import json
 
 import pytest
 import torch
+from plugin_marks import needs_plugins
 from typer.testing import CliRunner
 
-pytestmark = pytest.mark.skipif(
-    not all(importlib.util.find_spec(m) for m in ("mmcore_plugin_clip", "mmcore_plugin_siglip")),
-    reason="needs mmcore-plugin-clip and mmcore-plugin-siglip installed (make test puts them on the path)",
-)
+pytestmark = needs_plugins("clip", "siglip")
 
 ATOL = 1e-5
 #: LlavaConfig fields that decide what the model computes or how its inputs are made.

@@ -7,18 +7,15 @@ train``'s JSONL takes ``"video"`` items (a ``.npy`` array or a directory of fram
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 
 import numpy as np
 import pytest
 import torch
+from plugin_marks import needs_plugins
 
-pytestmark = pytest.mark.skipif(
-    not all(importlib.util.find_spec(m) for m in ("mmcore_plugin_clip", "mmcore_plugin_siglip")),
-    reason="needs mmcore-plugin-clip and mmcore-plugin-siglip installed (make test puts them on the path)",
-)
+pytestmark = needs_plugins("clip", "siglip")
 
 
 def videos():
