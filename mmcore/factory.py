@@ -91,6 +91,12 @@ class EncoderFactory:
         """Raw items the processor accepts, for tests (default: none)."""
         return []
 
+    def data_key_for(self, recipe: Mapping[str, Any]) -> str | None:
+        """The training-record key whose paths are this recipe's items (`mmcore.training.data.media_keys_for`
+        maps it to the encoder). Default: `data_key`; a factory whose recipes may read another kind of
+        item (an image tower built with ``video=True`` reads ``"video"`` items) says so here."""
+        return self.data_key
+
     def load_item(self, path: Any) -> Any:
         """One item read from the file at ``path`` (a `pathlib.Path`), as the processor takes it: what
         ``mmcore train`` does with each path under `data_key` in a record. Raise

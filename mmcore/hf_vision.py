@@ -150,6 +150,10 @@ class TransformersVisionFactory(EncoderFactory):
         """Whether the recipe's items are videos (``video=True``)."""
         return bool(self._options(recipe).get("video"))
 
+    def data_key_for(self, recipe: Mapping[str, Any]) -> str | None:
+        """``"video"`` for a ``video=True`` recipe (its items are videos), else ``"image"``."""
+        return "video" if self.is_video(recipe) else self.data_key
+
     # -- recipe ------------------------------------------------------------------------------------
     def make_recipe(
         self, checkpoint: str | None = None, preset: str | None = None, **options: Any

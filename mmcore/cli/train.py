@@ -116,7 +116,7 @@ def _train(
     from mmcore.training.data import registered_loaders
 
     loaders = registered_loaders()  # image, audio and every installed plugin's data key
-    media_keys = _media_keys(media, loaders)
+    media_keys = _media_keys(media, loaders)  # the defaults and --media; the model's encoders decide below
     _check_output(output, resume=resume, overwrite=overwrite, dry=check_data)
     _check_data(data, media_keys, loaders)
     if check_data:
@@ -132,7 +132,6 @@ def _train(
 
     config = config_from_cli(config_values, resume=resume and not overwrite)
     config.check()
-    dataset = ConversationDataset(data, media_keys=media_keys, loaders=loaders)
     # Seeded before a spec is built, so its random-weight parts are the same in every run with this
     # --seed: a resumed run rebuilds the frozen weights the checkpoint's fingerprint expects.
     torch.manual_seed(seed)
@@ -142,6 +141,11 @@ def _train(
         from mmcore.processing import MultimodalProcessor
 
         processor = MultimodalProcessor.from_model(model, tokenizer)
+    from mmcore.training.data import media_keys_for
+
+    # each key to the encoder that reads its items (a Qwen2-VL "image" / "video" pair), --media first
+    media_keys = {**media_keys_for(model, loaders), **_explicit_media_keys(media, loaders)}
+    dataset = ConversationDataset(data, media_keys=media_keys, loaders=loaders)
     dataset.check_modalities(processor.modalities)
     collator = MultimodalCollator(processor, train_on=train_on)
     try:
@@ -219,12 +223,18 @@ def _check_data(data: Path, media_keys: dict[str, str] | None, loaders: dict[str
 
 
 def _media_keys(values: Optional[list[str]], loaders: dict[str, Any]) -> dict[str, str] | None:  # noqa: UP045
+    """The default keys with --media applied (None: no --media)."""
     if not values:
         return None
     from mmcore.training.data import default_media_keys
 
-    keys = default_media_keys(loaders)
-    for value in values:
+    return {**default_media_keys(loaders), **_explicit_media_keys(values, loaders)}
+
+
+def _explicit_media_keys(values: Optional[list[str]], loaders: dict[str, Any]) -> dict[str, str]:  # noqa: UP045
+    """--media KEY=MODALITY, checked."""
+    keys: dict[str, str] = {}
+    for value in values or ():
         key, sep, modality = value.partition("=")
         if not sep or not key or not modality:
             raise ConfigError(f"--media {value!r}: expected KEY=MODALITY, e.g. image=vision")

@@ -155,6 +155,30 @@ def default_media_keys(loaders: Mapping[str, Any]) -> dict[str, str]:
     return {**{k: k for k in loaders}, **DEFAULT_MEDIA_KEYS}
 
 
+def media_keys_for(model: Any, loaders: Mapping[str, Any]) -> dict[str, str]:
+    """JSONL key -> modality for ``model``: `default_media_keys`, except that a key which exactly one
+    of the model's plugin-built encoders reads (its factory's ``data_key_for`` its recipe, e.g.
+    ``"image"`` for a Qwen2-VL tower, ``"video"`` for the same tower or a CLIP one with ``video=True``)
+    goes to that encoder, whatever its name."""
+    from mmcore.errors import MMCoreError
+    from mmcore.factory import PLUGIN_SOURCE, factory_for_source
+
+    keys = default_media_keys(loaders)
+    readers: dict[str, list[str]] = {}
+    for name, encoder in getattr(model, "encoders", {}).items():
+        source = getattr(encoder, "source", None) or {}
+        if source.get("kind") != PLUGIN_SOURCE:
+            continue
+        try:
+            key = factory_for_source(name, source).data_key_for(source.get("recipe") or {})
+        except MMCoreError:
+            continue
+        if key in loaders:
+            readers.setdefault(key, []).append(name)
+    keys.update({key: names[0] for key, names in readers.items() if len(names) == 1})
+    return keys
+
+
 def to_messages(
     conversations: Sequence[Mapping[str, Any]], markers: Mapping[str, str], counts: Mapping[str, int]
 ) -> list[dict[str, str]]:

@@ -59,7 +59,7 @@ class Qwen2VLFactory(EncoderFactory):
     video_processor_class: ClassVar[type] = Qwen2VLVideoProcessor
     presets = {name: entry["summary"] for name, entry in PRESETS["qwen2_vl"].items()}
     options = {"video": False, "min_pixels": None, "max_pixels": None}
-    data_key = "image"
+    data_key = "image"  # a training record's "image" paths (``"video"`` ones with the video option)
 
     # -- recipe --------------------------------------------------------------------------------------
     def make_recipe(
@@ -185,6 +185,9 @@ class Qwen2VLFactory(EncoderFactory):
 
     def input_names(self, recipe: Mapping[str, Any]) -> dict[str, str]:
         return dict(VIDEO_INPUTS if recipe.get("video") else IMAGE_INPUTS)
+
+    def data_key_for(self, recipe: Mapping[str, Any]) -> str:
+        return "video" if recipe.get("video") else "image"  # mmcore train: a record's videos, or its images
 
     def default_projector(self, recipe: Mapping[str, Any]) -> str:
         return self.projector_type
