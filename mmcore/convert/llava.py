@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import copy
 import tempfile
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -73,7 +73,7 @@ def from_hf(
     saved directory rebuilds it; default: the tower family's own preprocessing. ``source`` (a hub id
     or directory) is recorded in the recipe for reference only."""
     encoder = vision_encoder(hf_model, image_processor, source)
-    mllm = MultimodalModel(encoders={modality: encoder}, language_model=_language_model(hf_model))
+    mllm = MultimodalModel(encoders={modality: encoder}, language_model=language_model(hf_model))
     mllm.set_modality_token_ids({modality: hf_model.config.image_token_index})
     return mllm
 
@@ -148,21 +148,26 @@ def _projector(hf_projector: nn.Module, config: LlavaConfig) -> MultimodalProjec
     return projector
 
 
-def _language_model(hf_model: LlavaForConditionalGeneration) -> nn.Module:
-    """A causal-LM shell of the text config holding LLaVA's base model and head (shared, not copied)."""
+def language_model(
+    hf_model: Any, what: str = MODEL_TYPE, lm_class: type[nn.Module] | None = None
+) -> nn.Module:
+    """A causal-LM shell of a transformers VLM's text config (``lm_class``, default: the class
+    ``AutoModelForCausalLM`` picks) holding the VLM's base language model (``model.language_model``)
+    and ``lm_head`` (shared, not copied), with a copy of its generation config. ``what`` (the family)
+    names it in errors: `UnknownFamilyError` when the base model is not the shell's."""
     text_config = hf_model.config.text_config
     with torch.device("meta"):
-        llm = AutoModelForCausalLM.from_config(text_config)
+        llm = lm_class(text_config) if lm_class is not None else AutoModelForCausalLM.from_config(text_config)
     base = hf_model.model.language_model
     prefix = llm.base_model_prefix
     if type(getattr(llm, prefix, None)) is not type(base):
         raise UnknownFamilyError(
-            f"llava: its language model ({type(base).__name__}) is not the base model of "
+            f"{what}: its language model ({type(base).__name__}) is not the base model of "
             f"{type(llm).__name__}, so it cannot become an mmcore language model"
         )
     setattr(llm, prefix, base)
     llm.set_output_embeddings(hf_model.lm_head)
-    check_no_meta(llm, "llava language model")
+    check_no_meta(llm, f"{what} language model")
     if getattr(hf_model, "generation_config", None) is not None:
         llm.generation_config = copy.deepcopy(hf_model.generation_config)
     return llm
@@ -177,21 +182,23 @@ def processor_from_hf(
     none. `TokenIdError` when the tokenizer's ``<image>`` is not the model's image token."""
     from mmcore.processing import MultimodalProcessor
 
-    check_image_token(mllm, tokenizer, chat_template)
+    check_placeholder_tokens(mllm, tokenizer, chat_template)
     return MultimodalProcessor.from_model(mllm, tokenizer)
 
 
-def check_image_token(mllm: MultimodalModel, tokenizer: Any, chat_template: str | None) -> None:
-    """`TokenIdError` unless the tokenizer's ``<modality>`` is the model's image token; puts the chat
-    template onto the tokenizer when it has none."""
-    (modality,) = mllm.encoders
-    token = f"<{modality}>"
-    token_id = mllm.config.modality_token_ids[modality]
-    if tokenizer.get_vocab().get(token) != token_id:
-        raise TokenIdError(
-            f"the tokenizer's {token} is id {tokenizer.get_vocab().get(token)}, but the model's image token is id "
-            f"{token_id}; expected the checkpoint's own tokenizer"
-        )
+def check_placeholder_tokens(
+    mllm: MultimodalModel, tokenizer: Any, chat_template: str | None, names: Any = None
+) -> None:
+    """`TokenIdError` unless the tokenizer's ``<name>`` is the model's placeholder token for each encoder
+    of ``names`` (default: all of ``mllm``'s); puts the chat template onto the tokenizer when it has none."""
+    vocab = tokenizer.get_vocab()
+    for name in mllm.encoders if names is None else names:
+        token, token_id = f"<{name}>", mllm.config.modality_token_ids[name]
+        if vocab.get(token) != token_id:
+            raise TokenIdError(
+                f"the tokenizer's {token} is id {vocab.get(token)}, but the model's {name} token is id {token_id}; "
+                "expected the checkpoint's own tokenizer"
+            )
     if chat_template and not getattr(tokenizer, "chat_template", None):
         tokenizer.chat_template = chat_template
 
@@ -208,29 +215,68 @@ def to_hf(mllm: MultimodalModel) -> LlavaForConditionalGeneration:
             "exactly one vision tower"
         )
     ((name, encoder),) = mllm.encoders.items()
+    parts = llava_parts(mllm, name, encoder)
+    config = LlavaConfig(
+        **parts.config_fields(), image_seq_length=_image_seq_length(parts.tower, parts.strategy)
+    )
+    return build_export(LlavaForConditionalGeneration, config, parts, mllm)
+
+
+class LlavaParts(NamedTuple):
+    """What every LLaVA-family ``to_hf`` takes from an mmcore model: one encoder's tower, its feature
+    selection (layer, strategy) and 2-layer MLP projector (activation, bias, Linears), the language
+    model with its base model, and the image token id."""
+
+    tower: nn.Module
+    layer: Any
+    strategy: str
+    act: str
+    bias: bool
+    linear_1: nn.Linear
+    linear_2: nn.Linear
+    llm: nn.Module
+    base: nn.Module
+    token_id: int
+
+    def config_fields(self) -> dict[str, Any]:
+        """The fields every LLaVA-family config takes from these parts."""
+        return dict(
+            vision_config=self.tower.config.to_dict(),
+            image_token_index=self.token_id,
+            projector_hidden_act=self.act,
+            vision_feature_layer=self.layer,
+            vision_feature_select_strategy=self.strategy,
+            multimodal_projector_bias=self.bias,
+            **text_fields(self.llm),
+        )
+
+
+def llava_parts(
+    mllm: MultimodalModel, name: str, encoder: ModalEncoderModule, *, other_slots: bool = True
+) -> LlavaParts:
+    """The `LlavaParts` of ``mllm``'s encoder ``name``; `NoTransformersCounterpartError` naming the first
+    part LLaVA has no counterpart for (``other_slots``: see `_feature_selection`)."""
     tower = _tower(name, encoder)
-    layer, strategy = _feature_selection(name, encoder, tower)
+    layer, strategy = _feature_selection(name, encoder, tower, other_slots=other_slots)
     act, bias, linear_1, linear_2 = _projector_parts(name, encoder.projector)
     llm, base = _llm_parts(mllm)
     token_id = _image_token_id(mllm, name, llm)
-    text_config = llm.config
-    config = LlavaConfig(
-        vision_config=tower.config.to_dict(),
-        text_config=text_config.to_dict(),
-        image_token_index=token_id,
-        projector_hidden_act=act,
-        vision_feature_layer=layer,
-        vision_feature_select_strategy=strategy,
-        multimodal_projector_bias=bias,
-        image_seq_length=_image_seq_length(tower, strategy),
-        tie_word_embeddings=bool(getattr(text_config, "tie_word_embeddings", False)),
-    )
+    return LlavaParts(tower, layer, strategy, act, bias, linear_1, linear_2, llm, base, token_id)
+
+
+def build_export(
+    hf_class: type[nn.Module], config: Any, parts: LlavaParts, mllm: Any, *, image_newline: Any = None
+) -> nn.Module:
+    """``hf_class(config)`` built on the meta device as a shell whose tower, projector Linears and (when
+    given) ``image_newline`` are ``parts``' (``mllm``'s own modules), finished by `finish_export`."""
     with torch.device("meta"):  # a shell: every module is replaced by mllm's own
-        llava = LlavaForConditionalGeneration(config)
-    llava.model.vision_tower = tower
-    llava.model.multi_modal_projector.linear_1 = linear_1
-    llava.model.multi_modal_projector.linear_2 = linear_2
-    return finish_export(llava, mllm, base, llm, "LlavaForConditionalGeneration")
+        hf = hf_class(config)
+    hf.model.vision_tower = parts.tower
+    hf.model.multi_modal_projector.linear_1 = parts.linear_1
+    hf.model.multi_modal_projector.linear_2 = parts.linear_2
+    if image_newline is not None:
+        hf.model.image_newline = image_newline
+    return finish_export(hf, mllm, parts.base, parts.llm, hf_class.__name__)
 
 
 def _tower(name: str, encoder: ModalEncoderModule) -> nn.Module:
@@ -349,22 +395,36 @@ def llava_processor(llava: LlavaForConditionalGeneration, tokenizer: Any, image_
     """transformers' ``LlavaProcessor`` for an exported model: the tokenizer (with its chat template)
     and image processor it was trained with, and LLaVA's token count per image."""
     config = llava.config
-    token = tokenizer.convert_ids_to_tokens(config.image_token_index)
-    ids = tokenizer.encode(token, add_special_tokens=False)
-    if ids != [config.image_token_index]:
-        raise TokenIdError(
-            f"the image token {token!r} (id {config.image_token_index}) does not tokenize as itself ({ids}); "
-            "expected a special token of the tokenizer"
-        )
     return LlavaProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,
         patch_size=config.vision_config.patch_size,
         vision_feature_select_strategy=config.vision_feature_select_strategy,
         chat_template=getattr(tokenizer, "chat_template", None),
-        image_token=token,
+        image_token=special_token(tokenizer, config.image_token_index),
         num_additional_image_tokens=_prefix_tokens(llava.model.vision_tower),
     )
+
+
+def special_token(tokenizer: Any, token_id: int, kind: str = "image") -> str:
+    """The token of ``token_id`` in ``tokenizer``, for an exported processor; `TokenIdError` unless it
+    tokenizes as itself (a special token of the tokenizer)."""
+    token = tokenizer.convert_ids_to_tokens(token_id)
+    ids = None if token is None else tokenizer.encode(token, add_special_tokens=False)
+    if ids != [token_id]:
+        raise TokenIdError(
+            f"the {kind} token {token!r} (id {token_id}) does not tokenize as itself ({ids}); expected a special "
+            "token of the tokenizer"
+        )
+    return token
+
+
+def text_fields(llm: nn.Module) -> dict[str, Any]:
+    """The fields a transformers VLM config takes from the language model it is exported with."""
+    return {
+        "text_config": llm.config.to_dict(),
+        "tie_word_embeddings": bool(getattr(llm.config, "tie_word_embeddings", False)),
+    }
 
 
 def finish_export(hf: nn.Module, mllm: Any, base: nn.Module, llm: nn.Module, what: str) -> nn.Module:

@@ -22,13 +22,13 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextProcessor
 
 from mmcore.builtin.anyres import AnyResFlatten, AnyResPack, AnyResTokenCount
 from mmcore.convert import llava
 from mmcore.convert.families import NoTransformersCounterpartError
-from mmcore.errors import ConfigError, TokenIdError
+from mmcore.errors import ConfigError
+from mmcore.modeling.encoder import ModalEncoderModule
 from mmcore.modeling.multimodal import MultimodalModel
 
 MODEL_TYPE = "llava_next"
@@ -52,6 +52,24 @@ def from_hf(
     projector Linears, ``image_newline``, decoder and head; no weight copied). ``image_processor`` is
     the checkpoint's (it goes to the processor, see `processor_from_hf`); ``source`` is recorded for
     reference."""
+    encoder = anyres_encoder(hf_model, source)
+    mllm = MultimodalModel(
+        encoders={modality: encoder}, language_model=llava.language_model(hf_model, MODEL_TYPE)
+    )
+    mllm.set_modality_token_ids({modality: hf_model.config.image_token_index})
+    return mllm
+
+
+def anyres_encoder(
+    hf_model: Any,
+    source: str | None,
+    *,
+    max_patches: int | None = None,
+    additional_args: tuple[str, ...] = ("image_sizes",),
+) -> ModalEncoderModule:
+    """LLaVA's encoder of ``hf_model``'s tower and projector (`mmcore.convert.llava.vision_encoder`)
+    between the anyres callbacks of its grid resolutions, which hold its ``image_newline``;
+    ``max_patches``: OneVision's downscaling; ``additional_args``: the inputs routed to the callbacks."""
     config = hf_model.config
     # The plugin's recipe rebuilds the tower (its own preprocessing at the tile size); the tiling is
     # the checkpoint's image processor's, kept by the processor.
@@ -59,14 +77,14 @@ def from_hf(
     vision = config.vision_config
     pinpoints = [list(p) for p in config.image_grid_pinpoints]
     encoder.preprocess_callback = AnyResFlatten(pinpoints, vision.image_size)
-    pack = AnyResPack(pinpoints, vision.image_size, vision.patch_size, config.text_config.hidden_size)
+    hidden = config.text_config.hidden_size
+    pack = AnyResPack(pinpoints, vision.image_size, vision.patch_size, hidden, max_patches=max_patches)
     pack.image_newline = hf_model.model.image_newline  # the checkpoint's own parameter
     encoder.postprocess_projector_callback = pack
-    encoder.additional_args = ("image_sizes",)
-    encoder.input_map.setdefault("image_sizes", "image_sizes")
-    mllm = MultimodalModel(encoders={modality: encoder}, language_model=llava._language_model(hf_model))
-    mllm.set_modality_token_ids({modality: config.image_token_index})
-    return mllm
+    encoder.additional_args = additional_args
+    for name in additional_args:
+        encoder.input_map.setdefault(name, name)
+    return encoder
 
 
 def processor_from_hf(
@@ -77,7 +95,7 @@ def processor_from_hf(
     `AnyResTokenCount`."""
     from mmcore.processing import MultimodalProcessor
 
-    llava.check_image_token(mllm, tokenizer, chat_template)
+    llava.check_placeholder_tokens(mllm, tokenizer, chat_template)
     if image_processor is None:
         raise ConfigError("llava_next: the checkpoint has no image processor; expected its LlavaNextImageProcessor")
     ((modality, encoder),) = mllm.encoders.items()
@@ -97,46 +115,37 @@ def to_hf(mllm: MultimodalModel) -> LlavaNextForConditionalGeneration:
             "exactly one vision tower"
         )
     ((name, encoder),) = mllm.encoders.items()
-    tower = llava._tower(name, encoder)
+    parts = llava.llava_parts(mllm, name, encoder, other_slots=False)
+    pack = anyres_pack(name, encoder, parts.tower, "LLaVA-NeXT")
+    config = LlavaNextConfig(
+        **parts.config_fields(), image_grid_pinpoints=[list(p) for p in pack.grid_pinpoints]
+    )
+    return llava.build_export(
+        LlavaNextForConditionalGeneration, config, parts, mllm, image_newline=pack.image_newline
+    )
+
+
+def anyres_pack(name: str, encoder: ModalEncoderModule, tower: Any, family: str) -> AnyResPack:
+    """The encoder's `AnyResPack` when its anyres callbacks tile as ``family`` (LLaVA-NeXT, OneVision)
+    does: at the tower's input size, with one grid list and ``image_newline``;
+    `NoTransformersCounterpartError` naming what differs otherwise."""
     flatten, pack = encoder.preprocess_callback, encoder.postprocess_projector_callback
     if not isinstance(flatten, AnyResFlatten) or not isinstance(pack, AnyResPack):
         raise NoTransformersCounterpartError(
-            f"encoder {name!r}: LLaVA-NeXT's tiling needs anyres_flatten (preprocess) and anyres_pack "
+            f"encoder {name!r}: {family}'s tiling needs anyres_flatten (preprocess) and anyres_pack "
             f"(postprocess_projector), got {flatten!r} and {pack!r}"
         )
     vision = tower.config
     if (pack.image_size, pack.patch_size, flatten.image_size) != (vision.image_size, vision.patch_size, vision.image_size):
         raise NoTransformersCounterpartError(
             f"encoder {name!r}: the anyres tile ({pack.image_size} px, patch {pack.patch_size}) is not the tower's "
-            f"({vision.image_size} px, patch {vision.patch_size}); LLaVA-NeXT tiles at the tower's input size"
+            f"({vision.image_size} px, patch {vision.patch_size}); {family} tiles at the tower's input size"
         )
     if not pack.newline or flatten.grid_pinpoints != pack.grid_pinpoints:
         raise NoTransformersCounterpartError(
-            f"encoder {name!r}: LLaVA-NeXT always adds image_newline and tiles with one grid list"
+            f"encoder {name!r}: {family} always adds image_newline and tiles with one grid list"
         )
-    layer, strategy = llava._feature_selection(name, encoder, tower, other_slots=False)
-    act, bias, linear_1, linear_2 = llava._projector_parts(name, encoder.projector)
-    llm, base = llava._llm_parts(mllm)
-    token_id = llava._image_token_id(mllm, name, llm)
-    text_config = llm.config
-    config = LlavaNextConfig(
-        vision_config=vision.to_dict(),
-        text_config=text_config.to_dict(),
-        image_token_index=token_id,
-        projector_hidden_act=act,
-        vision_feature_layer=layer,
-        vision_feature_select_strategy=strategy,
-        image_grid_pinpoints=[list(p) for p in pack.grid_pinpoints],
-        multimodal_projector_bias=bias,
-        tie_word_embeddings=bool(getattr(text_config, "tie_word_embeddings", False)),
-    )
-    with torch.device("meta"):  # a shell: every module is replaced by mllm's own
-        hf = LlavaNextForConditionalGeneration(config)
-    hf.model.vision_tower = tower
-    hf.model.multi_modal_projector.linear_1 = linear_1
-    hf.model.multi_modal_projector.linear_2 = linear_2
-    hf.model.image_newline = pack.image_newline
-    return llava.finish_export(hf, mllm, base, llm, ARCHITECTURE)
+    return pack
 
 
 def hf_processor(hf_model: LlavaNextForConditionalGeneration, tokenizer: Any, image_processor: Any) -> LlavaNextProcessor:
@@ -150,18 +159,12 @@ def hf_processor(hf_model: LlavaNextForConditionalGeneration, tokenizer: Any, im
             f"the processor's image processor is {type(image_processor).__name__}; LLaVA-NeXT's is a "
             "LlavaNextImageProcessor (tiles and image_sizes)"
         )
-    image_token = tokenizer.convert_ids_to_tokens(config.image_token_index)
-    if tokenizer.encode(image_token, add_special_tokens=False) != [config.image_token_index]:
-        raise TokenIdError(
-            f"the image token {image_token!r} (id {config.image_token_index}) does not tokenize as itself; "
-            "expected a special token of the tokenizer"
-        )
     return LlavaNextProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,
         patch_size=config.vision_config.patch_size,
         vision_feature_select_strategy=config.vision_feature_select_strategy,
         chat_template=getattr(tokenizer, "chat_template", None),
-        image_token=image_token,
+        image_token=llava.special_token(tokenizer, config.image_token_index),
         num_additional_image_tokens=llava._prefix_tokens(hf_model.model.vision_tower),
     )

@@ -29,18 +29,17 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-import torch
 from transformers import (
     LlavaOnevisionConfig,
     LlavaOnevisionForConditionalGeneration,
     LlavaOnevisionProcessor,
 )
 
-from mmcore.builtin.anyres import AnyResFlatten, AnyResPack, parse_vision_aspect_ratio
+from mmcore.builtin.anyres import AnyResPack, parse_vision_aspect_ratio
 from mmcore.builtin.video import VideoFrames, VideoPool
-from mmcore.convert import llava
+from mmcore.convert import llava, llava_next
 from mmcore.convert.families import NoTransformersCounterpartError
-from mmcore.errors import ConfigError, TokenIdError
+from mmcore.errors import ConfigError
 from mmcore.modeling.encoder import ModalEncoderModule
 from mmcore.modeling.multimodal import MultimodalModel
 
@@ -72,17 +71,10 @@ def from_hf(
     config = hf_model.config
     vision = config.vision_config
     hidden = config.text_config.hidden_size
-    image = llava.vision_encoder(hf_model, None, source)
-    pinpoints = [list(p) for p in config.image_grid_pinpoints]
-    image.preprocess_callback = AnyResFlatten(pinpoints, vision.image_size)
-    max_patches = parse_vision_aspect_ratio(config.vision_aspect_ratio)
-    pack = AnyResPack(pinpoints, vision.image_size, vision.patch_size, hidden, max_patches=max_patches)
-    pack.image_newline = hf_model.model.image_newline  # the checkpoint's own parameter
-    image.postprocess_projector_callback = pack
-    image.additional_args = ("image_sizes", "batch_num_images")
-    for name in image.additional_args:
-        image.input_map.setdefault(name, name)
-
+    image = llava_next.anyres_encoder(
+        hf_model, source, max_patches=parse_vision_aspect_ratio(config.vision_aspect_ratio),
+        additional_args=("image_sizes", "batch_num_images"),
+    )  # fmt: skip
     pool = VideoPool(
         vision.image_size, vision.patch_size, VIDEO_STRIDE, VIDEO_MODE, newline=True, hidden_size=hidden
     )
@@ -99,7 +91,8 @@ def from_hf(
         source=copy.deepcopy(image.source),
     )
     mllm = MultimodalModel(
-        encoders={modality: image, video_modality: video}, language_model=llava._language_model(hf_model)
+        encoders={modality: image, video_modality: video},
+        language_model=llava.language_model(hf_model, MODEL_TYPE),
     )
     mllm.set_modality_token_ids(
         {modality: config.image_token_index, video_modality: config.video_token_index}
@@ -124,17 +117,8 @@ def processor_from_hf(
             "llava_onevision: the checkpoint has no image processor; expected its LlavaOnevisionImageProcessor"
         )
     image_name, video_name = _modalities(mllm)
-    vocab = tokenizer.get_vocab()
     names = [image_name] + ([video_name] if video_processor is not None else [])
-    for name in names:
-        token, token_id = f"<{name}>", mllm.config.modality_token_ids[name]
-        if vocab.get(token) != token_id:
-            raise TokenIdError(
-                f"the tokenizer's {token} is id {vocab.get(token)}, but the model's {name} token is id {token_id}; "
-                "expected the checkpoint's own tokenizer"
-            )
-    if chat_template and not getattr(tokenizer, "chat_template", None):
-        tokenizer.chat_template = chat_template
+    llava.check_placeholder_tokens(mllm, tokenizer, chat_template, names)
     processors = {image_name: image_processor}
     counts = {image_name: mllm.encoders[image_name].postprocess_projector_callback.token_count()}
     if video_processor is not None:
@@ -164,62 +148,26 @@ def to_hf(mllm: MultimodalModel) -> LlavaOnevisionForConditionalGeneration:
     otherwise."""
     image_name, video_name = _modalities(mllm)
     encoder = mllm.encoders[image_name]
-    tower = llava._tower(image_name, encoder)
-    flatten, pack = encoder.preprocess_callback, encoder.postprocess_projector_callback
-    if not isinstance(flatten, AnyResFlatten):
+    parts = llava.llava_parts(mllm, image_name, encoder, other_slots=False)
+    pack = llava_next.anyres_pack(image_name, encoder, parts.tower, "OneVision")
+    if pack.max_patches is None:
         raise NoTransformersCounterpartError(
-            f"encoder {image_name!r}: OneVision's tiling needs anyres_flatten (preprocess), got {flatten!r}"
+            f"encoder {image_name!r}: OneVision downscales a large grid (anyres_pack max_patches); this one has no "
+            "max_patches"
         )
-    vision = tower.config
-    if (pack.image_size, pack.patch_size, flatten.image_size) != (
-        vision.image_size,
-        vision.patch_size,
-        vision.image_size,
-    ):
-        raise NoTransformersCounterpartError(
-            f"encoder {image_name!r}: the anyres tile ({pack.image_size} px, patch {pack.patch_size}) is not the "
-            f"tower's ({vision.image_size} px, patch {vision.patch_size})"
-        )
-    if not pack.newline or pack.max_patches is None or flatten.grid_pinpoints != pack.grid_pinpoints:
-        raise NoTransformersCounterpartError(
-            f"encoder {image_name!r}: OneVision always adds image_newline, downscales (anyres_pack max_patches) and "
-            "tiles with one grid list"
-        )
-    layer, strategy = llava._feature_selection(image_name, encoder, tower, other_slots=False)
-    act, bias, linear_1, linear_2 = llava._projector_parts(image_name, encoder.projector)
-    llm, base = llava._llm_parts(mllm)
-    token_id = llava._image_token_id(mllm, image_name, llm)
     video_token_id = None
     if video_name is not None:
-        _check_video(mllm, video_name, encoder, (layer, strategy))
+        _check_video(mllm, video_name, encoder, (parts.layer, parts.strategy))
         video_token_id = mllm.config.modality_token_ids.get(video_name)
-    text_config = llm.config
     config = LlavaOnevisionConfig(
-        vision_config=vision.to_dict(),
-        text_config=text_config.to_dict(),
-        image_token_index=token_id,
+        **parts.config_fields(),
         **({"video_token_index": int(video_token_id)} if video_token_id is not None else {}),
-        projector_hidden_act=act,
-        vision_feature_layer=layer,
-        vision_feature_select_strategy=strategy,
         image_grid_pinpoints=[list(p) for p in pack.grid_pinpoints],
         vision_aspect_ratio=f"anyres_max_{pack.max_patches}",
-        multimodal_projector_bias=bias,
-        tie_word_embeddings=bool(getattr(text_config, "tie_word_embeddings", False)),
     )
-    with torch.device("meta"):  # a shell: every module is replaced by mllm's own
-        hf = LlavaOnevisionForConditionalGeneration(config)
-    hf.model.vision_tower = tower
-    hf.model.multi_modal_projector.linear_1 = linear_1
-    hf.model.multi_modal_projector.linear_2 = linear_2
-    hf.model.image_newline = pack.image_newline
-    hf.model.language_model = base
-    hf.lm_head = llm.get_output_embeddings()
-    llava._check_no_meta(hf, ARCHITECTURE)
-    if getattr(mllm, "generation_config", None) is not None:
-        hf.generation_config = copy.deepcopy(mllm.generation_config)
-    hf.train(mllm.training)
-    return hf
+    return llava.build_export(
+        LlavaOnevisionForConditionalGeneration, config, parts, mllm, image_newline=pack.image_newline
+    )
 
 
 def _check_video(mllm: MultimodalModel, name: str, image: ModalEncoderModule, selection: tuple) -> None:
@@ -271,15 +219,8 @@ def hf_processor(hf_model: LlavaOnevisionForConditionalGeneration, tokenizer: An
             image_mean=image_processor.image_mean,
             image_std=image_processor.image_std,
         )
-    tokens = {}
-    for kind, token_id in (("image", config.image_token_index), ("video", config.video_token_index)):
-        token = tokenizer.convert_ids_to_tokens(token_id)
-        if token is None or tokenizer.encode(token, add_special_tokens=False) != [token_id]:
-            raise TokenIdError(
-                f"the {kind} token {token!r} (id {token_id}) does not tokenize as itself; expected a special token of "
-                "the tokenizer"
-            )
-        tokens[kind] = token
+    tokens = {kind: llava.special_token(tokenizer, token_id, kind)
+              for kind, token_id in (("image", config.image_token_index), ("video", config.video_token_index))}  # fmt: skip
     side = config.vision_config.image_size // config.vision_config.patch_size
     prefix = llava._prefix_tokens(hf_model.model.vision_tower)
     return LlavaOnevisionProcessor(

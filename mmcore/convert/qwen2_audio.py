@@ -53,7 +53,9 @@ def from_hf(
         )
     projector.projection = linear
     encoder = qwen2_audio_encoder(hf_model.model.audio_tower, projector)
-    mllm = MultimodalModel(encoders={modality: encoder}, language_model=llava._language_model(hf_model))
+    mllm = MultimodalModel(
+        encoders={modality: encoder}, language_model=llava.language_model(hf_model, MODEL_TYPE)
+    )
     mllm.set_modality_token_ids({modality: config.audio_token_id})
     return mllm
 
@@ -117,11 +119,9 @@ def to_hf(mllm: MultimodalModel) -> Qwen2AudioForConditionalGeneration:
         raise NoTransformersCounterpartError(f"encoder {name!r}: Qwen2-Audio's projector is one Linear with a bias")
     llm, base = llava._llm_parts(mllm)
     token_id = llava._image_token_id(mllm, name, llm)
-    text_config = llm.config
     config = Qwen2AudioConfig(
-        audio_config=tower.config.to_dict(), text_config=text_config.to_dict(), audio_token_id=token_id,
-        tie_word_embeddings=bool(getattr(text_config, "tie_word_embeddings", False)),
-    )  # fmt: skip
+        audio_config=tower.config.to_dict(), audio_token_id=token_id, **llava.text_fields(llm)
+    )
     with torch.device("meta"):
         hf = Qwen2AudioForConditionalGeneration(config)
     hf.model.audio_tower = tower

@@ -24,7 +24,6 @@ as the placeholders) and `hf_processor_for` the ``Qwen2VLProcessor`` an export w
 
 from __future__ import annotations
 
-import copy
 import tempfile
 from typing import Any
 
@@ -90,7 +89,7 @@ def from_hf(
     vision = config.vision_config
     mllm = MultimodalModel(
         encoders={IMAGE: image, VIDEO: video},
-        language_model=_language_model(hf_model, family),
+        language_model=llava.language_model(hf_model, family.model_type, family.text_lm_class),
         preprocess_llm_callback=MRope(
             config.image_token_id, config.video_token_id, family=family.model_type,
             spatial_merge_size=vision.spatial_merge_size, tokens_per_second=getattr(vision, "tokens_per_second", None),
@@ -122,17 +121,6 @@ def _projector(factory: Any, recipe: dict, merger: nn.Module, out_features: int)
         projector = MultimodalProjector(projector_config)
     projector.projection.ln_q, projector.projection.mlp = merger.ln_q, merger.mlp
     return projector
-
-
-def _language_model(hf_model: Any, family: Family) -> nn.Module:
-    with torch.device("meta"):
-        llm = family.text_lm_class(hf_model.config.text_config)
-    llm.model = hf_model.model.language_model
-    llm.lm_head = hf_model.lm_head
-    llava.check_no_meta(llm, f"{family.model_type} language model")
-    if getattr(hf_model, "generation_config", None) is not None:
-        llm.generation_config = copy.deepcopy(hf_model.generation_config)
-    return llm
 
 
 def processor_from_hf(
@@ -189,11 +177,9 @@ def to_hf(mllm: MultimodalModel, family: Family = QWEN2_VL) -> Any:
         raise ConfigError(
             f"mrope's token ids {callback.image_token_id, callback.video_token_id} are not the model's {image_id, video_id}"
         )
-    text_config = llm.config
     config = family.config_class(
-        vision_config=tower.config.to_dict(), text_config=text_config.to_dict(), image_token_id=image_id,
-        **({"video_token_id": video_id} if video_id is not None else {}),
-        tie_word_embeddings=bool(getattr(text_config, "tie_word_embeddings", False)),
+        vision_config=tower.config.to_dict(), image_token_id=image_id,
+        **({"video_token_id": video_id} if video_id is not None else {}), **llava.text_fields(llm),
     )  # fmt: skip
     with torch.device("meta"):
         hf = family.hf_class(config)
