@@ -58,6 +58,12 @@ def _positive(name: str, value: Any) -> int:
     return value
 
 
+def newline_parameter(hidden_size: int) -> nn.Parameter:
+    """A learned ``image_newline`` vector of ``hidden_size`` (the language model's width), initialised
+    as LLaVA-NeXT does: N(0, 1 / hidden_size). `AnyResPack`'s and `mmcore.builtin.video.VideoPool`'s."""
+    return nn.Parameter(torch.randn(hidden_size) / math.sqrt(hidden_size))
+
+
 def _sizes(inputs: dict, where: str) -> list[tuple[int, int]]:
     sizes = inputs.get("image_sizes")
     if sizes is None:
@@ -181,10 +187,7 @@ class AnyResPack(Callback, nn.Module):
         # with patch 14: 27), so the size need not be a multiple of the patch
         self.newline = bool(newline)
         self.max_patches = None if max_patches is None else _positive("max_patches", max_patches)
-        # LLaVA-NeXT's initialisation: N(0, 1 / hidden_size)
-        self.image_newline = (
-            nn.Parameter(torch.randn(self.hidden_size) / math.sqrt(self.hidden_size)) if self.newline else None
-        )
+        self.image_newline = newline_parameter(self.hidden_size) if self.newline else None
 
     # A module: identity semantics (hashable, as nn.Module needs), not Callback's equality by parameters.
     __eq__ = object.__eq__

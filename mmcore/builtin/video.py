@@ -32,6 +32,7 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutput
 
+from mmcore.builtin.anyres import newline_parameter
 from mmcore.builtin.callbacks import Callback
 from mmcore.errors import ConfigError, DataFormatError, EncoderInputError
 
@@ -133,11 +134,7 @@ class VideoPool(Callback, nn.Module):
         if self.newline and hidden_size is None:
             raise ConfigError("video_pool: newline=True needs hidden_size (the language model's width)")
         self.hidden_size = None if hidden_size is None else _positive("hidden_size", hidden_size)
-        self.image_newline = (
-            nn.Parameter(torch.randn(self.hidden_size) / math.sqrt(self.hidden_size))
-            if self.newline
-            else None
-        )
+        self.image_newline = newline_parameter(self.hidden_size) if self.newline else None
 
     __eq__ = object.__eq__
     __hash__ = object.__hash__
