@@ -5,7 +5,7 @@ A preset is a ``transformers`` config (model type plus arguments) with random we
 ones copy the released model's ``config.json`` (architecture fields only), so ``mmcore assemble
 --dry-run`` counts their parameters exactly, and a real tokenizer of that model fits them.
 
-Only ``tiny`` and ``tiny-qwen2`` come with a tokenizer offline (`mmcore.testing.tiny_tokenizer`).
+Only the ``tiny*`` presets come with a tokenizer offline (`mmcore.testing.tiny_tokenizer`).
 The full-size presets have none: they serve ``--dry-run`` as they are, and a real assembly needs
 ``--tokenizer`` (the matching model's hub id or directory, or ``tiny`` for a shape-and-speed test
 whose text is meaningless).
@@ -56,14 +56,20 @@ _TINY = dict(
 
 def _decoder(
     vocab: int, width: int, ffn: int, layers: int, heads: int, kv_heads: int, positions: int, eps: float,
-    theta: float, bos: int, eos: int, tied: bool = False, **extra: Any,
+    theta: float | None, bos: int, eos: int, tied: bool = False, **extra: Any,
 ) -> dict[str, Any]:  # fmt: skip
     """A decoder-only LLM config (Llama / Qwen2 / Mistral field names) from its published numbers."""
     return dict(
         vocab_size=vocab, hidden_size=width, intermediate_size=ffn, num_hidden_layers=layers,
         num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=positions,
-        rms_norm_eps=eps, rope_theta=theta, bos_token_id=bos, eos_token_id=eos, tie_word_embeddings=tied, **extra,
+        rms_norm_eps=eps, bos_token_id=bos, eos_token_id=eos, tie_word_embeddings=tied,
+        **({"rope_theta": theta} if theta is not None else {}), **extra,
     )  # fmt: skip
+
+
+def _mrope(theta: float, section: list[int]) -> dict[str, Any]:
+    """Qwen2-VL's rotary parameters: ``section`` splits each head's rotary half over (t, h, w)."""
+    return {"rope_type": "default", "rope_theta": theta, "mrope_section": section}
 
 
 def vit_config(
@@ -94,6 +100,16 @@ LLM_PRESETS: dict[str, LLMPreset] = {
                   _decoder(151936, 896, 4864, 24, 14, 2, 131072, 1e-6, 1000000.0, 151643, 151643, tied=True)),
         LLMPreset("qwen2-7b", "qwen2", "Qwen2-7B (7.62B)",
                   _decoder(152064, 3584, 18944, 28, 28, 4, 131072, 1e-6, 1000000.0, 151643, 151643)),
+        LLMPreset("tiny-qwen2-vl", "qwen2_vl_text", "2-layer Qwen2-VL text model (3-D positions: mrope), width 32 (tests)",
+                  dict(_TINY, rope_parameters=_mrope(10000.0, [2, 1, 1])), TINY_TOKENIZER),
+        LLMPreset("tiny-qwen2.5-vl", "qwen2_5_vl_text", "2-layer Qwen2.5-VL text model (mrope), width 32 (tests)",
+                  dict(_TINY, rope_parameters=_mrope(10000.0, [2, 1, 1])), TINY_TOKENIZER),
+        LLMPreset("qwen2-vl-7b", "qwen2_vl_text", "Qwen2-VL-7B's language model (7.62B, mrope)",
+                  _decoder(152064, 3584, 18944, 28, 28, 4, 32768, 1e-6, None, 151643, 151645,
+                           rope_parameters=_mrope(1000000.0, [16, 24, 24]))),
+        LLMPreset("qwen2.5-vl-7b", "qwen2_5_vl_text", "Qwen2.5-VL-7B's language model (7.62B, mrope)",
+                  _decoder(152064, 3584, 18944, 28, 28, 4, 128000, 1e-6, None, 151643, 151645,
+                           rope_parameters=_mrope(1000000.0, [16, 24, 24]))),
         LLMPreset("mistral-7b", "mistral", "Mistral-7B-v0.1 (7.24B)",
                   _decoder(32000, 4096, 14336, 32, 32, 8, 32768, 1e-5, 10000.0, 1, 2, sliding_window=4096)),
         LLMPreset("vicuna-7b", "llama", "Vicuna-7B v1.5, Llama-2 (6.74B)",

@@ -192,6 +192,48 @@ class MRope(Callback):
         )  # fmt: skip
 
 
+def mrope_encoders(model: Any) -> dict[str, Any] | None:
+    """What the ``mrope`` callback of ``model`` reads: its Qwen2-VL-family image and video encoders
+    (``{"image": name | None, "video": name | None, "family", "spatial_merge_size", "tokens_per_second"}``,
+    from the recipes the qwen2vl plugin writes), or None when its language model reads 1-D positions
+    (it is no Qwen2-VL text model) or no encoder is a Qwen2-VL tower. `ConfigError` for two image (or
+    two video) towers: one placeholder id per kind is what the positions know."""
+    llm = model.get_base_language_model()
+    if getattr(llm.config, "model_type", None) not in TEXT_MODEL_TYPES:
+        return None
+    found: dict[str, Any] = {"image": None, "video": None}
+    recipes = {}
+    for name, encoder in model.encoders.items():
+        recipe = (getattr(encoder, "source", None) or {}).get("recipe") or {}
+        if recipe.get("family") not in ROPE_INDEX or "spatial_merge_size" not in (recipe.get("config") or {}):
+            continue
+        kind = "video" if recipe.get("video") else "image"
+        if found[kind] is not None:
+            raise ConfigError(
+                f"mrope: two Qwen2-VL {kind} encoders ({found[kind]!r}, {name!r}); the 3-D positions take one "
+                f"{kind} placeholder"
+            )
+        found[kind], recipes[kind] = name, recipe
+    if not recipes:
+        return None
+    recipe = recipes.get("video") or recipes["image"]  # only videos are spaced in time differently
+    return {**found, "family": recipe["family"], "spatial_merge_size": recipe["config"]["spatial_merge_size"],
+            "tokens_per_second": recipe["config"].get("tokens_per_second")}  # fmt: skip
+
+
+def mrope_for(model: Any) -> MRope | None:
+    """The ``mrope`` callback ``model`` needs (see `mrope_encoders`), with its placeholder ids; None
+    when it needs none."""
+    found = mrope_encoders(model)
+    if found is None:
+        return None
+    ids = model.modality_token_ids
+    return MRope(
+        ids.get(found["image"]), ids.get(found["video"]), family=found["family"],
+        spatial_merge_size=found["spatial_merge_size"], tokens_per_second=found["tokens_per_second"],
+    )  # fmt: skip
+
+
 def _grids(encoder_inputs: Any, image: Any, video: Any, seconds: Any) -> tuple[Any, Any, Any]:
     """The grids from the call's arguments, or from ``encoder_inputs={modality: {...}}``."""
     for inputs in (encoder_inputs or {}).values():

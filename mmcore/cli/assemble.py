@@ -192,6 +192,7 @@ def assemble(
         "parts": report["parts"],
         "total_params": report["total_params"],
         "modality_token_ids": built.model.modality_token_ids,
+        "preprocess_llm_callback": built.llm_callback,
         "notes": built.notes,
     }
     if as_json:
@@ -286,6 +287,8 @@ def _dry_run(spec: AssemblySpec, as_json: bool) -> None:
     built = build_from_spec(spec, meta=True)
     tokens = len(spec.encoders) * (3 if spec.model.wrap else 1)
     report = {"spec": spec.to_dict(), **count_report(built.model, placeholder_tokens=tokens)}
+    report["preprocess_llm_callback"] = built.llm_callback
+    report["notes"] = built.notes + report["notes"]
     if as_json:
         print_json(report)
         return

@@ -32,6 +32,8 @@ class Built:
     #: whether every weight is random (presets, or random_init)
     random_weights: bool = True
     notes: list[str] = field(default_factory=list)
+    #: the ``preprocess_llm`` callback the language model gets (its name), None: none
+    llm_callback: str | None = None
 
 
 def build_from_spec(spec: AssemblySpec, *, meta: bool = False, step: Step | None = None) -> Built:
@@ -58,6 +60,15 @@ def build_from_spec(spec: AssemblySpec, *, meta: bool = False, step: Step | None
     with _on_meta(meta):  # every encoder comes with its projector (see _build_encoder)
         model = MultimodalModel(encoders, llm)
     built = Built(model, random_weights=random_weights)
+    from mmcore.builtin.mrope import mrope_encoders, mrope_for
+
+    # A Qwen2-VL text model reads 3-D positions of the Qwen2-VL towers' tokens: the mrope callback.
+    with _key(spec, "llm.source"):
+        mrope = mrope_encoders(model)
+    if mrope is not None:
+        built.llm_callback = "mrope"
+        kinds = ", ".join(f"{kind} = encoders.{mrope[kind]}" for kind in ("image", "video") if mrope[kind])
+        built.notes.append(f"preprocess_llm callback: mrope ({mrope['family']} 3-D positions; {kinds})")
     if meta:
         return built
     step("tokenizer and modality tokens")
@@ -65,6 +76,8 @@ def build_from_spec(spec: AssemblySpec, *, meta: bool = False, step: Step | None
 
     built.tokenizer = load_tokenizer(spec)
     add_modality_tokens(built.tokenizer, model, wrap=spec.model.wrap)
+    if mrope is not None:  # with the placeholder ids the tokenizer now has
+        model.preprocess_llm_callback = mrope_for(model)
     built.processor = make_processor(model, built.tokenizer)
     if built.processor is None:
         built.notes.append(
@@ -105,6 +118,8 @@ def _on_meta(meta: bool) -> Any:
 
 def _build_llm(spec: AssemblySpec, meta: bool) -> tuple[Any, bool]:
     from transformers import AutoConfig, AutoModelForCausalLM
+
+    import mmcore.builtin.mrope  # noqa: F401 - registers the Qwen2-VL text causal LMs with AutoModelForCausalLM
 
     source = spec.llm.source
     with _key(spec, "llm.source", loading=source):

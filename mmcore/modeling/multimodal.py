@@ -244,8 +244,9 @@ class MultimodalModel(PreTrainedModel, GenerationMixin):
             **({"logits_to_keep": logits_to_keep} if _keeps_some(logits_to_keep) else {}),
             **llm_kwargs,
         )
-        if self.preprocess_llm_callback is not None:
-            llm_inputs = self._preprocess_llm(llm_inputs, input_ids, kwargs)
+        if self.preprocess_llm_callback is not None:  # it sees the modality arguments, encoder_inputs too
+            given = {**kwargs, "encoder_inputs": encoder_inputs} if encoder_inputs else kwargs
+            llm_inputs = self._preprocess_llm(llm_inputs, input_ids, given)
         return self.language_model(**llm_inputs)
 
     def _modality_features(
