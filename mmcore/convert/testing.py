@@ -44,11 +44,26 @@ def _tiny_parts(tower: str, text_family: str = "llama") -> tuple[Any, Any, Any, 
     return tokenizer, vision_config, text_config, strategy, prefix
 
 
+def _seeded_model(
+    model_class: type, config_class: type, seed: int, tokenizer: Any, vision_config: Any, text_config: Any,
+    **fields: Any,
+) -> Any:  # fmt: skip
+    """A LLaVA-family ``model_class`` of seeded random fp32 weights, in eval mode, on a ``config_class`` of
+    the tiny parts (`_tiny_parts`) with the tokenizer's ``<image>`` as the image token and ``fields``."""
+    import torch
+
+    config = config_class(
+        vision_config=vision_config, text_config=text_config,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"), **fields,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    return model_class(config).to(torch.float32).eval()
+
+
 def tiny_llava(tower: str = "clip", *, seed: int = 0, feature_layer: int | list[int] = -2) -> tuple[Any, Any]:
     """``(LlavaForConditionalGeneration, LlavaProcessor)``: a 3-layer CLIP (strategy ``default``: CLS
     dropped) or SigLIP (strategy ``full``) tower at 28 px (4 patches), a 2-layer llama, and
     `mmcore.testing.tiny_tokenizer` with an ``<image>`` token inside the vocabulary."""
-    import torch
     from transformers import (
         CLIPImageProcessor,
         LlavaConfig,
@@ -65,16 +80,11 @@ def tiny_llava(tower: str = "clip", *, seed: int = 0, feature_layer: int | list[
     else:
         image_processor = SiglipImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
     num_image_tokens = (IMAGE_SIZE // PATCH_SIZE) ** 2 + prefix - (1 if strategy == "default" else 0)
-    config = LlavaConfig(
-        vision_config=vision_config,
-        text_config=text_config,
-        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-        vision_feature_layer=feature_layer,
-        vision_feature_select_strategy=strategy,
+    llava = _seeded_model(
+        LlavaForConditionalGeneration, LlavaConfig, seed, tokenizer, vision_config, text_config,
+        vision_feature_layer=feature_layer, vision_feature_select_strategy=strategy,
         image_seq_length=num_image_tokens,
-    )
-    torch.manual_seed(seed)
-    llava = LlavaForConditionalGeneration(config).to(torch.float32).eval()
+    )  # fmt: skip
     processor = LlavaProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,
@@ -91,7 +101,6 @@ def tiny_llava_next(tower: str = "clip", *, seed: int = 0) -> tuple[Any, Any]:
     ``default``) with a 2-layer Mistral, or a SigLIP tower (strategy ``full``) with a 2-layer Llama;
     28 px tiles (4 tokens each) on the grids `NEXT_PINPOINTS`, and `mmcore.testing.tiny_tokenizer` with an
     ``<image>`` token inside the vocabulary."""
-    import torch
     from transformers import (
         LlavaNextConfig,
         LlavaNextForConditionalGeneration,
@@ -102,17 +111,11 @@ def tiny_llava_next(tower: str = "clip", *, seed: int = 0) -> tuple[Any, Any]:
     tokenizer, vision_config, text_config, strategy, prefix = _tiny_parts(
         tower, "mistral" if tower == "clip" else "llama"
     )
-    config = LlavaNextConfig(
-        vision_config=vision_config,
-        text_config=text_config,
-        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-        vision_feature_layer=-2,
-        vision_feature_select_strategy=strategy,
-        image_grid_pinpoints=NEXT_PINPOINTS,
+    hf = _seeded_model(
+        LlavaNextForConditionalGeneration, LlavaNextConfig, seed, tokenizer, vision_config, text_config,
+        vision_feature_layer=-2, vision_feature_select_strategy=strategy, image_grid_pinpoints=NEXT_PINPOINTS,
         tie_word_embeddings=False,
-    )
-    torch.manual_seed(seed)
-    hf = LlavaNextForConditionalGeneration(config).to(torch.float32).eval()
+    )  # fmt: skip
     image_processor = LlavaNextImageProcessor(
         size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
         image_grid_pinpoints=NEXT_PINPOINTS,
@@ -137,7 +140,6 @@ def tiny_llava_onevision(tower: str = "siglip", *, seed: int = 0, vision_aspect_
     ``default``) with a 2-layer Llama; 42 px tiles (9 tokens each) on the grids `ONEVISION_PINPOINTS`,
     ``anyres_max_2`` (a near-square image's grid is downscaled), `mmcore.testing.tiny_tokenizer` with
     ``<image>`` and ``<video>`` tokens, and a video processor at the tile size."""
-    import torch
     from tokenizers import AddedToken
     from transformers import (
         LlavaOnevisionConfig,
@@ -151,19 +153,13 @@ def tiny_llava_onevision(tower: str = "siglip", *, seed: int = 0, vision_aspect_
     tokenizer.add_tokens([AddedToken("<video>", special=True, normalized=False)], special_tokens=True)
     text_config.vocab_size = len(tokenizer)
     vision_config.image_size = ONEVISION_IMAGE_SIZE
-    config = LlavaOnevisionConfig(
-        vision_config=vision_config,
-        text_config=text_config,
-        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-        video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
-        vision_feature_layer=-2 if tower == "clip" else -1,
-        vision_feature_select_strategy=strategy,
-        image_grid_pinpoints=ONEVISION_PINPOINTS,
-        vision_aspect_ratio=vision_aspect_ratio,
+    hf = _seeded_model(
+        LlavaOnevisionForConditionalGeneration, LlavaOnevisionConfig, seed, tokenizer, vision_config,
+        text_config, video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
+        vision_feature_layer=-2 if tower == "clip" else -1, vision_feature_select_strategy=strategy,
+        image_grid_pinpoints=ONEVISION_PINPOINTS, vision_aspect_ratio=vision_aspect_ratio,
         tie_word_embeddings=False,
-    )
-    torch.manual_seed(seed)
-    hf = LlavaOnevisionForConditionalGeneration(config).to(torch.float32).eval()
+    )  # fmt: skip
     size = {"height": ONEVISION_IMAGE_SIZE, "width": ONEVISION_IMAGE_SIZE}
     image_processor = LlavaOnevisionImageProcessor(size=size, image_grid_pinpoints=ONEVISION_PINPOINTS)
     video_processor = LlavaOnevisionVideoProcessor(size=size)
@@ -342,7 +338,9 @@ def assert_bit_exact(got: Any, expected: Any, config_fields: tuple[str, ...] = (
         assert getattr(got.config, field) == getattr(expected.config, field), field
 
 
-def assert_same_outputs(mllm: Any, hf: Any, batch: dict[str, Any], *, atol: float = 1e-5, new_tokens: int = 6) -> None:
+def assert_same_outputs(
+    mllm: Any, hf: Any, batch: dict[str, Any], *, atol: float = 1e-5, new_tokens: int = 6
+) -> None:
     """On ``batch``, the mmcore model's logits are transformers' ``hf``'s (within ``atol``, ``rtol=0``) and
     both generate the same ``new_tokens`` tokens greedily."""
     import torch
