@@ -219,8 +219,8 @@ def hf_processor(hf_model: LlavaOnevisionForConditionalGeneration, tokenizer: An
             image_mean=image_processor.image_mean,
             image_std=image_processor.image_std,
         )
-    tokens = {kind: llava.special_token(tokenizer, token_id, kind)
-              for kind, token_id in (("image", config.image_token_index), ("video", config.video_token_index))}  # fmt: skip
+    kinds = (("image", config.image_token_index), ("video", config.video_token_index))
+    tokens = {kind: llava.special_token(tokenizer, token_id, kind) for kind, token_id in kinds}
     side = config.vision_config.image_size // config.vision_config.patch_size
     prefix = llava._prefix_tokens(hf_model.model.vision_tower)
     return LlavaOnevisionProcessor(
