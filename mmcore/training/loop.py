@@ -364,22 +364,15 @@ def _plan_run(model, dataset, collator, config: TrainConfig, info: DistInfo, aut
     optimizer = torch.optim.AdamW(
         param_groups(model, config.lr, config.projector_lr, config.weight_decay), lr=config.lr
     )
+    sharding = dict(
+        world_size=info.world_size, rank=info.rank, seed=config.seed, group_by_modality=config.group_by_modality
+    )
     if config.batch_length is not None:
         if hasattr(dataset, "use_token_lengths"):  # JSONL conversations: a budget in tokens, not characters
             dataset.use_token_lengths(collator)
-        sampler = TokenBudgetBatchSampler.for_dataset(
-            dataset, config.batch_length, world_size=info.world_size, rank=info.rank, seed=config.seed,
-            group_by_modality=config.group_by_modality,
-        )  # fmt: skip
+        sampler = TokenBudgetBatchSampler.for_dataset(dataset, config.batch_length, **sharding)
     else:
-        sampler = GroupedBatchSampler.for_dataset(
-            dataset,
-            config.batch_size,
-            world_size=info.world_size,
-            rank=info.rank,
-            seed=config.seed,
-            group_by_modality=config.group_by_modality,
-        )
+        sampler = GroupedBatchSampler.for_dataset(dataset, config.batch_size, **sharding)
     if config.pack_to is not None:
         if not hasattr(collator, "with_packing"):
             raise ConfigError(
