@@ -150,7 +150,20 @@ class AnyResFlatten(Callback):
         return {**inputs, "pixel_values": flat}
 
 
-class AnyResPack(Callback, nn.Module):
+class ModuleCallback(Callback, nn.Module):
+    """A callback that is an ``nn.Module`` too, because it holds a learned parameter (``image_newline``:
+    `AnyResPack`, `mmcore.builtin.video.VideoPool`): identity semantics (hashable, as ``nn.Module``
+    needs), not `Callback`'s equality by parameters, and `Callback`'s repr. Subclasses start their
+    ``__init__`` with ``nn.Module.__init__(self)``."""
+
+    __eq__ = object.__eq__
+    __hash__ = object.__hash__
+
+    def __repr__(self) -> str:
+        return Callback.__repr__(self)
+
+
+class AnyResPack(ModuleCallback):
     """Per image: base-tile tokens, then the tile grid unpadded to the image's aspect ratio with a
     learnable ``image_newline`` closing each row (LLaVA-NeXT's ``spatial_unpad``). Input ``output[0]``:
     ``(sum of tiles, tokens_per_tile, hidden_size)``; result ``[0]``: one ``(tokens_i, hidden_size)``
@@ -189,10 +202,6 @@ class AnyResPack(Callback, nn.Module):
         self.max_patches = None if max_patches is None else _positive("max_patches", max_patches)
         self.image_newline = newline_parameter(self.hidden_size) if self.newline else None
 
-    # A module: identity semantics (hashable, as nn.Module needs), not Callback's equality by parameters.
-    __eq__ = object.__eq__
-    __hash__ = object.__hash__
-
     def params(self) -> dict[str, Any]:
         return {
             "grid_pinpoints": self.grid_pinpoints,
@@ -206,9 +215,6 @@ class AnyResPack(Callback, nn.Module):
     def token_count(self) -> AnyResTokenCount:
         """The processor's count for this pack (`AnyResTokenCount` with the same grid and options)."""
         return AnyResTokenCount(self.grid_pinpoints, self.image_size, self.patch_size, self.newline, self.max_patches)
-
-    def __repr__(self) -> str:
-        return Callback.__repr__(self)
 
     def forward(self, inputs: dict, output: Any) -> BaseModelOutput:
         from transformers.models.llava_next.modeling_llava_next import (

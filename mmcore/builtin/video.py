@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutput
 
-from mmcore.builtin.anyres import newline_parameter
+from mmcore.builtin.anyres import ModuleCallback, newline_parameter
 from mmcore.builtin.callbacks import Callback
 from mmcore.errors import ConfigError, DataFormatError, EncoderInputError
 
@@ -96,7 +96,7 @@ def pooled_side(side: int, stride: int) -> int:
     return math.ceil(side / stride)
 
 
-class VideoPool(Callback, nn.Module):
+class VideoPool(ModuleCallback):
     """Per video: each frame's token grid pooled by ``stride``, the frames concatenated, and a learnable
     ``newline`` appended (LLaVA-OneVision's ``apply_pooling`` and video newline). Input ``output[0]``:
     ``(sum of frames, side * side, hidden)``; result ``[0]``: one ``(tokens_i, hidden)`` tensor per video.
@@ -136,9 +136,6 @@ class VideoPool(Callback, nn.Module):
         self.hidden_size = None if hidden_size is None else _positive("hidden_size", hidden_size)
         self.image_newline = newline_parameter(self.hidden_size) if self.newline else None
 
-    __eq__ = object.__eq__
-    __hash__ = object.__hash__
-
     def params(self) -> dict[str, Any]:
         return {
             "image_size": self.image_size,
@@ -148,9 +145,6 @@ class VideoPool(Callback, nn.Module):
             "newline": self.newline,
             "hidden_size": self.hidden_size,
         }
-
-    def __repr__(self) -> str:
-        return Callback.__repr__(self)
 
     @property
     def side(self) -> int:
