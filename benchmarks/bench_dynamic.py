@@ -14,6 +14,11 @@ the median of ``--repeats`` counts; nothing here is a timed assert):
   modules), on a left-padded batch of two images of different aspect ratios from LlavaNextProcessor.
   Rows: the forward of the mmcore model vs HF's on the same inputs (target ratio <= 1.02), and the
   same for a training step. The outputs are checked equal first.
+- **native**: Qwen2-VL's native-resolution tower (each image its own grid of 14 px patches, all of a
+  batch one flat patch sequence) and its 3-D rotary positions: a ``Qwen2VLForConditionalGeneration``
+  (a 4-block, width-256 tower and the small text model) converted to mmcore (the same modules, the
+  ``mrope`` callback), on a left-padded batch of two images of different sizes and a 4-frame video
+  from Qwen2VLProcessor. Rows as for anyres (target ratio <= 1.02), logits checked equal first.
 
     PYTHONPATH=<the plugin sites> .venv/bin/python benchmarks/bench_dynamic.py --json dynamic.json
     ... --small   (a quick run: tiny sizes, two repeats)
@@ -181,9 +186,101 @@ def anyres(args) -> list[dict]:
     return rows
 
 
+def native(args) -> list[dict]:
+    """Qwen2-VL's native-resolution tower (one flat patch sequence, ``grid_thw``) and M-RoPE: a
+    ``Qwen2VLForConditionalGeneration`` built from a config and converted (`mmcore.convert.from_hf`:
+    the same modules, the positions through the ``mrope`` callback), on a left-padded batch of two
+    images of different sizes and a short video from Qwen2VLProcessor; forward and training step vs
+    HF's on the same inputs, the logits checked equal first."""
+    from tokenizers import AddedToken
+    from transformers import (
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+        Qwen2VLImageProcessor,
+        Qwen2VLProcessor,
+    )
+    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+
+    from mmcore.convert import from_hf
+    from mmcore.testing import tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    special = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+    tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in special], True)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in special}
+    heads = 8
+    half = args.hidden // heads // 2  # each head's rotary half, over (t, h, w) as Qwen2-VL's 16/24/24 of 64
+    section = [half // 4, (half - half // 4) // 2, half - half // 4 - (half - half // 4) // 2]
+    vision = dict(
+        depth=2 if args.small else 4, embed_dim=64 if args.small else 256, num_heads=4, mlp_ratio=2 if args.small else 4,
+        hidden_act="quick_gelu", patch_size=14, temporal_patch_size=2, spatial_merge_size=2, in_channels=3,
+        hidden_size=args.hidden,
+    )  # fmt: skip
+    text = dict(
+        vocab_size=len(tokenizer), hidden_size=args.hidden, intermediate_size=3 * args.hidden, num_hidden_layers=args.layers,
+        num_attention_heads=heads, num_key_value_heads=4, max_position_embeddings=8192,
+        rope_parameters={"rope_type": "default", "mrope_section": section, "rope_theta": 1000000.0},
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    config = Qwen2VLConfig(
+        text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False,
+    )  # fmt: skip
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    hf = Qwen2VLForConditionalGeneration(config)
+    side = 14 * 2  # px per language-model token along each side
+    pixels = dict(
+        patch_size=14, temporal_patch_size=2, merge_size=2,
+        size={"shortest_edge": 4 * side * side, "longest_edge": (64 if args.small else 256) * side * side},
+    )  # fmt: skip
+    processor = Qwen2VLProcessor(
+        image_processor=Qwen2VLImageProcessor(**pixels), video_processor=Qwen2VLVideoProcessor(**pixels), tokenizer=tokenizer
+    )  # fmt: skip
+    tokenizer.padding_side = "left"
+    scale = 1 if args.small else 3
+    rng = np.random.default_rng(0)
+    shapes = ((3 * side * scale, 4 * side * scale + 5), (5 * side * scale - 9, 2 * side * scale))
+    images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in shapes]
+    video = rng.integers(0, 256, (4, 4 * side, 4 * side, 3), dtype=np.uint8)
+    image, clip = "<|vision_start|><|image_pad|><|vision_end|>", "<|vision_start|><|video_pad|><|vision_end|>"
+    prompts = [f"user: {image} what is this? assistant: a photo", f"user: {image} or {clip} ? assistant:"]
+    batch = dict(processor(text=prompts, images=images, videos=[video], return_tensors="pt", padding=True))
+    mllm = from_hf(hf).eval()
+    hf.eval()
+    with torch.no_grad():
+        diff = float((mllm(**batch).logits - hf(**batch).logits).abs().max())
+    assert diff <= 1e-4, f"mmcore's logits differ from HF's by {diff}"
+
+    @torch.no_grad()
+    def forward(model):
+        model(**batch)
+
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+
+    def step(model):
+        model(**batch, labels=labels, use_cache=False).loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    times = _timed({"hf forward": lambda: forward(hf), "mmcore forward": lambda: forward(mllm)}, args.repeats)
+    hf.train(), mllm.train()
+    times |= _timed({"hf step": lambda: step(hf), "mmcore step": lambda: step(mllm)}, args.repeats)
+    vision_ids = (batch["input_ids"] == config.image_token_id) | (batch["input_ids"] == config.video_token_id)
+    rows = []
+    for what in ("forward", "step"):
+        ref, got = statistics.median(times[f"hf {what}"]), statistics.median(times[f"mmcore {what}"])
+        rows.append({"what": f"native: {what} (no grad)" if what == "forward" else f"native: training {what}",
+                     "image_tokens": int(vision_ids.sum()), "llm_tokens": int(batch["input_ids"].numel()),
+                     "patches": int(batch["pixel_values"].shape[0] + batch["pixel_values_videos"].shape[0]),
+                     "image_grid_thw": batch["image_grid_thw"].tolist(), "video_grid_thw": batch["video_grid_thw"].tolist(),
+                     "max_abs_logit_diff": diff, "hf_seconds": ref, "mmcore_seconds": got, "ratio": got / ref,
+                     "hf_times": times[f"hf {what}"], "mmcore_times": times[f"mmcore {what}"]})  # fmt: skip
+    return rows
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--only", default="audio,anyres")
+    parser.add_argument("--only", default="audio,anyres,native")
     parser.add_argument("--clips", default="2,5,10,20", help="clip lengths in seconds (comma separated)")
     parser.add_argument("--tile", type=int, default=112, help="anyres tile size in pixels (patch 14)")
     parser.add_argument("--hidden", type=int, default=512, help="the language model's width")
@@ -198,7 +295,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.threads:
         torch.set_num_threads(args.threads)
     only = set(args.only.split(","))
-    rows = (audio(args) if "audio" in only else []) + (anyres(args) if "anyres" in only else [])
+    parts = {"audio": audio, "anyres": anyres, "native": native}
+    rows = [row for name, measure in parts.items() if name in only for row in measure(args)]
 
     table = Table(title=f"dynamic token counts ({torch.get_num_threads()} threads, median of {args.repeats})")
     for col in ("what", "LLM tokens (of them audio/image)", "seconds", "vs reference"):

@@ -100,7 +100,7 @@ def test_convert_benchmark_reports_peaks_against_the_llava_load(tmp_path):
     assert meta["params"] > 7e9 and meta["peak_growth_mib"] < 256  # configs only, no weights
 
 
-def test_dynamic_benchmark_trims_audio_and_matches_llava_next(tmp_path):
+def test_dynamic_benchmark_trims_audio_and_matches_llava_next_and_qwen2_vl(tmp_path):
     out = tmp_path / "dynamic.json"
     rows = {row["what"]: row for row in load("bench_dynamic").main(["--small", "--repeats", "1", "--json", str(out)])}
     assert json.loads(out.read_text())["rows"]
@@ -109,6 +109,11 @@ def test_dynamic_benchmark_trims_audio_and_matches_llava_next(tmp_path):
     assert trimmed["audio_tokens"] < full["audio_tokens"] and trimmed["llm_tokens"] < full["llm_tokens"]
     for what in ("anyres: forward (no grad)", "anyres: training step"):  # outputs checked equal before timing
         assert rows[what]["image_tokens"] > 0 and isinstance(rows[what]["ratio"], float)
+    for what in ("native: forward (no grad)", "native: training step"):  # Qwen2-VL, logits checked equal first
+        row = rows[what]
+        assert row["image_grid_thw"] == [[1, 6, 8], [1, 10, 4]] and row["video_grid_thw"] == [[2, 8, 8]]
+        assert row["image_tokens"] == (48 + 40 + 128) // 4 and row["max_abs_logit_diff"] <= 1e-4
+        assert isinstance(row["ratio"], float)
 
 
 def test_data_benchmark_runs_the_real_data_path(tmp_path):
