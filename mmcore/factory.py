@@ -260,3 +260,36 @@ def _device(device: Any):
 
     with torch.device(device):
         yield
+
+
+def load_checkpoint_part(
+    model_class: Any, checkpoint: str, *, prefix: str, family: str, part: str, **kwargs: Any
+) -> nn.Module:
+    """``model_class.from_pretrained(checkpoint)`` in the default dtype, for an encoder that is one part
+    of a bigger checkpoint: the part's weights are those under ``<prefix>.`` (or ``model.<prefix>.``),
+    or the checkpoint is the part saved alone; the rest is skipped. ``family`` starts the messages and
+    ``part`` names the weights in them: `ConfigError` when the checkpoint cannot be read, or lacks or
+    mismatches weights of the part. ``kwargs`` go to ``from_pretrained`` (e.g. ``config=``).
+
+    >>> tower = load_checkpoint_part(WhisperAudioEncoder, "openai/whisper-small", prefix="encoder",
+    ...                              family="whisper", part="encoder")   # doctest: +SKIP
+    """
+    import torch
+
+    try:
+        module, info = model_class.from_pretrained(
+            checkpoint,
+            key_mapping={rf"^(model\.)?{prefix}\.": ""},
+            dtype=torch.get_default_dtype(),
+            output_loading_info=True,
+            **kwargs,
+        )
+    except OSError as exc:
+        raise ConfigError(f"{family}: cannot load weights from {checkpoint!r}: {exc}") from exc
+    if info["missing_keys"] or info["mismatched_keys"]:
+        missing = sorted(info["missing_keys"]) + [str(k) for k in info["mismatched_keys"]]
+        raise ConfigError(
+            f"{family}: {checkpoint!r} is not a {family} checkpoint of this shape; it lacks or mismatches "
+            f"{len(missing)} {part} weights: {', '.join(missing[:5])}"
+        )
+    return module

@@ -28,7 +28,7 @@ from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageP
 from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 
 from mmcore.errors import ConfigError, EncoderInputError
-from mmcore.factory import EncoderFactory
+from mmcore.factory import EncoderFactory, load_checkpoint_part
 from mmcore_plugin_qwen2vl.modules import (
     MERGE_SIZE,
     TOWER_PARTS,
@@ -137,22 +137,14 @@ class Qwen2VLFactory(EncoderFactory):
         config = self.config_class(**recipe["config"])
         if checkpoint is None:
             return self.tower_class._from_config(config)
-        try:
-            full, info = self.checkpoint_class.from_pretrained(
-                checkpoint,
-                config=config,
-                key_mapping={r"^(model\.)?visual\.": ""},
-                dtype=torch.get_default_dtype(),
-                output_loading_info=True,
-            )
-        except OSError as exc:
-            raise ConfigError(f"{self.family}: cannot load weights from {checkpoint!r}: {exc}") from exc
-        if info["missing_keys"] or info["mismatched_keys"]:
-            missing = sorted(info["missing_keys"]) + [str(k) for k in info["mismatched_keys"]]
-            raise ConfigError(
-                f"{self.family}: {checkpoint!r} is not a {self.family} checkpoint of this shape; it lacks or "
-                f"mismatches {len(missing)} tower weights: {', '.join(missing[:5])}"
-            )
+        full = load_checkpoint_part(
+            self.checkpoint_class,
+            checkpoint,
+            prefix="visual",
+            family=self.family,
+            part="tower",
+            config=config,
+        )
         with torch.device("meta"):  # a shell whose parts become the loaded tower's
             tower = self.tower_class._from_config(config)
         for part in TOWER_PARTS:

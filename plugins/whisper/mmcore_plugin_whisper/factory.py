@@ -29,7 +29,7 @@ from transformers import WhisperConfig
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 from mmcore.errors import ConfigError
-from mmcore.factory import EncoderFactory
+from mmcore.factory import EncoderFactory, load_checkpoint_part
 from mmcore_plugin_whisper.callbacks import TrimPadding, positions_of_frames
 from mmcore_plugin_whisper.presets import PRESETS
 
@@ -271,21 +271,9 @@ class WhisperFactory(EncoderFactory):
         positions = recipe["config"]["max_source_positions"]
         if checkpoint is None:
             return WhisperAudioEncoder._from_config(WhisperConfig(**recipe["config"]))
-        try:
-            encoder, info = WhisperAudioEncoder.from_pretrained(
-                checkpoint,
-                key_mapping={r"^(model\.)?encoder\.": ""},
-                dtype=torch.get_default_dtype(),
-                output_loading_info=True,
-            )
-        except OSError as exc:
-            raise ConfigError(f"whisper: cannot load weights from {checkpoint!r}: {exc}") from exc
-        if info["missing_keys"] or info["mismatched_keys"]:
-            missing = sorted(info["missing_keys"]) + [str(k) for k in info["mismatched_keys"]]
-            raise ConfigError(
-                f"whisper: {checkpoint!r} is not a Whisper checkpoint of this shape; it lacks or mismatches "
-                f"{len(missing)} encoder weights: {', '.join(missing[:5])}"
-            )
+        encoder = load_checkpoint_part(
+            WhisperAudioEncoder, checkpoint, prefix="encoder", family="whisper", part="encoder"
+        )
         cut_window(encoder, positions)
         return encoder
 
