@@ -31,6 +31,7 @@ saved mmcore model rebuilds its language model from config.json.
 from __future__ import annotations
 
 import functools
+import inspect
 from types import SimpleNamespace
 from typing import Any
 
@@ -118,6 +119,7 @@ class MRope(Callback):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         past_key_values: Any = None,
+        cache: Any = None,  # the KV cache's name in transformers 5.24+
         image_grid_thw: torch.Tensor | None = None,
         video_grid_thw: torch.Tensor | None = None,
         second_per_grid_ts: Any = None,
@@ -133,7 +135,8 @@ class MRope(Callback):
         if reference is None:
             return None
         batch, seq = reference.shape[:2]
-        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        kv_cache = cache if cache is not None else past_key_values
+        past = kv_cache.get_seq_length() if kv_cache is not None else 0
         text = _text_positions(
             position_ids, attention_mask, batch, seq, past, reference.device
         )  # (batch, seq)
@@ -276,6 +279,7 @@ def _forward_text_lm(
     attention_mask: torch.Tensor | None = None,
     position_ids: torch.LongTensor | None = None,
     past_key_values: Any = None,
+    cache: Any = None,
     inputs_embeds: torch.Tensor | None = None,
     labels: torch.LongTensor | None = None,
     use_cache: bool | None = None,
@@ -283,10 +287,15 @@ def _forward_text_lm(
     mm_token_type_ids: Any = None,  # what transformers' Qwen2-VL processors give; the positions come from MRope
     **kwargs: Any,
 ) -> CausalLMOutputWithPast:
-    """The text model, then the head (on the last ``logits_to_keep`` positions), as the VLM does."""
+    """The text model, then the head (on the last ``logits_to_keep`` positions), as the VLM does. The KV
+    cache comes by either name and goes on by the one the text model declares (``cache`` from
+    transformers 5.24, ``past_key_values`` before), so no call warns."""
+    kv_cache, named = cache if cache is not None else past_key_values, {}
+    if kv_cache is not None:
+        named["cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"] = kv_cache
     outputs = self.model(
         input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-        past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs,
+        inputs_embeds=inputs_embeds, use_cache=use_cache, **named, **kwargs,
     )  # fmt: skip
     logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
     loss = None
