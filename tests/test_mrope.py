@@ -258,3 +258,20 @@ def test_packed_samples_have_their_own_positions_and_the_losses_they_have_alone(
     # logits, so the equality above is the block-diagonal attention's doing
     crossing = {k: v for k, v in packed.items() if k not in ("position_ids", "cu_seq_lens_q", "cu_seq_lens_k")}  # fmt: skip
     assert not torch.allclose(model(**crossing).logits, model(**packed).logits, atol=1e-3)
+
+
+def test_adjacent_items_of_one_kind_are_a_typed_error_and_a_token_between_separates_them():
+    """transformers' get_rope_index reads a run of placeholders as one item: two images with nothing
+    between them are an error that says what to do; with a token between, each image has its grid."""
+    from mmcore.builtin.mrope import MRope
+    from mmcore.errors import EncoderInputError
+
+    grids = torch.tensor([[1, 2, 2], [1, 2, 4]])  # 1 and 2 tokens after the 2x2 merge
+    callback = MRope(image_token_id=9)
+    adjacent = torch.tensor([[1, 9, 9, 9, 4]])
+    with pytest.raises(EncoderInputError, match="2 image.s. but 1 run.s. of image placeholders.*wrap"):
+        callback(input_ids=adjacent, image_grid_thw=grids)
+    apart = torch.tensor([[1, 9, 5, 9, 9, 4]])
+    positions = callback(input_ids=apart, image_grid_thw=grids)["position_ids"]
+    # t, h, w: the second image starts at 3, 1 x 2 tokens; the text after it at 3 + max(h, w) = 5
+    assert positions[1:, 0].tolist() == [[0, 1, 2, 3, 3, 5], [0, 1, 2, 3, 3, 5], [0, 1, 2, 3, 4, 5]]

@@ -187,6 +187,8 @@ class MRope(Callback):
             types = types.masked_fill(input_ids == self.image_token_id, 1)
         if self.video_token_id is not None:
             types = types.masked_fill(input_ids == self.video_token_id, 2)
+        kinds = {1: ("image", self.image_token_id, image_grid_thw), 2: ("video", self.video_token_id, video_grid_thw)}
+        _check_one_run_per_item(types, {k: (name, grids) for k, (name, i, grids) in kinds.items() if i is not None})
         kwargs = {"second_per_grid_ts": second_per_grid_ts} if self.family == "qwen2_5_vl" else {}
         mask = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
         return ROPE_INDEX[self.family].get_rope_index(
@@ -244,6 +246,23 @@ def _grids(encoder_inputs: Any, image: Any, video: Any, seconds: Any) -> tuple[A
         video = video if video is not None else inputs.get("video_grid_thw")
         seconds = seconds if seconds is not None else inputs.get("second_per_grid_ts")
     return image, video, seconds
+
+
+def _check_one_run_per_item(types: torch.Tensor, kinds: dict[int, tuple[str, Any]]) -> None:
+    """get_rope_index takes each run of one kind's placeholders for one item (Qwen2-VL's processor puts
+    ``<|vision_start|>`` / ``<|vision_end|>`` around each): `EncoderInputError` when the runs and the
+    items do not pair up, e.g. two images with nothing between their placeholders."""
+    for kind, (name, grids) in kinds.items():
+        if grids is None:
+            continue
+        here = types == kind  # (batch, seq)
+        runs = int((here & ~nn.functional.pad(here[:, :-1], (1, 0))).sum())
+        if runs != len(grids):
+            raise EncoderInputError(
+                f"mrope: {len(grids)} {name}(s) but {runs} run(s) of {name} placeholders; the 3-D positions "
+                f"take one run per {name}: put text or wrap tokens between adjacent {name}s (mmcore assemble "
+                "--set model.wrap=true, or add_modality_tokens(..., wrap=True))"
+            )
 
 
 def _packed_samples(positions: torch.Tensor) -> list[list[int]] | None:
