@@ -134,12 +134,17 @@ class EncoderFactory:
 
     # -- helpers for subclasses --------------------------------------------------------------------
     def check_options(self, options: Mapping[str, Any]) -> dict[str, Any]:
-        """``self.options`` updated by ``options``; `ConfigError` naming unknown ones."""
+        """``self.options`` updated by ``options``; `ConfigError` naming unknown ones, or one given
+        something other than True or False where its default is a bool."""
         unknown = sorted(set(options) - set(self.options))
         if unknown:
             known = ", ".join(sorted(self.options)) or "none"
             raise ConfigError(f"encoder {self.name!r}: unknown option(s) {', '.join(unknown)} (accepted: {known})")
-        return {**self.options, **options}
+        merged = {**self.options, **options}
+        for key, default in self.options.items():
+            if isinstance(default, bool) and not isinstance(merged[key], bool):
+                raise ConfigError(f"encoder {self.name!r}: {key} must be True or False, got {merged[key]!r}")
+        return merged
 
     def check_preset(self, preset: str) -> str:
         if preset not in self.presets:

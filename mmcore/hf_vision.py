@@ -235,9 +235,6 @@ class TransformersVisionFactory(EncoderFactory):
                 f"indexing the {n + 1} hidden states (embeddings + {n} layers: {-(n + 1)}..{n}), "
                 f"got {opts['feature_layer']!r}"
             )
-        for key, default in self.options.items():
-            if isinstance(default, bool) and not isinstance(opts[key], bool):
-                raise ConfigError(f"encoder {self.name!r}: {key} must be True or False, got {opts[key]!r}")
         return {**opts, "feature_layer": layer}
 
     # -- module ------------------------------------------------------------------------------------

@@ -66,8 +66,6 @@ class Qwen2VLFactory(EncoderFactory):
         self, checkpoint: str | None = None, preset: str | None = None, **options: Any
     ) -> dict[str, Any]:
         options = self.check_options(options)
-        if not isinstance(options["video"], bool):
-            raise ConfigError(f"{self.family}: option video must be True or False, got {options['video']!r}")
         if preset is not None:
             entry = PRESETS[self.family][self.check_preset(preset)]
             config, processor = dict(entry["config"]), dict(entry["pixels"])

@@ -237,8 +237,6 @@ class WhisperFactory(EncoderFactory):
         self, checkpoint: str | None = None, preset: str | None = None, **options: Any
     ) -> dict[str, Any]:
         opts = self.check_options(options)
-        if not isinstance(opts["trim_padding"], bool):
-            raise ConfigError(f"whisper: trim_padding must be true or false, got {opts['trim_padding']!r}")
         if preset is not None:
             config = WhisperConfig(**PRESETS[self.check_preset(preset)]["config"])
         else:
