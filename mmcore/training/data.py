@@ -401,7 +401,35 @@ def check_data(
     return problems
 
 
-class GroupedBatchSampler(torch.utils.data.Sampler[list[int]]):
+class StepBatchSampler(torch.utils.data.Sampler[list[int]]):
+    """The base of mmcore's batch samplers (`GroupedBatchSampler`, `TokenBudgetBatchSampler`): each
+    step is a global batch of one group (``self.groups[i]``: sample ``i``'s), split across
+    ``world_size`` ranks, and the steps depend only on ``self.seed`` and the epoch (`set_epoch`).
+    Subclasses implement ``_global_batches(epoch)`` (the epoch's steps) and ``__iter__`` (this rank's
+    share of each), starting the former with `_epoch_start`."""
+
+    epoch: int = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self._global_batches(self.epoch))
+
+    def _global_batches(self, epoch: int) -> list[Any]:
+        raise NotImplementedError
+
+    def _epoch_start(self, epoch: int) -> tuple[random.Random, dict[str, list[int]]]:
+        """The epoch's random generator (seeded by ``seed`` and ``epoch`` alone) and each group's sample
+        indices, in sample order."""
+        rng = random.Random(self.seed * 1_000_003 + epoch)
+        by_group: dict[str, list[int]] = {}
+        for index, group in enumerate(self.groups):
+            by_group.setdefault(group, []).append(index)
+        return rng, by_group
+
+
+class GroupedBatchSampler(StepBatchSampler):
     """Batches of one modality group each, of similar lengths, split evenly across ranks.
 
     Each step takes a *global* batch (``batch_size * world_size`` samples of one group), and rank
@@ -433,22 +461,15 @@ class GroupedBatchSampler(torch.utils.data.Sampler[list[int]]):
         self.lengths = list(lengths) if lengths is not None else None
         self.batch_size, self.world_size, self.rank = batch_size, world_size, rank
         self.seed, self.mega_batches = seed, mega_batches
-        self.epoch = 0
         if not self._global_batches(0):
             raise ConfigError(
                 f"no modality group holds a full global batch of {batch_size * world_size} samples "
                 f"(batch size {batch_size} x {world_size} processes); lower the batch size"
             )
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
     def _global_batches(self, epoch: int) -> list[list[int]]:
-        rng = random.Random(self.seed * 1_000_003 + epoch)
+        rng, by_group = self._epoch_start(epoch)
         size = self.batch_size * self.world_size
-        by_group: dict[str, list[int]] = {}
-        for index, group in enumerate(self.groups):
-            by_group.setdefault(group, []).append(index)
         batches: list[list[int]] = []
         for group in sorted(by_group):
             indices = by_group[group]
@@ -469,9 +490,6 @@ class GroupedBatchSampler(torch.utils.data.Sampler[list[int]]):
     def __iter__(self) -> Iterator[list[int]]:
         for batch in self._global_batches(self.epoch):
             yield batch[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
-
-    def __len__(self) -> int:
-        return len(self._global_batches(self.epoch))
 
     @classmethod
     def for_dataset(cls, dataset: Any, batch_size: int, **kwargs: Any) -> GroupedBatchSampler:

@@ -14,17 +14,15 @@ With ``MultimodalCollator(processor, pack_to=max_tokens)`` each batch becomes on
 
 from __future__ import annotations
 
-import random
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-import torch
-
 from mmcore.errors import ConfigError
+from mmcore.training.data import StepBatchSampler
 from mmcore.training.packing import plan_rows
 
 
-class TokenBudgetBatchSampler(torch.utils.data.Sampler[list[int]]):
+class TokenBudgetBatchSampler(StepBatchSampler):
     """Batches whose lengths sum to at most ``max_tokens`` (a longer sample is a batch of its own).
 
     Args:
@@ -59,21 +57,14 @@ class TokenBudgetBatchSampler(torch.utils.data.Sampler[list[int]]):
         self.groups = list(groups) if groups is not None else ["all"] * len(self.lengths)
         self.max_tokens, self.world_size, self.rank = max_tokens, world_size, rank
         self.seed, self.window = seed, window
-        self.epoch = 0
         if not self._global_batches(0):
             raise ConfigError(
                 f"no modality group fills {world_size} batch(es) of up to {max_tokens} tokens "
                 f"({world_size} processes); lower the token budget"
             )
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
     def _global_batches(self, epoch: int) -> list[list[list[int]]]:
-        rng = random.Random(self.seed * 1_000_003 + epoch)
-        by_group: dict[str, list[int]] = {}
-        for index, group in enumerate(self.groups):
-            by_group.setdefault(group, []).append(index)
+        rng, by_group = self._epoch_start(epoch)
         window = self.window * self.world_size * self.max_tokens
         steps: list[list[list[int]]] = []
         for group in sorted(by_group):
@@ -105,9 +96,6 @@ class TokenBudgetBatchSampler(torch.utils.data.Sampler[list[int]]):
     def __iter__(self) -> Iterator[list[int]]:
         for step in self._global_batches(self.epoch):
             yield step[self.rank]
-
-    def __len__(self) -> int:
-        return len(self._global_batches(self.epoch))
 
     @classmethod
     def for_dataset(
