@@ -92,32 +92,29 @@ def _host_indices(tower: nn.Module, grid: torch.Tensor) -> dict[str, Any]:
     return out
 
 
-class Qwen2VLVisionTower(Qwen2VisionTransformerPretrainedModel):
+class _WithoutMerger:
+    """What a tower of transformers' without its merger is (the merger is the encoder's projector): its
+    merger replaced by `MergeUnits`, and ``forward`` giving a list of ``(P_i, D)``, one per item
+    (`_split_items`). First base of `Qwen2VLVisionTower` and `Qwen25VLVisionTower`."""
+
+    def __init__(self, config: Qwen2VLVisionConfig | Qwen2_5_VLVisionConfig) -> None:
+        super().__init__(config)
+        self.merger = MergeUnits(config.spatial_merge_size**2)
+
+    def forward(
+        self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor, **kwargs: Any
+    ) -> BaseModelOutput:
+        return _split_items(self, super().forward, pixel_values, image_grid_thw, kwargs)
+
+
+class Qwen2VLVisionTower(_WithoutMerger, Qwen2VisionTransformerPretrainedModel):
     """transformers' Qwen2-VL tower without its merger: ``pixel_values`` ``(P, C * 2 * 14 * 14)`` and
     ``image_grid_thw`` ``(items, 3)`` -> ``last_hidden_state``: a list of ``(P_i, D)`` per item."""
 
-    def __init__(self, config: Qwen2VLVisionConfig) -> None:
-        super().__init__(config)
-        self.merger = MergeUnits(config.spatial_merge_size**2)
 
-    def forward(
-        self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor, **kwargs: Any
-    ) -> BaseModelOutput:
-        return _split_items(self, super().forward, pixel_values, image_grid_thw, kwargs)
-
-
-class Qwen25VLVisionTower(Qwen2_5_VisionTransformerPretrainedModel):
+class Qwen25VLVisionTower(_WithoutMerger, Qwen2_5_VisionTransformerPretrainedModel):
     """transformers' Qwen2.5-VL tower without its merger (window attention inside, item order out):
     ``pixel_values`` ``(P, C * 2 * 14 * 14)`` and ``image_grid_thw`` -> a list of ``(P_i, D)``."""
-
-    def __init__(self, config: Qwen2_5_VLVisionConfig) -> None:
-        super().__init__(config)
-        self.merger = MergeUnits(config.spatial_merge_size**2)
-
-    def forward(
-        self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor, **kwargs: Any
-    ) -> BaseModelOutput:
-        return _split_items(self, super().forward, pixel_values, image_grid_thw, kwargs)
 
 
 class Qwen2VLCheckpointTower(Qwen2VisionTransformerPretrainedModel):
