@@ -245,10 +245,11 @@ def tiny_qwen2_vl(family: str, seed: int = 0):
     return hf, processor
 
 
-# What a machine without mmcore runs on an exported directory (used by `load_without_mmcore`).
-_WITHOUT_MMCORE = """
+# The start of every script `run_without_mmcore` runs: the interpreter's packages without the .pth
+# files (the editable mmcore), and proof that mmcore is not importable.
+_NO_MMCORE = """
 import sys
-sys.path[:0] = {paths!r}   # the interpreter's packages, without the .pth files (the editable mmcore)
+sys.path[:0] = {paths!r}
 for name in ("mmcore", "mmcore_plugin_clip"):
     try:
         __import__(name)
@@ -256,6 +257,34 @@ for name in ("mmcore", "mmcore_plugin_clip"):
         pass
     else:
         raise SystemExit(f"{{name}} is importable; the test would prove nothing")
+RESULT = {result!r}
+"""
+
+
+def run_without_mmcore(script: str, workdir: Any) -> dict[str, Any]:
+    """Run the Python source ``script`` in an interpreter where mmcore and its plugins cannot be
+    imported (``python -I -S`` with only the interpreter's site-packages on the path), in ``workdir``;
+    the script ``torch.save``-s its result (a dict) to the path ``RESULT``, which is returned, loaded.
+    An ``AssertionError`` with the script's stderr when it fails."""
+    import subprocess
+    import sys
+    import sysconfig
+    from pathlib import Path
+
+    import torch
+
+    paths = sorted({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]})
+    result = Path(workdir) / "without-mmcore.pt"
+    prelude = _NO_MMCORE.format(paths=paths, result=str(result))
+    run = subprocess.run([sys.executable, "-I", "-S", "-c", prelude + script], capture_output=True, text=True,
+                         cwd=workdir, timeout=300)  # fmt: skip
+    if run.returncode != 0:
+        raise AssertionError(f"running without mmcore failed:\n{run.stderr[-3000:]}")
+    return torch.load(result, weights_only=True)
+
+
+# What `load_without_mmcore` runs on an exported directory.
+_LOAD_EXPORTED = """
 import numpy as np, torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -270,30 +299,19 @@ batch = processor(text=texts, images=images, return_tensors="pt", padding=True)
 with torch.no_grad():
     logits = model(**batch).logits
 torch.save({{"batch": dict(batch), "logits": logits, "class": type(model).__name__,
-            "processor": type(processor).__name__, "texts": texts}}, {result!r})
+            "processor": type(processor).__name__, "texts": texts}}, RESULT)
 """
 
 
-def load_without_mmcore(out: Any, workdir: Any, *, image_sizes: list[tuple[int, int]], texts: str) -> dict[str, Any]:
-    """Load the exported transformers directory ``out`` in a Python where mmcore cannot be imported
-    (``-I -S``, only the interpreter's site-packages), run its processor on seeded random images of
-    ``image_sizes`` and the prompts ``texts`` (a Python expression that may use ``processor`` and its
-    image ``token``), and return ``{"batch", "logits", "class", "processor", "texts"}``."""
-    import subprocess
-    import sys
-    import sysconfig
-    from pathlib import Path
-
-    import torch
-
-    paths = sorted({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]})
-    result = Path(workdir) / "without-mmcore.pt"
-    script = _WITHOUT_MMCORE.format(paths=paths, out=str(out), image_sizes=list(image_sizes), texts=texts, result=str(result))
-    run = subprocess.run([sys.executable, "-I", "-S", "-c", script], capture_output=True, text=True, cwd=workdir,
-                         timeout=300)  # fmt: skip
-    if run.returncode != 0:
-        raise AssertionError(f"loading {out} without mmcore failed:\n{run.stderr[-3000:]}")
-    return torch.load(result, weights_only=True)
+def load_without_mmcore(
+    out: Any, workdir: Any, *, image_sizes: list[tuple[int, int]], texts: str
+) -> dict[str, Any]:
+    """Load the exported transformers directory ``out`` where mmcore cannot be imported
+    (`run_without_mmcore`), run its processor on seeded random images of ``image_sizes`` and the
+    prompts ``texts`` (a Python expression that may use ``processor`` and its image ``token``), and
+    return ``{"batch", "logits", "class", "processor", "texts"}``."""
+    script = _LOAD_EXPORTED.format(out=str(out), image_sizes=list(image_sizes), texts=texts)
+    return run_without_mmcore(script, workdir)
 
 
 def convert_saved(hf: Any, processor: Any, path: Any, *, text: list[str], **media: Any) -> dict[str, Any]:
