@@ -222,7 +222,7 @@ def test_packed_samples_have_their_own_positions_and_the_losses_they_have_alone(
     loss it has when its sample runs alone."""
     from test_packing import token_losses
 
-    from mmcore.training import MultimodalCollator
+    from mmcore.training import MultimodalCollator, plan_rows
 
     model, processor = built["model"], built["processor"]
     samples = packing_samples()
@@ -248,6 +248,10 @@ def test_packed_samples_have_their_own_positions_and_the_losses_they_have_alone(
     assert seen == len(samples)
     got = token_losses(model, packed)
     assert len(got) == len(samples) and {tuple(ids) for ids, _ in got} == set(alone)
+    # rows filled first-fit decreasing: the flat patch sequences moved with their samples
+    index = {ids: i for i, ids in enumerate(alone)}
+    planned = [i for row in plan_rows([len(ids) for ids in alone], 80, even=True) for i in row]
+    assert [index[tuple(ids)] for ids, _ in got] == planned != sorted(planned)
     for ids, losses in got:
         expected = alone[tuple(ids)]
         assert [(p, t) for p, t, _ in losses] == [(p, t) for p, t, _ in expected]

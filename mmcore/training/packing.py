@@ -119,13 +119,20 @@ def reorder_items(
     inputs: dict[str, dict[str, Any]], order: dict[str, list[int]]
 ) -> dict[str, dict[str, Any]] | None:
     """Processed items (modality -> the processor's output, one row per item) in a new item order;
-    None when some output does not hold one row per item (it cannot be reordered)."""
+    None when some output does not hold one row per item (it cannot be reordered). A flat patch
+    sequence with its grids (Qwen2-VL's ``pixel_values`` beside ``image_grid_thw``: ``t * h * w`` rows
+    per item) moves item by item too."""
     out: dict[str, dict[str, Any]] = {}
     for modality, processed in inputs.items():
         indices = order[modality]
+        patches = _patches_per_item(processed, len(indices))  # rows of each item in a flat patch sequence
         moved: dict[str, Any] = {}
         for key, value in processed.items():
-            if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == len(indices):
+            flat = patches is not None and isinstance(value, torch.Tensor) and value.dim() > 0
+            if flat and value.shape[0] == sum(patches):
+                pieces = value.split(patches)
+                moved[key] = torch.cat([pieces[i] for i in indices])
+            elif isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == len(indices):
                 moved[key] = value[torch.tensor(indices, dtype=torch.long)]
             elif isinstance(value, (list, tuple)) and len(value) == len(indices):
                 moved[key] = type(value)(value[i] for i in indices)
@@ -133,3 +140,13 @@ def reorder_items(
                 return None
         out[modality] = moved
     return out
+
+
+def _patches_per_item(processed: dict[str, Any], items: int) -> list[int] | None:
+    """Rows per item of a flat patch sequence: the product of each item's ``*_grid_thw`` row (None
+    without such grids)."""
+    grids = [v for k, v in processed.items() if k.endswith("_grid_thw") and isinstance(v, torch.Tensor)]
+    if len(grids) != 1 or grids[0].dim() != 2 or grids[0].shape[0] != items:
+        return None
+    patches = grids[0].prod(-1).tolist()
+    return patches if sum(patches) != items else None  # one patch each: the per-item rule already fits
