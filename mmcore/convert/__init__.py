@@ -108,6 +108,7 @@ def convert_pretrained(
     ``weights_only`` pickles) and convert it with its processor. ``device="meta"`` reads configs only:
     no weights (for ``mmcore convert --dry-run``)."""
     import torch
+    import transformers
     from transformers import AutoConfig
 
     source = str(path_or_id)
@@ -123,7 +124,7 @@ def convert_pretrained(
     family = family_module(config.model_type, source)
     notes: list[str] = []
     hf_processor = _hf_processor(source, trust_remote_code, notes)
-    model_class = family.hf_class()
+    model_class = getattr(transformers, family.ARCHITECTURE)  # the family's transformers class
     if device == "meta":
         with torch.device("meta"):
             hf_model = model_class._from_config(config)

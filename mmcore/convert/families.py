@@ -1,7 +1,8 @@
 """Which transformers VLM families mmcore converts, and the errors conversion raises.
 
 A family is a transformers ``model_type`` (``config.json``) with a module in this package that
-implements ``from_hf(hf_model, ...)``, ``to_hf(mllm)`` and ``processor_from_hf(...)``. `MISSING` names
+names its transformers class (``ARCHITECTURE``) and implements ``from_hf(hf_model, ...)``,
+``to_hf(mllm)`` and ``processor_from_hf(...)``. `MISSING` names
 the families transformers has that mmcore cannot express yet, with the reason; the error for an
 unknown source lists both. This module imports no torch.
 """

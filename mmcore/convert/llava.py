@@ -56,10 +56,6 @@ VISION_TOWERS: dict[str, tuple[str, type[nn.Module]]] = {
 }
 
 
-def hf_class() -> type[LlavaForConditionalGeneration]:
-    return LlavaForConditionalGeneration
-
-
 # -- in: LLaVA -> mmcore ------------------------------------------------------------------------------------
 def from_hf(
     hf_model: LlavaForConditionalGeneration,

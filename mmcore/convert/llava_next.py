@@ -36,10 +36,6 @@ MODALITY = llava.MODALITY
 ARCHITECTURE = "LlavaNextForConditionalGeneration"
 
 
-def hf_class() -> type[LlavaNextForConditionalGeneration]:
-    return LlavaNextForConditionalGeneration
-
-
 # -- in: LLaVA-NeXT -> mmcore -------------------------------------------------------------------------------
 def from_hf(
     hf_model: LlavaNextForConditionalGeneration,

@@ -51,10 +51,6 @@ ARCHITECTURE = "LlavaOnevisionForConditionalGeneration"
 VIDEO_STRIDE, VIDEO_MODE = 2, "bilinear"
 
 
-def hf_class() -> type[LlavaOnevisionForConditionalGeneration]:
-    return LlavaOnevisionForConditionalGeneration
-
-
 # -- in: LLaVA-OneVision -> mmcore ---------------------------------------------------------------------------
 def from_hf(
     hf_model: LlavaOnevisionForConditionalGeneration,

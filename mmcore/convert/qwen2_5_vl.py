@@ -25,10 +25,6 @@ processor_from_hf = qwen2_vl.processor_from_hf
 hf_processor_for = qwen2_vl.hf_processor_for
 
 
-def hf_class() -> type:
-    return Qwen2_5_VLForConditionalGeneration
-
-
 def from_hf(hf_model: Any, *, image_processor: Any = None, source: str | None = None) -> MultimodalModel:
     """See `mmcore.convert.qwen2_vl.from_hf`."""
     return qwen2_vl.from_hf(hf_model, image_processor=image_processor, source=source, family=QWEN2_5_VL)

@@ -36,10 +36,6 @@ ARCHITECTURE = "Qwen2AudioForConditionalGeneration"
 AUDIO_TOKEN = "<|AUDIO|>"  # Qwen2AudioProcessor's placeholder, expanded per clip
 
 
-def hf_class() -> type[Qwen2AudioForConditionalGeneration]:
-    return Qwen2AudioForConditionalGeneration
-
-
 def from_hf(
     hf_model: Qwen2AudioForConditionalGeneration, *, image_processor: Any = None, source: str | None = None,
     modality: str = MODALITY,

@@ -64,10 +64,6 @@ QWEN2_VL = Family(
 )
 
 
-def hf_class() -> type:
-    return QWEN2_VL.hf_class
-
-
 def from_hf(
     hf_model: Any, *, image_processor: Any = None, source: str | None = None, family: Family = QWEN2_VL
 ) -> MultimodalModel:
