@@ -108,6 +108,26 @@ def audio(args) -> list[dict]:
     return rows
 
 
+def _forward_and_step_times(hf: torch.nn.Module, mllm: torch.nn.Module, batch: dict, repeats: int) -> dict:
+    """Each model's forward (no grad, eval mode) and training step (train mode) on ``batch``, timed
+    alternately: ``{"hf forward", "mmcore forward", "hf step", "mmcore step"}`` -> seconds per repeat."""
+
+    @torch.no_grad()
+    def forward(model):
+        model(**batch)
+
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+
+    def step(model):
+        model(**batch, labels=labels, use_cache=False).loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    times = _timed({"hf forward": lambda: forward(hf), "mmcore forward": lambda: forward(mllm)}, repeats)
+    hf.train(), mllm.train()
+    times |= _timed({"hf step": lambda: step(hf), "mmcore step": lambda: step(mllm)}, repeats)
+    return times
+
+
 def anyres(args) -> list[dict]:
     from tokenizers import AddedToken
     from transformers import (
@@ -162,19 +182,7 @@ def anyres(args) -> list[dict]:
     with torch.no_grad():
         torch.testing.assert_close(mllm(**batch).logits, hf(**batch).logits, rtol=0, atol=1e-4)
 
-    @torch.no_grad()
-    def forward(model):
-        model(**batch)
-
-    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-
-    def step(model):
-        model(**batch, labels=labels, use_cache=False).loss.backward()
-        model.zero_grad(set_to_none=True)
-
-    times = _timed({"hf forward": lambda: forward(hf), "mmcore forward": lambda: forward(mllm)}, args.repeats)
-    hf.train(), mllm.train()
-    times |= _timed({"hf step": lambda: step(hf), "mmcore step": lambda: step(mllm)}, args.repeats)
+    times = _forward_and_step_times(hf, mllm, batch, args.repeats)
     tokens = int((batch["input_ids"] == config.image_token_index).sum())
     rows = []
     for what in ("forward", "step"):
@@ -192,7 +200,6 @@ def native(args) -> list[dict]:
     the same modules, the positions through the ``mrope`` callback), on a left-padded batch of two
     images of different sizes and a short video from Qwen2VLProcessor; forward and training step vs
     HF's on the same inputs, the logits checked equal first."""
-    from tokenizers import AddedToken
     from transformers import (
         Qwen2VLConfig,
         Qwen2VLForConditionalGeneration,
@@ -202,12 +209,9 @@ def native(args) -> list[dict]:
     from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 
     from mmcore.convert import from_hf
-    from mmcore.testing import tiny_tokenizer
+    from mmcore.convert.testing import qwen2_vl_tokenizer
 
-    tokenizer = tiny_tokenizer()
-    special = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
-    tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in special], True)
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in special}
+    tokenizer, ids = qwen2_vl_tokenizer()
     heads = 8
     half = args.hidden // heads // 2  # each head's rotary half, over (t, h, w) as Qwen2-VL's 16/24/24 of 64
     section = [half // 4, (half - half // 4) // 2, half - half // 4 - (half - half // 4) // 2]
@@ -252,19 +256,7 @@ def native(args) -> list[dict]:
         diff = float((mllm(**batch).logits - hf(**batch).logits).abs().max())
     assert diff <= 1e-4, f"mmcore's logits differ from HF's by {diff}"
 
-    @torch.no_grad()
-    def forward(model):
-        model(**batch)
-
-    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-
-    def step(model):
-        model(**batch, labels=labels, use_cache=False).loss.backward()
-        model.zero_grad(set_to_none=True)
-
-    times = _timed({"hf forward": lambda: forward(hf), "mmcore forward": lambda: forward(mllm)}, args.repeats)
-    hf.train(), mllm.train()
-    times |= _timed({"hf step": lambda: step(hf), "mmcore step": lambda: step(mllm)}, args.repeats)
+    times = _forward_and_step_times(hf, mllm, batch, args.repeats)
     vision_ids = (batch["input_ids"] == config.image_token_id) | (batch["input_ids"] == config.video_token_id)
     rows = []
     for what in ("forward", "step"):

@@ -190,6 +190,19 @@ def random_video(frames: int, height: int, width: int, seed: int = 0) -> Any:
     return np.random.default_rng(seed).integers(0, 256, (frames, height, width, 3), dtype=np.uint8)
 
 
+def qwen2_vl_tokenizer() -> tuple[Any, dict[str, int]]:
+    """`mmcore.testing.tiny_tokenizer` with Qwen2-VL's vision tokens (``<|vision_start|>``,
+    ``<|vision_end|>``, ``<|image_pad|>``, ``<|video_pad|>``) added as special tokens, and their ids."""
+    from tokenizers import AddedToken
+
+    from mmcore.testing import tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    special = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+    tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in special], special_tokens=True)
+    return tokenizer, {t: tokenizer.convert_tokens_to_ids(t) for t in special}
+
+
 def tiny_qwen2_vl(family: str, seed: int = 0):
     """``(Qwen2VLForConditionalGeneration or Qwen2_5_VLForConditionalGeneration, its processor)`` for
     ``family`` ``qwen2_vl`` / ``qwen2_5_vl``: the qwen2vl plugin's tiny tower (4 px patches, images of
@@ -198,7 +211,6 @@ def tiny_qwen2_vl(family: str, seed: int = 0):
     ``<|vision_end|>``, ``<|image_pad|>``, ``<|video_pad|>``). Needs mmcore-plugin-qwen2vl."""
     import torch
     from mmcore_plugin_qwen2vl.presets import PRESETS
-    from tokenizers import AddedToken
     from transformers import (
         Qwen2_5_VLConfig,
         Qwen2_5_VLForConditionalGeneration,
@@ -210,14 +222,7 @@ def tiny_qwen2_vl(family: str, seed: int = 0):
     )
     from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 
-    from mmcore.testing import tiny_tokenizer
-
-    tokenizer = tiny_tokenizer()
-    special = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
-    tokenizer.add_tokens(
-        [AddedToken(t, special=True, normalized=False) for t in special], special_tokens=True
-    )
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in special}
+    tokenizer, ids = qwen2_vl_tokenizer()
     text = dict(
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=256, rope_parameters={"rope_type": "default",
