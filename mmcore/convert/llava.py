@@ -445,7 +445,4 @@ def check_no_meta(module: nn.Module, what: str) -> None:
         raise ConfigError(f"{what}: parts {left[:5]} were not replaced by the source's modules")
 
 
-_check_no_meta = check_no_meta  # the name the family converters used before it was public
-
-
 hf_processor = llava_processor  # the family interface's name (mmcore.convert.export)
