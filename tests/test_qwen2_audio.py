@@ -17,7 +17,12 @@ FRAMES = 20  # the tiny tower's window: max_source_positions 10, conv strides 1 
 
 
 def tiny_qwen2_audio():
-    from transformers import Qwen2AudioConfig, Qwen2AudioEncoderConfig, Qwen2AudioForConditionalGeneration, Qwen2Config
+    from transformers import (
+        Qwen2AudioConfig,
+        Qwen2AudioEncoderConfig,
+        Qwen2AudioForConditionalGeneration,
+        Qwen2Config,
+    )
 
     audio = Qwen2AudioEncoderConfig(d_model=16, encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=32,
                                     num_mel_bins=8, max_source_positions=10)  # fmt: skip
