@@ -326,34 +326,34 @@ def _forward_text_lm(
     )  # fmt: skip
 
 
-class Qwen2VLTextForCausalLM(Qwen2VLPreTrainedModel, GenerationMixin):
+class _TextForCausalLM:
+    """What both families' causal LMs are: the family's text model (``text_model_class``) and an
+    ``lm_head`` tied to its embeddings, with `_forward_text_lm` as their forward."""
+
+    input_modalities = ("text",)
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    text_model_class: type
+    forward = _forward_text_lm
+
+    def __init__(self, config):
+        super().__init__(config)
+        _build_text_lm(self, config)
+
+
+class Qwen2VLTextForCausalLM(_TextForCausalLM, Qwen2VLPreTrainedModel, GenerationMixin):
     """transformers' ``Qwen2VLTextModel`` + ``lm_head``: Qwen2-VL's language model (3-D positions)."""
 
     config_class = Qwen2VLTextConfig
     config: Qwen2VLTextConfig
-    input_modalities = ("text",)
     text_model_class = Qwen2VLTextModel
-    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
-    forward = _forward_text_lm
-
-    def __init__(self, config: Qwen2VLTextConfig):
-        super().__init__(config)
-        _build_text_lm(self, config)
 
 
-class Qwen2_5_VLTextForCausalLM(Qwen2_5_VLPreTrainedModel, GenerationMixin):
+class Qwen2_5_VLTextForCausalLM(_TextForCausalLM, Qwen2_5_VLPreTrainedModel, GenerationMixin):
     """transformers' ``Qwen2_5_VLTextModel`` + ``lm_head``: Qwen2.5-VL's language model."""
 
     config_class = Qwen2_5_VLTextConfig
     config: Qwen2_5_VLTextConfig
-    input_modalities = ("text",)
     text_model_class = Qwen2_5_VLTextModel
-    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
-    forward = _forward_text_lm
-
-    def __init__(self, config: Qwen2_5_VLTextConfig):
-        super().__init__(config)
-        _build_text_lm(self, config)
 
 
 AutoModelForCausalLM.register(Qwen2VLTextConfig, Qwen2VLTextForCausalLM, exist_ok=True)
