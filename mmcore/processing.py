@@ -1032,18 +1032,14 @@ class FixedCount:
 
 
 def _default_counter(encoder: Any, processor: Any) -> Any:
-    """A token count for an encoder no plugin built, when its processor is one transformers knows:
-    LLaVA-NeXT / OneVision tiling (`AnyResPack`) counts per image, video pooling (`VideoPool`) per video; a fixed-size image processor
-    (CLIP, SigLIP, ...) is measured once on a blank image through the encoder and projector. None
-    when neither applies (the caller then asks for ``num_feature_calculation_funcs``)."""
-    from mmcore.builtin.anyres import AnyResPack
-    from mmcore.builtin.video import VideoPool
-
-    pack = getattr(encoder, "postprocess_projector_callback", None)
-    if isinstance(pack, AnyResPack):
-        return pack.token_count()
-    if isinstance(pack, VideoPool):
-        return pack.token_count()
+    """A token count for an encoder no plugin built: the count its ``postprocess_projector`` callback
+    gives (``token_count()``: LLaVA-NeXT / OneVision tiling per image, video pooling per video,
+    Qwen2-Audio's trim per clip), else, for a fixed-size image processor (CLIP, SigLIP, ...), the count
+    measured once on a blank image through the encoder and projector. None when neither applies (the
+    caller then asks for ``num_tokens``)."""
+    token_count = getattr(getattr(encoder, "postprocess_projector_callback", None), "token_count", None)
+    if callable(token_count):
+        return token_count()
     if "pixel_values" not in (getattr(processor, "model_input_names", None) or ()):
         return None
     try:

@@ -75,6 +75,10 @@ class Qwen2AudioTrim(Callback):
         _, keep = qwen2_audio_output_lengths(_frames(inputs, self.name))
         return BaseModelOutput(last_hidden_state=[f[: int(n)] for f, n in zip(features, keep.tolist())])
 
+    def token_count(self) -> Qwen2AudioTokenCount:
+        """The processor's count for this trim."""
+        return Qwen2AudioTokenCount()
+
 
 class Qwen2AudioTokenCount:
     """Tokens per clip for a processor whose output holds ``feature_attention_mask`` (Qwen2-Audio's:
@@ -88,9 +92,6 @@ class Qwen2AudioTokenCount:
         _, keep = qwen2_audio_output_lengths(_frames(processed, "qwen2-audio token count"))
         return [int(n) for n in keep.tolist()]
 
-
-#: the count as a function (``fn(items, processed)``)
-qwen2_audio_token_counts = Qwen2AudioTokenCount()
 
 
 def qwen2_audio_encoder(tower: torch.nn.Module, projector: Any = None):

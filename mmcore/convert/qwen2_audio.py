@@ -67,7 +67,6 @@ def processor_from_hf(
     makes."""
     from transformers import WhisperFeatureExtractor
 
-    from mmcore.builtin.qwen2_audio import Qwen2AudioTokenCount
     from mmcore.errors import TokenIdError
     from mmcore.processing import MultimodalProcessor, ProcessorCall
 
@@ -91,7 +90,7 @@ def processor_from_hf(
         rename={"attention_mask": "feature_attention_mask"},
     )
     return MultimodalProcessor(
-        {name: call}, tokenizer, mllm, {name: Qwen2AudioTokenCount()}, predefined_tokens={name: AUDIO_TOKEN}
+        {name: call}, tokenizer, mllm, predefined_tokens={name: AUDIO_TOKEN}  # counted by the trim's token_count
     )
 
 
