@@ -5,17 +5,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import numpy as np
 import pytest
 import torch
+from plugin_marks import needs_plugins
 
-pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("mmcore_plugin_qwen2vl") is None,
-    reason="needs mmcore-plugin-qwen2vl installed (make test puts it on the path)",
-)
+pytestmark = needs_plugins("qwen2vl")
 
 QWEN2VL = ["-e", "image=qwen2_vl:preset=tiny", "-e", "video=qwen2_vl:preset=tiny",
            "--set", "encoders.video.options.video=true"]  # fmt: skip

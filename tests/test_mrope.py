@@ -6,16 +6,12 @@ Plus the callback's own contract: recorded and rebuilt, typed errors, its decode
 
 from __future__ import annotations
 
-import importlib.util
-
 import numpy as np
 import pytest
 import torch
+from plugin_marks import needs_plugins
 
-pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("mmcore_plugin_qwen2vl") is None,
-    reason="needs mmcore-plugin-qwen2vl installed (make test puts it on the path)",
-)
+pytestmark = needs_plugins("qwen2vl")
 
 ATOL = 1e-5
 PROMPTS = ["a <image> b c", "d <image> e <video> f"]
