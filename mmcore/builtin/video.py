@@ -327,33 +327,3 @@ def load_video(path: str | Path) -> Any:
             f"{path}: expected a (frames, H, W, 3) uint8 array, got dtype {array.dtype} and shape {array.shape}"
         )
     return array
-
-
-def video_encoder(
-    tower: nn.Module,
-    projector: nn.Module | None,
-    *,
-    feature_layer: int | list[int] = -2,
-    drop_prefix_tokens: int = 1,
-    stride: int = 2,
-    mode: str = "bilinear",
-    newline: bool = False,
-    hidden_size: int | None = None,
-    input_name: str = "pixel_values",
-):
-    """A `ModalEncoderModule` for videos through a CLIP / SigLIP ``tower`` (``image_size`` and
-    ``patch_size`` read from ``tower.config``): `VideoFrames`, `SelectFeatureLayer` (CLIP: drop the
-    CLS token, ``drop_prefix_tokens=1``; SigLIP: 0), ``projector``, `VideoPool`."""
-    from mmcore.builtin.callbacks import SelectFeatureLayer
-    from mmcore.modeling.encoder import ModalEncoderModule
-
-    image_size, patch_size = tower.config.image_size, tower.config.patch_size
-    return ModalEncoderModule(
-        tower,
-        projector,
-        VideoFrames(),
-        SelectFeatureLayer(feature_layer, drop_prefix_tokens=drop_prefix_tokens),
-        VideoPool(image_size, patch_size, stride, mode, newline, hidden_size),
-        additional_args=["num_frames"],
-        input_names={input_name: "pixel_values"},
-    )
