@@ -24,7 +24,7 @@ from typing import Any
 
 from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextProcessor
 
-from mmcore.builtin.anyres import AnyResFlatten, AnyResPack, AnyResTokenCount
+from mmcore.builtin.anyres import AnyResFlatten, AnyResPack
 from mmcore.convert import llava
 from mmcore.convert.families import NoTransformersCounterpartError
 from mmcore.errors import ConfigError
@@ -95,8 +95,7 @@ def processor_from_hf(
     if image_processor is None:
         raise ConfigError("llava_next: the checkpoint has no image processor; expected its LlavaNextImageProcessor")
     ((modality, encoder),) = mllm.encoders.items()
-    pack = encoder.postprocess_projector_callback
-    count = AnyResTokenCount(pack.grid_pinpoints, pack.image_size, pack.patch_size, pack.newline)
+    count = encoder.postprocess_projector_callback.token_count()  # AnyResTokenCount of the same grid
     return MultimodalProcessor({modality: image_processor}, tokenizer, mllm, {modality: count})
 
 
