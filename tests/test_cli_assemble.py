@@ -3,9 +3,9 @@ parameter counts, projector precedence, a local LLM directory, and its one-line 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
+import plugin_marks
 import pytest
 from cli_helpers import assert_one_line_error, needs_plugins
 
@@ -251,10 +251,7 @@ def test_dry_run_of_clip_vit_l_336_and_llama3_8b_matches_a_hand_count(cli):
     assert table.exit_code == 0 and f"{total:,}" in table.stdout and "lora" in table.stdout
 
 
-@pytest.mark.skipif(
-    importlib.util.find_spec("mmcore_plugin_eva02") is None, reason="needs mmcore-plugin-eva02"
-)
-@needs_plugins
+@plugin_marks.needs_plugins("clip", "eva02")
 def test_projector_precedence_encoder_then_model_then_plugin_default(cli):
     def projectors(*args):
         result = cli(

@@ -12,21 +12,19 @@ from cli_helpers import assert_one_line_error, needs_plugins
 
 from mmcore.cli.testrun import _generate, _text_batch, _Timer, tokens_cell
 from mmcore.processing import MultimodalProcessor
-from mmcore.testing import tiny_llm, tiny_multimodal_model, tiny_tokenizer
+from mmcore.testing import tiny_assembled_model, tiny_multimodal_model
 
 
 def plugin_model():
     """CLIP (4 tokens an image) + Whisper + a tiny LLM, built by the plugins (test-run's own case)."""
     import mmcore
 
-    tokenizer = tiny_tokenizer()
-    encoders = {
-        "vision": mmcore.build_encoder("clip", preset="tiny"),
-        "audio": mmcore.build_encoder("whisper", preset="tiny"),
-    }
-    mllm = mmcore.MultimodalModel(encoders=encoders, language_model=tiny_llm(vocab_size=len(tokenizer)))
-    mmcore.add_modality_tokens(tokenizer, mllm)
-    return mllm, tokenizer
+    return tiny_assembled_model(
+        {
+            "vision": mmcore.build_encoder("clip", preset="tiny"),
+            "audio": mmcore.build_encoder("whisper", preset="tiny"),
+        }
+    )
 
 
 @needs_plugins
