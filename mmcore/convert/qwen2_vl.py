@@ -28,7 +28,6 @@ import tempfile
 from typing import Any
 
 import torch
-from torch import nn
 from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
 from mmcore.builtin.mrope import MRope, Qwen2VLTextForCausalLM
@@ -38,7 +37,6 @@ from mmcore.errors import ConfigError, TokenIdError
 from mmcore.factory import encoder_from_recipe, get_factory
 from mmcore.modeling.encoder import ModalEncoderModule
 from mmcore.modeling.multimodal import MultimodalModel
-from mmcore.modeling.projector import MultimodalProjector, MultimodalProjectorConfig
 
 MODEL_TYPE = "qwen2_vl"
 ARCHITECTURE = "Qwen2VLForConditionalGeneration"
@@ -79,7 +77,7 @@ def from_hf(
     image = encoder_from_recipe(factory, recipe, device="meta")
     for part in TOWER_PARTS:
         setattr(image.module, part, getattr(visual, part))
-    image.projector = _projector(factory, recipe, visual.merger, config.text_config.hidden_size)
+    image.projector = factory.merger_projector(recipe, config.text_config.hidden_size, visual.merger)
     video = encoder_from_recipe(factory, {**recipe, "video": True}, device="meta")
     video.module, video.projector = image.module, image.projector  # one tower for both, as transformers'
     vision = config.vision_config
@@ -105,18 +103,6 @@ def _recipe(factory: Any, config: Any, image_processor: Any, source: str | None)
         recipe = factory.make_recipe(checkpoint=tmp)
     recipe["checkpoint"] = source
     return recipe
-
-
-def _projector(factory: Any, recipe: dict, merger: nn.Module, out_features: int) -> MultimodalProjector:
-    projector_config = MultimodalProjectorConfig(
-        projector_type=factory.projector_type,
-        in_features=factory.output_width(recipe),
-        out_features=out_features,
-    )
-    with torch.device("meta"):  # its LayerNorm / RMSNorm and MLP are the checkpoint's own
-        projector = MultimodalProjector(projector_config)
-    projector.projection.ln_q, projector.projection.mlp = merger.ln_q, merger.mlp
-    return projector
 
 
 def processor_from_hf(

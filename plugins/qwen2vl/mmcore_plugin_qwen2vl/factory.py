@@ -158,14 +158,22 @@ class Qwen2VLFactory(EncoderFactory):
         merger = module.__dict__.pop("checkpoint_merger", None)
         if merger is None:
             return None
+        return self.merger_projector(recipe, merger.mlp[-1].out_features, merger)
+
+    def merger_projector(self, recipe: Mapping[str, Any], out_features: int, merger: Any = None) -> Any:
+        """A ``qwen2_vl_merger`` / ``qwen2_5_vl_merger`` projector from the tower's width to
+        ``out_features``: holding ``merger``'s norm and MLP (transformers' ``PatchMerger`` /
+        ``Qwen2_5_VLPatchMerger``), or, with none, fresh (random weights)."""
         from mmcore.modeling.projector import MultimodalProjector, MultimodalProjectorConfig
 
         config = MultimodalProjectorConfig(
             projector_type=self.projector_type,
             in_features=self.output_width(recipe),
-            out_features=merger.mlp[-1].out_features,
+            out_features=out_features,
         )
-        with torch.device("meta"):  # its norm and MLP are the checkpoint's
+        if merger is None:
+            return MultimodalProjector(config)
+        with torch.device("meta"):  # its norm and MLP are the merger's
             projector = MultimodalProjector(config)
         projector.projection.ln_q, projector.projection.mlp = merger.ln_q, merger.mlp
         return projector
@@ -292,7 +300,6 @@ def image_and_video_encoders(
 
     import mmcore
     from mmcore.factory import encoder_from_recipe
-    from mmcore.modeling.projector import MultimodalProjector, MultimodalProjectorConfig
 
     image = mmcore.build_encoder(encoder, checkpoint, preset=preset, device=device, **options)
     factory, recipe = mmcore.get_factory(encoder), image.source["recipe"]
@@ -301,13 +308,8 @@ def image_and_video_encoders(
             raise ConfigError(
                 f"{factory.family}: a preset's merger needs text_width (the language model's width)"
             )
-        config = MultimodalProjectorConfig(
-            projector_type=factory.projector_type,
-            in_features=factory.output_width(recipe),
-            out_features=text_width,
-        )
         with torch.device(device) if device is not None else contextlib.nullcontext():
-            image.projector = MultimodalProjector(config)
+            image.projector = factory.merger_projector(recipe, text_width)
     # the image encoder's recipe for videos, built on the meta device: its tower is the image encoder's
     video = encoder_from_recipe(factory, {**recipe, "video": True}, projector=image.projector, device="meta")
     video.module = image.module
