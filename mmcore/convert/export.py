@@ -25,9 +25,9 @@ def export_hf(mllm: Any, processor: Any, output: str | os.PathLike) -> dict[str,
 
     family = family_for(mllm)
     hf_model = family.to_hf(mllm)
-    if hasattr(family, "hf_processor_for"):  # a family of several encoders (OneVision: image and video)
+    if hasattr(family, "hf_processor_for"):  # reads the processor itself (OneVision, Qwen2-VL, ...)
         hf_processor = family.hf_processor_for(hf_model, processor)
-    else:
+    else:  # LLaVA, LLaVA-NeXT: the one encoder's image processor
         (modality,) = mllm.encoders
         hf_processor = family.hf_processor(hf_model, processor.tokenizer, _image_processor(processor, modality))
     with staged_directory(output) as staging:
