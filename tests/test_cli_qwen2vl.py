@@ -18,14 +18,6 @@ QWEN2VL = ["-e", "image=qwen2_vl:preset=tiny", "-e", "video=qwen2_vl:preset=tiny
            "--set", "encoders.video.options.video=true"]  # fmt: skip
 
 
-def run(*args):
-    from typer.testing import CliRunner
-
-    from mmcore.cli import app as cli_app
-
-    return CliRunner().invoke(cli_app.build_app(), [str(a) for a in args])
-
-
 def write_data(root):
     """Six records, two of each kind: an image, an image and a video, a video (images of two sizes)."""
     from PIL import Image
@@ -69,7 +61,9 @@ def test_media_keys_follow_the_encoders_that_read_them():
     [("tiny", []), ("tiny-qwen2-vl", []), ("tiny-qwen2.5-vl", ["--pack-to", 256])],
     ids=["llama", "qwen2-vl-mrope", "qwen2.5-vl-mrope-packed"],
 )
-def test_train_from_jsonl_reads_images_and_videos_into_their_encoders(tmp_path, monkeypatch, llm, options):
+def test_train_from_jsonl_reads_images_and_videos_into_their_encoders(
+    cli, tmp_path, monkeypatch, llm, options
+):
     from mmcore import MultimodalModel
     from mmcore.builtin.mrope import MRope
 
@@ -85,9 +79,9 @@ def test_train_from_jsonl_reads_images_and_videos_into_their_encoders(tmp_path, 
     data = write_data(tmp_path)
     model_dir = tmp_path / "model"
     encoders = [e.replace("qwen2_vl:", "qwen2_5_vl:") for e in QWEN2VL] if "2.5" in llm else QWEN2VL
-    result = run("assemble", "--llm", llm, *encoders, "-o", model_dir)
+    result = cli("assemble", "--llm", llm, *encoders, "-o", model_dir)
     assert result.exit_code == 0, result.output
-    result = run("train", model_dir, "--data", data, "--steps", 3, "--batch-size", 2, "--stage", "full",
+    result = cli("train", model_dir, "--data", data, "--steps", 3, "--batch-size", 2, "--stage", "full",
                  "--lr", 1e-2, "-o", tmp_path / "run", *options)  # fmt: skip
     assert result.exit_code == 0, result.output
     before = MultimodalModel.from_pretrained(model_dir).state_dict()
@@ -101,23 +95,23 @@ def test_train_from_jsonl_reads_images_and_videos_into_their_encoders(tmp_path, 
         assert changed, f"{part} did not train: its items never reached it"
 
 
-def test_assemble_gives_a_qwen2_vl_text_llm_the_mrope_callback_and_dry_run_counts_it(tmp_path):
+def test_assemble_gives_a_qwen2_vl_text_llm_the_mrope_callback_and_dry_run_counts_it(cli, tmp_path):
     from mmcore import MultimodalModel
     from mmcore.builtin.mrope import MRope
 
     real = ["-e", "image=qwen2_vl:preset=qwen2-vl-7b", "-e", "video=qwen2_vl:preset=qwen2-vl-7b",
             "--set", "encoders.video.options.video=true"]  # fmt: skip
-    result = run("assemble", "--llm", "qwen2-vl-7b", *real, "--dry-run", "--json")
+    result = cli("assemble", "--llm", "qwen2-vl-7b", *real, "--dry-run", "--json")
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
     assert report["preprocess_llm_callback"] == "mrope"
     assert any("mrope" in note for note in report["notes"])
     assert report["llm_params"] == 7_615_616_512  # Qwen2-VL-7B's language model, lm_head untied
     # another LLM keeps what it had: no callback (the towers' tokens take its 1-D positions)
-    result = run("assemble", "--llm", "qwen2-7b", *real, "--dry-run", "--json")
+    result = cli("assemble", "--llm", "qwen2-7b", *real, "--dry-run", "--json")
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["preprocess_llm_callback"] is None
-    result = run("assemble", "--llm", "tiny-qwen2-vl", *QWEN2VL, "-o", tmp_path / "model", "--json")
+    result = cli("assemble", "--llm", "tiny-qwen2-vl", *QWEN2VL, "-o", tmp_path / "model", "--json")
     assert result.exit_code == 0, result.output
     ids = json.loads(result.output)["modality_token_ids"]
     callback = MultimodalModel.from_pretrained(tmp_path / "model").preprocess_llm_callback
@@ -126,7 +120,7 @@ def test_assemble_gives_a_qwen2_vl_text_llm_the_mrope_callback_and_dry_run_count
 
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
-def test_test_run_of_an_assembly_file_runs_the_mrope_callback(tmp_path, monkeypatch, family):
+def test_test_run_of_an_assembly_file_runs_the_mrope_callback(cli, tmp_path, monkeypatch, family):
     from mmcore.builtin.mrope import MRope
 
     llm = "tiny-qwen2-vl" if family == "qwen2_vl" else "tiny-qwen2.5-vl"
@@ -146,7 +140,7 @@ options = {{ video = true }}
     seen = []  # the positions each call gives the language model
     call = MRope.__call__
     monkeypatch.setattr(MRope, "__call__", lambda self, **kw: seen.append(out := call(self, **kw)) or out)
-    result = run("test-run", tmp_path / "model.toml", "--json")
+    result = cli("test-run", tmp_path / "model.toml", "--json")
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["ok"] is True
     prefill = [out["position_ids"] for out in seen if out is not None]
