@@ -285,59 +285,56 @@ def _text_positions(position_ids, attention_mask, batch: int, seq: int, past: in
     return torch.arange(past, past + seq, device=device).expand(batch, -1)
 
 
-def _build_text_lm(self, config) -> None:
-    self.model = self.text_model_class(config)
-    self.vocab_size = config.vocab_size
-    self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-    self.post_init()
-
-
-def _forward_text_lm(
-    self,
-    input_ids: torch.LongTensor | None = None,
-    attention_mask: torch.Tensor | None = None,
-    position_ids: torch.LongTensor | None = None,
-    past_key_values: Any = None,
-    cache: Any = None,
-    inputs_embeds: torch.Tensor | None = None,
-    labels: torch.LongTensor | None = None,
-    use_cache: bool | None = None,
-    logits_to_keep: int | torch.Tensor = 0,
-    mm_token_type_ids: Any = None,  # what transformers' Qwen2-VL processors give; the positions come from MRope
-    **kwargs: Any,
-) -> CausalLMOutputWithPast:
-    """The text model, then the head (on the last ``logits_to_keep`` positions), as the VLM does. The KV
-    cache comes by either name and goes on by the one the text model declares (``cache`` from
-    transformers 5.24, ``past_key_values`` before), so no call warns."""
-    kv_cache, named = cache if cache is not None else past_key_values, {}
-    if kv_cache is not None:
-        named["cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"] = kv_cache
-    outputs = self.model(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-        inputs_embeds=inputs_embeds, use_cache=use_cache, **named, **kwargs,
-    )  # fmt: skip
-    logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
-    loss = None
-    if labels is not None:
-        loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-    return CausalLMOutputWithPast(
-        loss=loss, logits=logits, past_key_values=outputs.past_key_values,
-        hidden_states=outputs.hidden_states, attentions=outputs.attentions,
-    )  # fmt: skip
-
-
 class _TextForCausalLM:
     """What both families' causal LMs are: the family's text model (``text_model_class``) and an
-    ``lm_head`` tied to its embeddings, with `_forward_text_lm` as their forward."""
+    ``lm_head`` tied to its embeddings."""
 
     input_modalities = ("text",)
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
     text_model_class: type
-    forward = _forward_text_lm
 
     def __init__(self, config):
         super().__init__(config)
-        _build_text_lm(self, config)
+        self.model = self.text_model_class(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        # the KV cache's name in the text model's forward: cache from transformers 5.24, past_key_values before
+        declared = inspect.signature(self.model.forward).parameters
+        self._cache_arg = "cache" if "cache" in declared else "past_key_values"
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Any = None,
+        cache: Any = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        mm_token_type_ids: Any = None,  # what transformers' Qwen2-VL processors give; the positions come from MRope
+        **kwargs: Any,
+    ) -> CausalLMOutputWithPast:
+        """The text model, then the head (on the last ``logits_to_keep`` positions), as the VLM does. The
+        KV cache comes by either name and goes on by the one the text model declares, so no call warns."""
+        kv_cache = cache if cache is not None else past_key_values
+        named = {self._cache_arg: kv_cache} if kv_cache is not None else {}
+        outputs = self.model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+            inputs_embeds=inputs_embeds, use_cache=use_cache, **named, **kwargs,
+        )  # fmt: skip
+        logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(
+                logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs
+            )
+        return CausalLMOutputWithPast(
+            loss=loss, logits=logits, past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states, attentions=outputs.attentions,
+        )  # fmt: skip
 
 
 class Qwen2VLTextForCausalLM(_TextForCausalLM, Qwen2VLPreTrainedModel, GenerationMixin):
