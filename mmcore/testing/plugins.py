@@ -3,7 +3,7 @@ encoder-plugin contract check `check_encoder_plugin` a plugin author runs in the
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,6 +43,16 @@ def registered_plugin(obj: Any, name: str = "test") -> Iterator[Any]:
 
 
 # -- the plugin contract check -----------------------------------------------------------------------------
+def encoder_features(encoder: Any, inputs: Mapping[str, Any]) -> list[Any]:
+    """``encoder``'s features for processed ``inputs`` (its projector not run, no gradients): one
+    ``(tokens, width)`` tensor per item, whether the module returns a batch or a list."""
+    import torch
+
+    with torch.no_grad():
+        features = encoder(**encoder.select_inputs(dict(inputs)))
+    return list(features) if isinstance(features, list) else list(features.unbind(0))
+
+
 @dataclass
 class ContractReport:
     """What `check_encoder_plugin` verified, for a plugin author's test to print or inspect."""
@@ -129,9 +139,7 @@ def check_encoder_plugin(
     encoder.eval()
 
     def run(inputs: dict[str, Any], what: str) -> list[int]:
-        with torch.no_grad():
-            features = encoder(**encoder.select_inputs(inputs))
-        items = list(features) if isinstance(features, list) else list(features.unbind(0))
+        items = encoder_features(encoder, inputs)
         for item in items:
             if item.dim() != 2 or item.shape[-1] != width:
                 raise fail("output", f"{what}: expected features (tokens, {width}) per item, got {tuple(item.shape)}")

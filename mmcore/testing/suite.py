@@ -47,7 +47,7 @@ from typing import Any, ClassVar
 import pytest
 
 from mmcore.testing.fixtures import tiny_assembled_model
-from mmcore.testing.plugins import check_encoder_plugin
+from mmcore.testing.plugins import check_encoder_plugin, encoder_features
 
 #: Modules listing an encoder must not import (a plugin's entry module registers metadata only).
 HEAVY_MODULES = ("torch", "transformers", "timm", "torchaudio", "torchvision")
@@ -74,15 +74,6 @@ def encoder_cases(plugin: str | None = None, *, presets: bool = True) -> list[An
         for name in encoder_names(plugin)
         for preset in registry.get_encoder(name).presets
     ]
-
-
-def _features(encoder: Any, inputs: Mapping[str, Any]) -> list[Any]:
-    """The encoder's features (without a projector), one ``(tokens, width)`` tensor per item."""
-    import torch
-
-    with torch.no_grad():
-        features = encoder(**encoder.select_inputs(dict(inputs)))
-    return list(features) if isinstance(features, list) else list(features.unbind(0))
 
 
 def _callbacks(encoder: Any) -> tuple[Any, Any, Any]:
@@ -241,7 +232,7 @@ class EncoderSuite:
         assert built.output_width == factory.output_width(recipe)
         with torch.device("meta"):
             inputs = factory.dummy_inputs(recipe, batch_size=2)
-            features = _features(built, inputs)  # nothing is allocated
+            features = encoder_features(built, inputs)  # nothing is allocated
         assert [tuple(f.shape) for f in features] == [
             (n, built.output_width) for n in factory.num_tokens(recipe, inputs)
         ]
@@ -483,7 +474,7 @@ class TransformersVisionSuite(EncoderSuite):
         processed = factory.processor(recipe)(
             [Image.fromarray(a) for a in raw[:2]] + raw[2:]
         )  # PIL and numpy
-        features = _features(built, processed)
+        features = encoder_features(built, processed)
         assert all(f.shape[-1] == factory.output_width(recipe) for f in features)
         assert factory.num_tokens(recipe, processed) == [f.shape[0] for f in features]
         config = factory.config_class.from_dict(recipe["config"])
