@@ -183,12 +183,17 @@ class MRope(Callback):
 
     def _rope_index(self, input_ids, attention_mask, image_grid_thw, video_grid_thw, second_per_grid_ts):
         types = torch.zeros_like(input_ids, dtype=torch.int32)  # text 0, image 1, video 2 (mm_token_type_ids)
-        if self.image_token_id is not None:
-            types = types.masked_fill(input_ids == self.image_token_id, 1)
-        if self.video_token_id is not None:
-            types = types.masked_fill(input_ids == self.video_token_id, 2)
-        kinds = {1: ("image", self.image_token_id, image_grid_thw), 2: ("video", self.video_token_id, video_grid_thw)}
-        _check_one_run_per_item(types, {k: (name, grids) for k, (name, i, grids) in kinds.items() if i is not None})
+        kinds = (
+            (1, "image", self.image_token_id, image_grid_thw),
+            (2, "video", self.video_token_id, video_grid_thw),
+        )
+        for kind, name, token_id, grids in kinds:
+            if token_id is None:
+                continue
+            here = input_ids == token_id  # (batch, seq)
+            types = types.masked_fill(here, kind)
+            if grids is not None:
+                _check_one_run_per_item(here, name, grids)
         kwargs = {"second_per_grid_ts": second_per_grid_ts} if self.family == "qwen2_5_vl" else {}
         mask = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
         return ROPE_INDEX[self.family].get_rope_index(
@@ -248,21 +253,18 @@ def _grids(encoder_inputs: Any, image: Any, video: Any, seconds: Any) -> tuple[A
     return image, video, seconds
 
 
-def _check_one_run_per_item(types: torch.Tensor, kinds: dict[int, tuple[str, Any]]) -> None:
-    """get_rope_index takes each run of one kind's placeholders for one item (Qwen2-VL's processor puts
-    ``<|vision_start|>`` / ``<|vision_end|>`` around each): `EncoderInputError` when the runs and the
-    items do not pair up, e.g. two images with nothing between their placeholders."""
-    for kind, (name, grids) in kinds.items():
-        if grids is None:
-            continue
-        here = types == kind  # (batch, seq)
-        runs = int((here & ~nn.functional.pad(here[:, :-1], (1, 0))).sum())
-        if runs != len(grids):
-            raise EncoderInputError(
-                f"mrope: {len(grids)} {name}(s) but {runs} run(s) of {name} placeholders; the 3-D positions "
-                f"take one run per {name}: put text or wrap tokens between adjacent {name}s (mmcore assemble "
-                "--set model.wrap=true, or add_modality_tokens(..., wrap=True))"
-            )
+def _check_one_run_per_item(here: torch.Tensor, name: str, grids: Any) -> None:
+    """get_rope_index takes each run of one kind's placeholders (``here``: ``(batch, seq)``, where they
+    are) for one item (Qwen2-VL's processor puts ``<|vision_start|>`` / ``<|vision_end|>`` around each):
+    `EncoderInputError` when the runs and the items do not pair up, e.g. two images with nothing between
+    their placeholders."""
+    runs = int((here & ~nn.functional.pad(here[:, :-1], (1, 0))).sum())
+    if runs != len(grids):
+        raise EncoderInputError(
+            f"mrope: {len(grids)} {name}(s) but {runs} run(s) of {name} placeholders; the 3-D positions "
+            f"take one run per {name}: put text or wrap tokens between adjacent {name}s (mmcore assemble "
+            "--set model.wrap=true, or add_modality_tokens(..., wrap=True))"
+        )
 
 
 def _packed_samples(positions: torch.Tensor) -> list[list[int]] | None:
