@@ -54,6 +54,7 @@ from transformers.models.qwen2_vl.modeling_qwen2_vl import (
     Qwen2VLTextModel,
 )
 
+from mmcore.builtin import TEXT_LM_MODULES
 from mmcore.builtin.callbacks import Callback
 from mmcore.errors import ConfigError, EncoderInputError
 
@@ -359,4 +360,4 @@ AutoModelForCausalLM.register(Qwen2VLTextConfig, Qwen2VLTextForCausalLM, exist_o
 AutoModelForCausalLM.register(Qwen2_5_VLTextConfig, Qwen2_5_VLTextForCausalLM, exist_ok=True)
 
 #: text config model_type -> this module registers a causal LM for it (see `mmcore.modeling.multimodal`)
-TEXT_MODEL_TYPES = ("qwen2_vl_text", "qwen2_5_vl_text")
+TEXT_MODEL_TYPES = tuple(t for t, module in TEXT_LM_MODULES.items() if module == __name__)

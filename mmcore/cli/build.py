@@ -119,16 +119,18 @@ def _on_meta(meta: bool) -> Any:
 def _build_llm(spec: AssemblySpec, meta: bool) -> tuple[Any, bool]:
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    import mmcore.builtin.mrope  # noqa: F401 - registers the Qwen2-VL text causal LMs with AutoModelForCausalLM
+    from mmcore.builtin import register_text_lm
 
     source = spec.llm.source
     with _key(spec, "llm.source", loading=source):
         if source in LLM_PRESETS:
             config, random = LLM_PRESETS[source].build_config(), True
-        elif meta or spec.model.random_init:
-            config, random = AutoConfig.from_pretrained(_path_or_id(source), trust_remote_code=False), True
         else:
-            return AutoModelForCausalLM.from_pretrained(_path_or_id(source), trust_remote_code=False), False
+            config = AutoConfig.from_pretrained(_path_or_id(source), trust_remote_code=False)
+            random = meta or spec.model.random_init
+        register_text_lm(config.model_type)  # mmcore's Qwen2-VL text causal LMs
+        if not random:
+            return AutoModelForCausalLM.from_pretrained(_path_or_id(source), config=config, trust_remote_code=False), False
         with _on_meta(meta):
             return AutoModelForCausalLM.from_config(config, trust_remote_code=False), random
 

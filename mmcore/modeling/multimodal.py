@@ -26,6 +26,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers.utils import logging
 
+from mmcore.builtin import register_text_lm
 from mmcore.errors import (
     ConfigError,
     EncoderInputError,
@@ -602,8 +603,7 @@ class MultimodalModel(PreTrainedModel, GenerationMixin):
 
     @staticmethod
     def _build_language_model(config: MultimodalConfig) -> nn.Module:
-        if getattr(config.text_config, "model_type", None) in ("qwen2_vl_text", "qwen2_5_vl_text"):
-            import mmcore.builtin.mrope  # noqa: F401 - registers their causal LMs with AutoModelForCausalLM
+        register_text_lm(getattr(config.text_config, "model_type", None))
         llm = AutoModelForCausalLM.from_config(config.text_config)
         if config.peft_config:
             import peft
