@@ -128,8 +128,9 @@ class EncoderFactory:
 
     def checkpoint_projector(self, recipe: Mapping[str, Any], checkpoint: str, module: nn.Module) -> nn.Module | None:
         """The projector whose weights come with ``checkpoint`` (Qwen2-VL's patch merger is part of its
-        vision tower), given ``module`` as `build_module` just built it from there; used when the user
-        names no projector. None (the default): the model builds one (see `default_projector`)."""
+        vision tower), given ``module`` as `build_module` just built it from there; called after every
+        build from a checkpoint (so a factory can let go of what it kept aside), used when the user names
+        no projector. None (the default): the model builds one (see `default_projector`)."""
         return None
 
     # -- helpers for subclasses --------------------------------------------------------------------
@@ -223,8 +224,9 @@ def encoder_from_recipe(
         slots[slot] = callback
     with _device(device):
         module = factory.build_module(recipe, checkpoint)
-        if projector is None and checkpoint is not None:
-            projector = factory.checkpoint_projector(recipe, checkpoint, module)
+        if checkpoint is not None:
+            from_checkpoint = factory.checkpoint_projector(recipe, checkpoint, module)
+            projector = from_checkpoint if projector is None else projector
     source = {"kind": PLUGIN_SOURCE, "encoder": factory.name, "recipe": dict(recipe)}
     default_projector = factory.default_projector(recipe)
     if projector is None and default_projector is not None:

@@ -150,6 +150,7 @@ def test_loads_the_tower_of_a_whole_model_and_its_image_processor(tmp_path):
     fresh = mmcore.build_encoder(
         "qwen2_vl", str(tmp_path), projector="qwen2vl:qwen2_vl_merger"
     )  # sized to the LLM
+    assert "checkpoint_merger" not in fresh.module.__dict__  # the checkpoint's merger is not kept
     assert (
         MultimodalModel(encoders={"vision": fresh}, language_model=tiny_llm())
         .encoders["vision"]
