@@ -11,7 +11,6 @@ import typer
 from mmcore import hookimpl
 from mmcore.registry import CallbackSpec, EncoderSpec, ProjectorSpec
 
-HEAVY = ("torch", "transformers", "timm")
 needs_plugins = plugin_marks.needs_plugins("clip", "whisper")
 
 

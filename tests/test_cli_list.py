@@ -9,7 +9,8 @@ import sys
 import textwrap
 
 import pytest
-from cli_helpers import HEAVY
+
+from mmcore.testing.suite import HEAVY_MODULES as HEAVY
 
 
 def test_list_encoders_json_and_table_show_the_installed_plugins(cli):

@@ -3,7 +3,7 @@
 import subprocess
 import sys
 
-HEAVY = ("torch", "transformers", "timm")
+from mmcore.testing.suite import HEAVY_MODULES as HEAVY
 
 
 def _modules_after(code: str) -> set[str]:

@@ -27,8 +27,7 @@ from mmcore.errors import (
 )
 from mmcore.registry import CallbackSpec, EncoderSpec, ProjectorSpec, Registry, load_factory
 from mmcore.testing import registered_plugin
-
-HEAVY = ("torch", "transformers", "timm")
+from mmcore.testing.suite import HEAVY_MODULES as HEAVY
 
 GOOD = """
 from mmcore import hookimpl
