@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mmcore.convert.families import (
+    EXPORT_ORDER,
     FAMILIES,
     MISSING,
     NoTransformersCounterpartError,
@@ -60,29 +61,14 @@ def to_hf(mllm: Any) -> Any:
 
 
 def family_for(mllm: Any) -> Any:
-    """The converter module whose transformers class can hold ``mllm``'s shape."""
-    from mmcore.builtin.anyres import AnyResPack
-    from mmcore.builtin.qwen2_audio import Qwen2AudioTrim
-    from mmcore.builtin.video import VideoPool
-    from mmcore.convert import llava, llava_next, qwen2_audio
+    """The converter module whose transformers class can hold ``mllm``'s shape: the first family of
+    `EXPORT_ORDER` whose ``claims(mllm)`` says so, else LLaVA (its ``to_hf`` names what does not fit)."""
+    from mmcore.convert import llava
 
-    encoders = list(getattr(mllm, "encoders", {}).values())
-    packs = [e.postprocess_projector_callback for e in encoders]
-    if any(isinstance(p, VideoPool) for p in packs) or any(
-        isinstance(p, AnyResPack) and p.max_patches is not None for p in packs
-    ):
-        from mmcore.convert import llava_onevision
-
-        return llava_onevision
-    qwen = {(e.source or {}).get("encoder") for e in encoders} & {"qwen2vl:qwen2_vl", "qwen2vl:qwen2_5_vl"}
-    if qwen:  # the Qwen2-VL / Qwen2.5-VL tower (their to_hf says what else does not fit)
-        from mmcore.convert import qwen2_5_vl, qwen2_vl
-
-        return qwen2_5_vl if qwen == {"qwen2vl:qwen2_5_vl"} else qwen2_vl
-    if len(encoders) == 1 and isinstance(encoders[0].postprocess_projector_callback, AnyResPack):
-        return llava_next
-    if len(encoders) == 1 and isinstance(encoders[0].postprocess_projector_callback, Qwen2AudioTrim):
-        return qwen2_audio
+    for model_type in EXPORT_ORDER:
+        family = family_module(model_type)
+        if family.claims(mllm):
+            return family
     return llava
 
 

@@ -24,6 +24,11 @@ FAMILIES: dict[str, str] = {
     "qwen2_5_vl": "mmcore.convert.qwen2_5_vl",
 }
 
+#: the families `mmcore.convert.family_for` asks, in turn, whether an mmcore model has their shape
+#: (``claims(mllm)``): the most specific first (OneVision's tiling is LLaVA-NeXT's plus more); LLaVA,
+#: the plain shape, answers when none does.
+EXPORT_ORDER: tuple[str, ...] = ("llava_onevision", "qwen2_5_vl", "qwen2_vl", "llava_next", "qwen2_audio")
+
 #: model_type -> why it is not converted yet (shown in errors and in docs/converting.md).
 MISSING: dict[str, str] = {}
 

@@ -100,6 +100,13 @@ def processor_from_hf(
 
 
 # -- out: mmcore -> LLaVA-NeXT ------------------------------------------------------------------------------
+def claims(mllm: MultimodalModel) -> bool:
+    """Whether ``mllm`` has LLaVA-NeXT's shape: one encoder with the anyres pack."""
+    return len(mllm.encoders) == 1 and isinstance(
+        next(iter(mllm.encoders.values())).postprocess_projector_callback, AnyResPack
+    )
+
+
 def to_hf(mllm: MultimodalModel) -> LlavaNextForConditionalGeneration:
     """The ``LlavaNextForConditionalGeneration`` holding ``mllm``'s own modules, when ``mllm`` is LLaVA's
     shape (see `mmcore.convert.llava.to_hf`) with the anyres callbacks; `NoTransformersCounterpartError`

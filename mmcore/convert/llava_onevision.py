@@ -137,6 +137,12 @@ def _modalities(mllm: MultimodalModel) -> tuple[str, str | None]:
 
 
 # -- out: mmcore -> LLaVA-OneVision --------------------------------------------------------------------------
+def claims(mllm: MultimodalModel) -> bool:
+    """Whether ``mllm`` has OneVision's shape: a video pool, or tiling downscaled to ``max_patches``."""
+    packs = [e.postprocess_projector_callback for e in mllm.encoders.values()]
+    return any(isinstance(p, VideoPool) or (isinstance(p, AnyResPack) and p.max_patches is not None) for p in packs)
+
+
 def to_hf(mllm: MultimodalModel) -> LlavaOnevisionForConditionalGeneration:
     """The ``LlavaOnevisionForConditionalGeneration`` holding ``mllm``'s own modules, when ``mllm`` is
     OneVision's shape (an anyres encoder with ``max_patches``, and optionally a pooled video encoder

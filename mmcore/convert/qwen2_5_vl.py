@@ -30,6 +30,11 @@ def from_hf(hf_model: Any, *, image_processor: Any = None, source: str | None = 
     return qwen2_vl.from_hf(hf_model, image_processor=image_processor, source=source, family=QWEN2_5_VL)
 
 
+def claims(mllm: MultimodalModel) -> bool:
+    """Whether ``mllm``'s towers are Qwen2.5-VL's only."""
+    return qwen2_vl.tower_encoders(mllm) == {"qwen2vl:qwen2_5_vl"}
+
+
 def to_hf(mllm: MultimodalModel) -> Qwen2_5_VLForConditionalGeneration:
     """See `mmcore.convert.qwen2_vl.to_hf`."""
     return qwen2_vl.to_hf(mllm, family=QWEN2_5_VL)

@@ -94,6 +94,13 @@ def processor_from_hf(
     )
 
 
+def claims(mllm: MultimodalModel) -> bool:
+    """Whether ``mllm`` has Qwen2-Audio's shape: one encoder with its per-clip trim."""
+    return len(mllm.encoders) == 1 and isinstance(
+        next(iter(mllm.encoders.values())).postprocess_projector_callback, Qwen2AudioTrim
+    )
+
+
 def to_hf(mllm: MultimodalModel) -> Qwen2AudioForConditionalGeneration:
     """The ``Qwen2AudioForConditionalGeneration`` holding ``mllm``'s modules, when ``mllm`` is one
     ``Qwen2AudioEncoder`` with Qwen2-Audio's callbacks, a linear projector and a causal LM."""

@@ -129,6 +129,17 @@ def processor_from_hf(
 
 
 # -- out: mmcore -> Qwen2-VL --------------------------------------------------------------------------------
+def tower_encoders(mllm: MultimodalModel) -> set[str]:
+    """The qwen2vl plugin's tower encoders among ``mllm``'s (``qwen2vl:qwen2_vl`` / ``qwen2vl:qwen2_5_vl``)."""
+    names = {(e.source or {}).get("encoder") for e in mllm.encoders.values()}
+    return names & {"qwen2vl:qwen2_vl", "qwen2vl:qwen2_5_vl"}
+
+
+def claims(mllm: MultimodalModel) -> bool:
+    """Whether ``mllm`` has a Qwen2-VL tower (`to_hf` says what else does not fit)."""
+    return "qwen2vl:qwen2_vl" in tower_encoders(mllm)
+
+
 def to_hf(mllm: MultimodalModel, family: Family = QWEN2_VL) -> Any:
     """The ``Qwen2VLForConditionalGeneration`` holding ``mllm``'s modules, when ``mllm`` is the plugin's
     tower with its merger projector (an image encoder, and optionally a video one sharing them), the
