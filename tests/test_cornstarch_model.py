@@ -11,6 +11,7 @@ import json
 
 import pytest
 import torch
+from plugin_helpers import IntParamCallback
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutput
 
@@ -286,18 +287,9 @@ def test_preprocess_llm_callback_returning_something_else_is_an_error():
         mllm(input_ids=torch.tensor([[1, 7, 7, 7, 7, 7, 2]]), pixel_values=torch.randn(IMG))
 
 
-from mmcore.callbacks import Callback as _Callback  # noqa: E402
-
-
-class ShiftPositions(_Callback):
+class ShiftPositions(IntParamCallback):
     name = "shift_positions"
     slot = "preprocess_llm"
-
-    def __init__(self, n: int):
-        self.n = n
-
-    def params(self):
-        return {"n": self.n}
 
     def __call__(self, inputs_embeds, **kwargs):
         return {"position_ids": torch.arange(inputs_embeds.shape[1])[None] + self.n}

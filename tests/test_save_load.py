@@ -5,6 +5,7 @@ import os
 
 import pytest
 import torch
+from plugin_helpers import IntParamCallback
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
@@ -247,18 +248,9 @@ def test_callback_from_a_plugin_rebuilds_by_name(tmp_path):
     assert isinstance(KeepFirst(1), Callback)
 
 
-from mmcore.callbacks import Callback as _Callback  # noqa: E402
-
-
-class KeepFirst(_Callback):
+class KeepFirst(IntParamCallback):
     name = "keep_first"
     slot = "postprocess_module"
-
-    def __init__(self, n: int):
-        self.n = n
-
-    def params(self):
-        return {"n": self.n}
 
     def __call__(self, inputs, output):
         return (output[0][:, : self.n],)
