@@ -34,8 +34,7 @@ class ClipFactory(TransformersVisionFactory):
     whole_model_type = "clip"
     family = "CLIP"
     default_processing = "OpenAI CLIP preprocessing"
-    presets = {name: preset["summary"] for name, preset in PRESETS.items()}
-    preset_configs = {name: preset["config"] for name, preset in PRESETS.items()}
+    preset_table = PRESETS
     options = {"feature_layer": -2, "drop_cls": True}
 
     def prefix_tokens(self, config: CLIPVisionConfig) -> int:

@@ -37,8 +37,7 @@ class SiglipFactory(TransformersVisionFactory):
     model_type = "siglip_vision_model"
     whole_model_type = "siglip"
     family = "SigLIP"
-    presets = {name: preset["summary"] for name, preset in PRESETS.items()}
-    preset_configs = {name: preset["config"] for name, preset in PRESETS.items()}
+    preset_table = PRESETS
     options = {"feature_layer": -1, "keep_head": False}
 
     def configure(self, config: SiglipVisionConfig, options: Mapping[str, Any]) -> None:
