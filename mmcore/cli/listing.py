@@ -6,6 +6,7 @@ They read the plugin registry's metadata only: no torch, transformers or timm is
 from __future__ import annotations
 
 import difflib
+from collections.abc import Callable
 from typing import Any, Optional
 
 import typer
@@ -53,24 +54,20 @@ def list_encoders(
         }
         for s in specs
     ]
-    if as_json:
-        print_json(rows)
-        return
-    print_table(
+    _print_rows(
+        rows,
+        as_json,
         "Encoders",
         ["name", "modality", "plugin", "default checkpoint", "presets", "summary"],
-        [
-            [
-                r["name"],
-                r["modality"],
-                r["plugin"],
-                r["default_checkpoint"],
-                ", ".join(r["presets"]) or None,
-                r["summary"],
-            ]
-            for r in rows
+        lambda r: [
+            r["name"],
+            r["modality"],
+            r["plugin"],
+            r["default_checkpoint"],
+            ", ".join(r["presets"]) or None,
+            r["summary"],
         ],
-        caption=None if rows else _empty_caption("encoders", pattern, modality),
+        empty=_empty_caption("encoders", pattern, modality),
     )
 
 
@@ -93,14 +90,13 @@ def list_projectors(
          "tags": list(s.tags), "summary": s.summary}
         for s in _registry().list_projectors(pattern)
     ]  # fmt: skip
-    if as_json:
-        print_json(rows)
-        return
-    print_table(
+    _print_rows(
+        rows,
+        as_json,
         "Projectors",
         ["name", "plugin", "pattern", "summary"],
-        [[r["name"], r["plugin"], r["pattern"], r["summary"]] for r in rows],
-        caption=None if rows else _empty_caption("projectors", pattern),
+        lambda r: [r["name"], r["plugin"], r["pattern"], r["summary"]],
+        empty=_empty_caption("projectors", pattern),
     )
 
 
@@ -131,14 +127,13 @@ def list_callbacks(
         }
         for s in _registry().list_callbacks(pattern, slot)
     ]
-    if as_json:
-        print_json(rows)
-        return
-    print_table(
+    _print_rows(
+        rows,
+        as_json,
         "Callbacks",
         ["name", "slots", "plugin", "summary"],
-        [[r["name"], ", ".join(r["slots"]), r["plugin"], r["summary"]] for r in rows],
-        caption=None if rows else _empty_caption("callbacks", pattern, slot),
+        lambda r: [r["name"], ", ".join(r["slots"]), r["plugin"], r["summary"]],
+        empty=_empty_caption("callbacks", pattern, slot),
     )
 
 
@@ -161,18 +156,38 @@ def list_llms(as_json: bool = typer.Option(False, "--json", help=JSON_HELP)) -> 
          "config": dict(p.config)}
         for p in LLM_PRESETS.values()
     ]  # fmt: skip
+    _print_rows(
+        rows,
+        as_json,
+        "LLM presets",
+        ["name", "model type", "layers", "width", "vocab", "tokenizer", "summary"],
+        lambda r: [
+            r["name"],
+            r["model_type"],
+            r["config"].get("num_hidden_layers"),
+            r["config"].get("hidden_size"),
+            r["config"].get("vocab_size"),
+            r["tokenizer"] or "--tokenizer",
+            r["summary"],
+        ],
+    )
+
+
+def _print_rows(
+    rows: list[dict[str, Any]],
+    as_json: bool,
+    title: str,
+    columns: list[str],
+    cells: Callable[[dict[str, Any]], list[Any]],
+    *,
+    empty: str | None = None,
+) -> None:
+    """A listing's ``rows`` as JSON (``as_json``), else as a table of each row's ``cells``, captioned
+    ``empty`` when there are none."""
     if as_json:
         print_json(rows)
         return
-    print_table(
-        "LLM presets",
-        ["name", "model type", "layers", "width", "vocab", "tokenizer", "summary"],
-        [
-            [r["name"], r["model_type"], r["config"].get("num_hidden_layers"), r["config"].get("hidden_size"),
-             r["config"].get("vocab_size"), r["tokenizer"] or "--tokenizer", r["summary"]]
-            for r in rows
-        ],
-    )  # fmt: skip
+    print_table(title, columns, [cells(r) for r in rows], caption=None if rows else empty)
 
 
 def _empty_caption(kind: str, *filters: Any) -> str:
@@ -225,19 +240,24 @@ def plugins(
     rows = [_status_dict(s) for s in plugin_statuses()]
     if not show_all:
         rows = [r for r in rows if not r["builtin"]]
-    if as_json:
-        print_json(rows)
-        return
-    print_table(
+    _print_rows(
+        rows,
+        as_json,
         "Plugins",
         ["name", "state", "distribution", "version", "registered", "load ms", "reason"],
-        [
-            [r["name"], r["state"], r["distribution"], r["version"], _registered_summary(r["registered"]),
-             f"{r['load_time_s'] * 1e3:.1f}", r["reason"]]
-            for r in rows
+        lambda r: [
+            r["name"],
+            r["state"],
+            r["distribution"],
+            r["version"],
+            _registered_summary(r["registered"]),
+            f"{r['load_time_s'] * 1e3:.1f}",
+            r["reason"],
         ],
-        caption=None if rows else "no plugins installed (--all shows the built-in one)",
-    )  # fmt: skip
+        empty="no plugins installed (--all shows the built-in one)",
+    )
+    if as_json:
+        return
     from mmcore.cli.output import console
 
     for clash in _registry().clashes():
