@@ -91,6 +91,11 @@ def spec_from_cli(
     return spec_from_dict(merged, origin)
 
 
+def _repeatable(names: tuple[str, ...], metavar: str, help: str) -> Any:
+    """A string option that may be given many times: a list of its values, None when never given."""
+    return typer.Option(None, *names, metavar=metavar, help=help)
+
+
 def assemble(
     spec_file: Optional[Path] = typer.Argument(
         None, metavar="[ASSEMBLY]", help="TOML assembly file (flags apply on top)."
@@ -103,27 +108,21 @@ def assemble(
         "--tokenizer",
         help="Tokenizer hub id or directory ('tiny': the offline test tokenizer). Default: the LLM's.",
     ),
-    encoder: Optional[list[str]] = typer.Option(
-        None,
-        "--encoder",
-        "-e",
-        metavar="NAME=ENCODER[:SOURCE]",
-        help="Add an encoder: NAME=ENCODER[:CHECKPOINT | :preset=PRESET], "
+    encoder: Optional[list[str]] = _repeatable(
+        ("--encoder", "-e"),
+        "NAME=ENCODER[:SOURCE]",
+        "Add an encoder: NAME=ENCODER[:CHECKPOINT | :preset=PRESET], "
         "e.g. vision=clip:openai/clip-vit-large-patch14. Repeatable.",
     ),
-    projector: Optional[list[str]] = typer.Option(
-        None,
-        "--projector",
-        "-p",
-        metavar="[NAME=]TYPE",
-        help="Projector type for every encoder (TYPE) or one (NAME=TYPE). Default mlp2x_gelu.",
+    projector: Optional[list[str]] = _repeatable(
+        ("--projector", "-p"),
+        "[NAME=]TYPE",
+        "Projector type for every encoder (TYPE) or one (NAME=TYPE). Default mlp2x_gelu.",
     ),
-    assignments: Optional[list[str]] = typer.Option(
-        None,
-        "--set",
-        "-s",
-        metavar="KEY=VALUE",
-        help="Set any assembly key, e.g. encoders.vision.options.feature_layer=-1, "
+    assignments: Optional[list[str]] = _repeatable(
+        ("--set", "-s"),
+        "KEY=VALUE",
+        "Set any assembly key, e.g. encoders.vision.options.feature_layer=-1, "
         "encoders.vision.projector_options.num_queries=64. Repeatable.",
     ),
     wrap: Optional[bool] = typer.Option(
