@@ -13,15 +13,14 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from plugin_helpers import registered_encoders, tiny_spec
 from transformers import BitImageProcessor, CLIPVisionConfig, Dinov2Config, Dinov2Model
 
 import mmcore
-from mmcore import hookimpl
 from mmcore.callbacks import DropPrefixTokens, SelectFeatureLayer
 from mmcore.errors import ConfigError
 from mmcore.hf_vision import RECIPE_VERSION, TransformersVisionFactory
-from mmcore.registry import EncoderSpec
-from mmcore.testing import check_encoder_plugin, registered_plugin, tiny_llm, tiny_tokenizer
+from mmcore.testing import check_encoder_plugin, tiny_llm, tiny_tokenizer
 
 VISION = dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, image_size=42, patch_size=14)
 # a processor unlike the default one (size, mean), so a test can tell it was read from the checkpoint
@@ -55,23 +54,10 @@ class Dinov2Factory(TransformersVisionFactory):
         )
 
 
-class Dinov2Plugin:
-    @hookimpl
-    def register_encoders(self, register):
-        register(
-            EncoderSpec(
-                name="dinov2",
-                modality="vision",
-                summary="DINOv2 (test)",
-                factory=f"{__name__}:Dinov2Factory",
-                presets=("tiny",),
-            )
-        )
-
-
 @pytest.fixture(scope="module", autouse=True)
 def dinov2_plugin():
-    with registered_plugin(Dinov2Plugin(), name="hfvtest") as registry:
+    spec = tiny_spec(__name__, "dinov2", "vision", "DINOv2 (test)", "Dinov2Factory")
+    with registered_encoders("hfvtest", spec) as registry:
         yield registry
 
 

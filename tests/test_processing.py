@@ -14,9 +14,9 @@ from typing import ClassVar
 import numpy as np
 import pytest
 import torch
+from plugin_helpers import registered_encoders, tiny_spec
 
 import mmcore
-from mmcore import hookimpl
 from mmcore.callbacks import SelectFeatureLayer
 from mmcore.errors import (
     ConfigError,
@@ -28,9 +28,7 @@ from mmcore.errors import (
 from mmcore.factory import EncoderFactory
 from mmcore.modeling.multimodal import MultimodalModel
 from mmcore.processing import MultimodalProcessor
-from mmcore.registry import EncoderSpec
 from mmcore.testing import (
-    registered_plugin,
     tiny_clip_vision,
     tiny_llm,
     tiny_multimodal_model,
@@ -129,32 +127,11 @@ class ToyWhisperFactory(EncoderFactory):
         }
 
 
-class ToyPlugin:
-    @hookimpl
-    def register_encoders(self, register):
-        register(
-            EncoderSpec(
-                name="toyclip",
-                modality="vision",
-                summary="toy CLIP",
-                factory=f"{__name__}:ToyClipFactory",
-                presets=("tiny",),
-            )
-        )
-        register(
-            EncoderSpec(
-                name="toywhisper",
-                modality="audio",
-                summary="toy Whisper",
-                factory=f"{__name__}:ToyWhisperFactory",
-                presets=("tiny",),
-            )
-        )
-
-
 @pytest.fixture(scope="module", autouse=True)
 def toy_plugin():
-    with registered_plugin(ToyPlugin(), name="ptest") as registry:
+    clip = tiny_spec(__name__, "toyclip", "vision", "toy CLIP", "ToyClipFactory")
+    whisper = tiny_spec(__name__, "toywhisper", "audio", "toy Whisper", "ToyWhisperFactory")
+    with registered_encoders("ptest", clip, whisper) as registry:
         yield registry
 
 
