@@ -72,17 +72,27 @@ class ToyAudioProcessor:
         return {"input_features": out.view(len(items), self.bins, self.frames)}
 
 
-class ToyClipFactory(EncoderFactory):
-    presets: ClassVar[dict[str, str]] = {"tiny": "2 layers, 28 px"}
+class ToyFactory(EncoderFactory):
+    """One recipe, ``{"config": config}``, built by ``build(**config)``; ``config[width_key]`` wide."""
+
+    config: ClassVar[dict[str, int]]
+    build: ClassVar[staticmethod]
+    width_key: ClassVar[str]
 
     def make_recipe(self, checkpoint=None, preset=None, **options):
-        return {"config": {"hidden_size": 24, "image_size": 28, "patch_size": 14}}
+        return {"config": dict(self.config)}
 
     def build_module(self, recipe, checkpoint=None):
-        return tiny_clip_vision(**recipe["config"])
+        return self.build(**recipe["config"])
 
     def output_width(self, recipe):
-        return recipe["config"]["hidden_size"]
+        return recipe["config"][self.width_key]
+
+
+class ToyClipFactory(ToyFactory):
+    presets: ClassVar[dict[str, str]] = {"tiny": "2 layers, 28 px"}
+    config = {"hidden_size": 24, "image_size": 28, "patch_size": 14}
+    build, width_key = staticmethod(tiny_clip_vision), "hidden_size"
 
     def default_callbacks(self, recipe):
         return {"postprocess_module": SelectFeatureLayer(-2, drop_prefix_tokens=1)}
@@ -99,17 +109,10 @@ class ToyClipFactory(EncoderFactory):
         return {"pixel_values": torch.randn(batch_size, 3, size, size)}
 
 
-class ToyWhisperFactory(EncoderFactory):
+class ToyWhisperFactory(ToyFactory):
     presets: ClassVar[dict[str, str]] = {"tiny": "1 layer"}
-
-    def make_recipe(self, checkpoint=None, preset=None, **options):
-        return {"config": {"d_model": 16, "num_mel_bins": 8, "max_source_positions": 10}}
-
-    def build_module(self, recipe, checkpoint=None):
-        return tiny_whisper_encoder(**recipe["config"])
-
-    def output_width(self, recipe):
-        return recipe["config"]["d_model"]
+    config = {"d_model": 16, "num_mel_bins": 8, "max_source_positions": 10}
+    build, width_key = staticmethod(tiny_whisper_encoder), "d_model"
 
     def processor(self, recipe):
         config = recipe["config"]
