@@ -11,52 +11,51 @@ from mmcore_plugin_qwen2vl.presets import DEFAULT_CHECKPOINTS, PRESET_NAMES
 
 MMCORE_PLUGIN_API = 1  # the plugin-API version this plugin is written for
 
+#: encoder name -> (display name, what the tower does, its factory class, its merger's class and norm).
+#: Each tower registers an encoder and its patch merger the projector ``<name>_merger``.
+_TOWERS = {
+    "qwen2_vl": (
+        "Qwen2-VL",
+        "native resolution, images and videos as one flat patch sequence",
+        "Qwen2VLFactory",
+        "Qwen2VLMergerProjection",
+        "LayerNorm",
+    ),
+    "qwen2_5_vl": (
+        "Qwen2.5-VL",
+        "windowed attention, native resolution, images and videos",
+        "Qwen25VLFactory",
+        "Qwen25VLMergerProjection",
+        "RMSNorm",
+    ),
+}
+
 
 @hookimpl
 def register_encoders(register):
-    register(
-        EncoderSpec(
-            name="qwen2_vl",
-            modality="vision",
-            summary=(
-                "Qwen2-VL vision tower (transformers); native resolution, images and videos as one flat "
-                "patch sequence, tokens per item t*h*w/4; its patch merger is the projector"
-            ),
-            factory="mmcore_plugin_qwen2vl.factory:Qwen2VLFactory",
-            default_checkpoint=DEFAULT_CHECKPOINTS["qwen2_vl"],
-            presets=PRESET_NAMES["qwen2_vl"],
-            tags=("transformers", "vision", "video", "native-resolution"),
+    for name, (display, what, factory, _, _) in _TOWERS.items():
+        register(
+            EncoderSpec(
+                name=name,
+                modality="vision",
+                summary=f"{display} vision tower (transformers); {what}, tokens per item t*h*w/4; "
+                "its patch merger is the projector",
+                factory=f"mmcore_plugin_qwen2vl.factory:{factory}",
+                default_checkpoint=DEFAULT_CHECKPOINTS[name],
+                presets=PRESET_NAMES[name],
+                tags=("transformers", "vision", "video", "native-resolution"),
+            )
         )
-    )
-    register(
-        EncoderSpec(
-            name="qwen2_5_vl",
-            modality="vision",
-            summary=(
-                "Qwen2.5-VL vision tower (transformers); windowed attention, native resolution, images and "
-                "videos, tokens per item t*h*w/4; its patch merger is the projector"
-            ),
-            factory="mmcore_plugin_qwen2vl.factory:Qwen25VLFactory",
-            default_checkpoint=DEFAULT_CHECKPOINTS["qwen2_5_vl"],
-            presets=PRESET_NAMES["qwen2_5_vl"],
-            tags=("transformers", "vision", "video", "native-resolution"),
-        )
-    )
 
 
 @hookimpl
 def register_projectors(register):
-    register(
-        ProjectorSpec(
-            name="qwen2_vl_merger",
-            summary="Qwen2-VL's patch merger: LayerNorm, each 2x2 patches concatenated, Linear-GELU-Linear (4 patches -> 1 token)",
-            factory="mmcore_plugin_qwen2vl.modules:Qwen2VLMergerProjection.from_projector_config",
+    for name, (display, _, _, merger, norm) in _TOWERS.items():
+        register(
+            ProjectorSpec(
+                name=f"{name}_merger",
+                summary=f"{display}'s patch merger: {norm}, each 2x2 patches concatenated, Linear-GELU-Linear "
+                "(4 patches -> 1 token)",
+                factory=f"mmcore_plugin_qwen2vl.modules:{merger}.from_projector_config",
+            )
         )
-    )
-    register(
-        ProjectorSpec(
-            name="qwen2_5_vl_merger",
-            summary="Qwen2.5-VL's patch merger: RMSNorm, each 2x2 patches concatenated, Linear-GELU-Linear (4 patches -> 1 token)",
-            factory="mmcore_plugin_qwen2vl.modules:Qwen25VLMergerProjection.from_projector_config",
-        )
-    )
