@@ -390,15 +390,21 @@ def _prefix_tokens(tower: nn.Module) -> int:
 def llava_processor(llava: LlavaForConditionalGeneration, tokenizer: Any, image_processor: Any) -> LlavaProcessor:
     """transformers' ``LlavaProcessor`` for an exported model: the tokenizer (with its chat template)
     and image processor it was trained with, and LLaVA's token count per image."""
-    config = llava.config
-    return LlavaProcessor(
+    return LlavaProcessor(**processor_fields(llava, tokenizer, image_processor))
+
+
+def processor_fields(hf_model: Any, tokenizer: Any, image_processor: Any) -> dict[str, Any]:
+    """The arguments every LLaVA-family processor takes for an exported model ``hf_model``: the
+    tokenizer (with its chat template), the image processor and what its token count per image needs."""
+    config = hf_model.config
+    return dict(
         image_processor=image_processor,
         tokenizer=tokenizer,
         patch_size=config.vision_config.patch_size,
         vision_feature_select_strategy=config.vision_feature_select_strategy,
         chat_template=getattr(tokenizer, "chat_template", None),
         image_token=special_token(tokenizer, config.image_token_index),
-        num_additional_image_tokens=_prefix_tokens(llava.model.vision_tower),
+        num_additional_image_tokens=_prefix_tokens(hf_model.model.vision_tower),
     )
 
 

@@ -155,18 +155,9 @@ def hf_processor(hf_model: LlavaNextForConditionalGeneration, tokenizer: Any, im
     ``LlavaNextImageProcessor`` the model was trained with)."""
     from transformers import LlavaNextImageProcessor
 
-    config = hf_model.config
     if not isinstance(image_processor, LlavaNextImageProcessor):
         raise NoTransformersCounterpartError(
             f"the processor's image processor is {type(image_processor).__name__}; LLaVA-NeXT's is a "
             "LlavaNextImageProcessor (tiles and image_sizes)"
         )
-    return LlavaNextProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        patch_size=config.vision_config.patch_size,
-        vision_feature_select_strategy=config.vision_feature_select_strategy,
-        chat_template=getattr(tokenizer, "chat_template", None),
-        image_token=llava.special_token(tokenizer, config.image_token_index),
-        num_additional_image_tokens=llava._prefix_tokens(hf_model.model.vision_tower),
-    )
+    return LlavaNextProcessor(**llava.processor_fields(hf_model, tokenizer, image_processor))
