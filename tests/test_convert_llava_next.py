@@ -7,15 +7,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from llava_helpers import assert_round_trip_is_bit_exact, assert_saved_conversion_matches
 from plugin_marks import needs_plugins
 
-from mmcore.convert.testing import (
-    assert_bit_exact,
-    assert_same_outputs,
-    assert_same_tensors,
-    random_images,
-    save_and_load,
-)
+from mmcore.convert.testing import assert_same_outputs, assert_same_tensors, random_images
 
 pytestmark = needs_plugins("clip", "siglip")
 
@@ -65,23 +60,12 @@ def test_processor_makes_the_hf_processors_batch(source):
     assert_same_tensors(ours, source["batch"], ("input_ids", "attention_mask", "image_sizes", "pixel_values"))
 
 
-@torch.no_grad()
 def test_saved_conversion_rebuilds_model_and_processor_with_nothing_passed(source, tmp_path):
-    mllm, processor = save_and_load(source["mllm"], source["processor"], tmp_path)
-    batch = processor(PROMPTS, image=images(), padding_side="left")
-    assert torch.equal(batch["input_ids"], source["batch"]["input_ids"])
-    torch.testing.assert_close(mllm(**batch).logits, source["hf"](**source["batch"]).logits, rtol=0, atol=ATOL)
+    assert_saved_conversion_matches(source, tmp_path, PROMPTS, ATOL, image=images())
 
 
 def test_llava_next_to_mmcore_to_llava_next_is_bit_exact(source, tmp_path):
-    from mmcore import MultimodalModel
-
-    hf = source["hf"]
-    back = MultimodalModel.from_hf(hf).to_hf()
-    assert type(back).__name__ == "LlavaNextForConditionalGeneration"
-    assert back.model.vision_tower is hf.model.vision_tower and back.model.image_newline is hf.model.image_newline
-    source["mllm"].save_pretrained(tmp_path / "mmcore")
-    assert_bit_exact(MultimodalModel.from_pretrained(tmp_path / "mmcore").to_hf(), hf, CONFIG_FIELDS)
+    assert_round_trip_is_bit_exact(source, tmp_path, "LlavaNextForConditionalGeneration", CONFIG_FIELDS)
 
 
 def test_export_loads_without_mmcore_and_gives_equal_logits(source, tmp_path):

@@ -12,15 +12,10 @@ import json
 
 import pytest
 import torch
+from llava_helpers import assert_round_trip_is_bit_exact, assert_saved_conversion_matches
 from plugin_marks import needs_plugins
 
-from mmcore.convert.testing import (
-    assert_bit_exact,
-    assert_same_outputs,
-    assert_same_tensors,
-    random_images,
-    save_and_load,
-)
+from mmcore.convert.testing import assert_same_outputs, assert_same_tensors, random_images
 
 pytestmark = needs_plugins("clip", "siglip")
 
@@ -120,11 +115,10 @@ def test_processor_makes_the_hf_processors_batch(source):
     assert_same_tensors(ours, source["batch"], keys)
 
 
-@torch.no_grad()
 def test_saved_conversion_rebuilds_shared_parts_and_processor(source, tmp_path):
     from safetensors import safe_open
 
-    mllm, processor = save_and_load(source["mllm"], source["processor"], tmp_path)
+    mllm = assert_saved_conversion_matches(source, tmp_path, PROMPTS, ATOL, image=images(), video=videos())
     with safe_open(tmp_path / "model.safetensors", "pt") as f:
         keys = list(f.keys())
     assert not [k for k in keys if k.startswith("encoders.video.")]  # shared parts are saved once
@@ -134,25 +128,10 @@ def test_saved_conversion_rebuilds_shared_parts_and_processor(source, tmp_path):
         video.postprocess_projector_callback.image_newline
         is image.postprocess_projector_callback.image_newline
     )
-    batch = processor(PROMPTS, image=images(), video=videos(), padding_side="left")
-    assert torch.equal(batch["input_ids"], source["batch"]["input_ids"])
-    torch.testing.assert_close(
-        mllm(**batch).logits, source["hf"](**source["batch"]).logits, rtol=0, atol=ATOL
-    )
 
 
 def test_llava_onevision_to_mmcore_to_llava_onevision_is_bit_exact(source, tmp_path):
-    from mmcore import MultimodalModel
-
-    hf = source["hf"]
-    back = MultimodalModel.from_hf(hf).to_hf()
-    assert type(back).__name__ == "LlavaOnevisionForConditionalGeneration"
-    assert (
-        back.model.vision_tower is hf.model.vision_tower
-        and back.model.image_newline is hf.model.image_newline
-    )
-    source["mllm"].save_pretrained(tmp_path / "mmcore")
-    assert_bit_exact(MultimodalModel.from_pretrained(tmp_path / "mmcore").to_hf(), hf, CONFIG_FIELDS)
+    assert_round_trip_is_bit_exact(source, tmp_path, "LlavaOnevisionForConditionalGeneration", CONFIG_FIELDS)
 
 
 def test_a_video_encoder_with_its_own_tower_has_no_onevision_counterpart(source):
