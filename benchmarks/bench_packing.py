@@ -10,7 +10,11 @@ For the same samples and the same model, one epoch of training steps (forward, b
   ``MultimodalCollator(pack_to=...)`` into one row (attention within each sample), as micro-batches:
   an optimizer step every k of them, k = (a)'s real tokens per batch / ``--pack-to``, rounded, so
   that an update holds about as many tokens as (a)'s (``mmcore train --batch-length 512 --pack-to
-  512 --grad-accum k``).
+  512 --grad-accum k``);
+- ``(d) packed, multi-row``: `TokenBudgetBatchSampler` batches of k rows of up to ``--pack-to``
+  tokens each (``row_tokens``), rows of similar fill together, packed by the same collator into a
+  (k, W) batch: one pass and one optimizer step per batch (``mmcore train --batch-length 2048
+  --pack-to 512``).
 
 Reported per strategy: samples/s and real tokens/s (tokens that are not padding), the padding
 overhead (padding as % of all tokens the model ran), and each rate over (a)'s, measured in the same
@@ -145,8 +149,9 @@ class MixDataset(torch.utils.data.Dataset):
         return self.lengths[i]
 
 
-def strategies(dataset, processor, args) -> dict[str, tuple[list[list[int]], list[dict]]]:
-    """Each strategy's batches for one epoch: the sample indices, and the collated batches."""
+def strategies(dataset, processor, args, rows: int) -> dict[str, tuple[list[list[int]], list[dict]]]:
+    """Each strategy's batches for one epoch: the sample indices, and the collated batches; ``rows``:
+    the packed rows per update, (c)'s micro-batches and (d)'s rows."""
     from mmcore.training import GroupedBatchSampler, MultimodalCollator, TokenBudgetBatchSampler
 
     n = len(dataset)
@@ -156,10 +161,13 @@ def strategies(dataset, processor, args) -> dict[str, tuple[list[list[int]], lis
         "(a) random, padded": [order[s : s + args.batch] for s in range(0, n, args.batch)],
         "(b) length-grouped": list(GroupedBatchSampler.for_dataset(dataset, args.batch, seed=args.seed)),
         "(c) packed": list(TokenBudgetBatchSampler.for_dataset(dataset, args.pack_to, seed=args.seed)),
+        "(d) packed, multi-row": list(
+            TokenBudgetBatchSampler.for_dataset(dataset, rows * args.pack_to, row_tokens=args.pack_to, seed=args.seed)
+        ),
     }
     padded, packed = MultimodalCollator(processor), MultimodalCollator(processor, pack_to=args.pack_to)
     return {
-        name: (plan, [(packed if name.startswith("(c)") else padded)([dataset[i] for i in batch]) for batch in plan])
+        name: (plan, [(packed if "packed" in name else padded)([dataset[i] for i in batch]) for batch in plan])
         for name, plan in plans.items()
     }
 
@@ -187,16 +195,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     alone = MultimodalCollator(processor)
     lengths = [alone([{k: v for k, v in s.items() if k != "kind"}])["input_ids"].shape[1] for s in samples]
     dataset = MixDataset(samples, lengths)
-    batches = strategies(dataset, processor, args)
+    # packed rows per update: about (a)'s real tokens per batch
+    rows = max(1, round(sum(lengths) / -(-len(samples) // args.batch) / args.pack_to))
+    batches = strategies(dataset, processor, args, rows)
     pad = processor.tokenizer.pad_token_id
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
 
-    # (c): micro-batches of one row, an update per about (a)'s tokens per batch
-    plan_a = batches["(a) random, padded"][0]
-    per_batch = sum(lengths[i] for b in plan_a for i in b) / len(plan_a)
+    # (c): micro-batches of one row, an update every ``rows`` of them; (d): one batch of ``rows`` rows
     accum = {name: 1 for name in batches}
-    accum["(c) packed"] = max(1, round(per_batch / args.pack_to))
+    accum["(c) packed"] = rows
 
     def epoch(group, k):
         for start in range(0, len(group), k):

@@ -163,6 +163,32 @@ def test_packing_keeps_the_order_when_items_cannot_be_reordered():
     assert segments == order
 
 
+def test_rows_listed_row_after_row_pack_into_as_many_rows(family="llama"):
+    """Samples that come as rows (what ``TokenBudgetBatchSampler(row_tokens=...)`` yields) pack into
+    those rows where first-fit decreasing would open one more, and keep their losses."""
+    model, tokenizer = tiny_multimodal_model(family)
+    model.eval()
+    processor = processor_for(model, tokenizer)
+    collate_alone = MultimodalCollator(processor)
+    extra = collate_alone([{"text": "the"}])["input_ids"].shape[1] - 1  # tokens a text adds beyond its words
+    # in the given order two rows of 40 ([12, 20, 8], [16, 16, 8]); first-fit decreasing needs three
+    wanted = [12, 20, 8, 16, 16, 8]
+    assert len(plan_rows(wanted, 40)) == 3 and len(plan_rows(wanted, 40, keep_order=True)) == 2
+    samples = [{"text": " ".join(["the"] * (n - extra))} for n in wanted]
+    assert [collate_alone([s])["input_ids"].shape[1] for s in samples] == wanted
+    packed = MultimodalCollator(processor, pack_to=40)(samples)
+    assert packed["input_ids"].shape == (2, 40)
+    got = token_losses(model, packed)
+    expected = [token_losses(model, collate_alone([s]))[0] for s in samples]
+    assert [ids for ids, _ in got] == [ids for ids, _ in expected]  # in order, row after row
+    for (_, losses), (_, alone) in zip(got, expected):
+        torch.testing.assert_close(
+            torch.tensor([v for *_, v in losses]), torch.tensor([v for *_, v in alone]), atol=1e-5, rtol=0
+        )
+    # where first-fit decreasing needs no more rows, it is what packs (as even as it can)
+    assert MultimodalCollator(processor, pack_to=40)(samples[:3])["input_ids"].shape == (1, 40)
+
+
 def test_packed_batch_carries_flash_attention_boundaries():
     model, tokenizer = tiny_multimodal_model()
     batch = MultimodalCollator(processor_for(model, tokenizer), pack_to=80, pad_to_multiple_of=16)(mixed_samples())
@@ -280,6 +306,27 @@ def test_token_budget_batches_hold_about_the_budget_each():
     assert list(sampler) != batches
 
 
+def test_token_budget_batches_of_several_rows_pad_little():
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.exp(torch.randn(400, generator=g) * 0.6 + 5).long().clamp(20, 700).tolist()
+    sampler = TokenBudgetBatchSampler(lengths, max_tokens=2048, row_tokens=512, seed=1)
+    batches = list(sampler)
+    assert sorted(i for b in batches for i in b) == list(range(400))  # every sample once
+    tokens = 0
+    for batch in batches:
+        rows = plan_rows([lengths[i] for i in batch], 512, keep_order=True)  # what the collator falls back to
+        assert len(rows) <= 4  # the batch's rows, listed row after row
+        widths = [sum(lengths[batch[k]] for k in row) for row in rows]
+        assert max(widths) <= max(512, max(lengths[i] for i in batch))
+        tokens += len(rows) * max(widths)  # the (rows, W) batch
+    assert (tokens - sum(lengths)) / tokens < 0.05  # rows of similar fill together: padding under 5 %
+    one_row = list(TokenBudgetBatchSampler(lengths, max_tokens=2048, seed=1))
+    assert len(batches) <= len(one_row) + 1  # about as many batches as one row of 2048 each
+    assert list(sampler) == batches  # seeded
+    with pytest.raises(ConfigError, match="tokens of a packed row must be between 1 and the batch's budget 2048"):
+        TokenBudgetBatchSampler(lengths, 2048, row_tokens=4096)
+
+
 def test_token_budget_groups_by_modality_and_splits_steps_across_ranks():
     lengths = [50 + (i * 37) % 300 for i in range(120)]
     groups = ["vision" if i % 3 else "text" for i in range(120)]
@@ -348,6 +395,29 @@ def test_training_by_a_length_budget_packed(tmp_path, family):
     result = train(model, data, MultimodalCollator(processor_for(model, tokenizer)), config, console=console)
     assert [s for s, _ in result.losses] == [1, 2, 3] and all(math.isfinite(v) for _, v in result.losses)
     assert "batches of up to 120 length per step" in console.export_text()
+
+
+def test_training_by_a_length_budget_in_rows_of_pack_to(tmp_path):
+    """--batch-length larger than --pack-to: each micro-batch is several rows of pack_to tokens."""
+    model, tokenizer = tiny_multimodal_model()
+    data = Samples(mixed_samples() * 4)
+    data.length = lambda i: MultimodalCollator(processor_for(model, tokenizer))([data[i]])["input_ids"].shape[1]
+    shapes = []
+
+    class Recording(MultimodalCollator):
+        def __call__(self, samples):
+            batch = super().__call__(samples)
+            shapes.append(tuple(batch["input_ids"].shape))
+            return batch
+
+    config = TrainConfig(
+        output_dir=str(tmp_path), stage="finetune", max_steps=3, batch_length=128, pack_to=64, lr=1e-3,
+        progress=False, save_final=False, device="cpu", log_every=1, group_by_modality=False,
+    )  # fmt: skip
+    result = train(model, data, Recording(processor_for(model, tokenizer)), config, console=_quiet())
+    assert [s for s, _ in result.losses] == [1, 2, 3] and all(math.isfinite(v) for _, v in result.losses)
+    assert shapes and all(rows <= 2 and width <= 64 for rows, width in shapes)
+    assert any(rows == 2 for rows, _ in shapes)
 
 
 def test_train_command_packs_and_batches_by_length(tmp_path, demo_start):

@@ -126,16 +126,21 @@ class MultimodalCollator:
         item_indices: list[dict[str, range]],
     ) -> dict[str, Any]:
         """The expanded samples packed into rows; the items follow the samples into their new order
-        (the merge takes them in the order of their placeholders), or, where a processor's output
-        cannot be reordered, the rows keep the samples in order."""
+        (the merge takes them in the order of their placeholders). The rows keep the samples in order
+        where that needs fewer rows (samples that come row after row, as
+        ``TokenBudgetBatchSampler(row_tokens=...)`` lists them) or where a processor's output cannot
+        be reordered."""
         from mmcore.training.packing import pack, plan_rows, reorder_items
 
         lengths = [len(ids) for ids in all_ids]
         rows = plan_rows(lengths, self.pack_to, even=True)
+        in_order = plan_rows(lengths, self.pack_to, keep_order=True)
         order = [i for row in rows for i in row]
-        moved = reorder_items(inputs, {m: [k for i in order for k in item_indices[i][m]] for m in inputs})
+        moved = None
+        if len(rows) <= len(in_order):
+            moved = reorder_items(inputs, {m: [k for i in order for k in item_indices[i][m]] for m in inputs})
         if moved is None:
-            rows = plan_rows(lengths, self.pack_to, keep_order=True)
+            rows = in_order
         else:
             inputs = moved
         samples = list(zip(all_ids, all_labels))

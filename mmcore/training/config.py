@@ -140,7 +140,8 @@ class TrainConfig:
         metadata=option(
             "--pack-to",
             help="Pack each micro-batch's samples into rows of at most N tokens (position ids restart per "
-            "sample, attention stays within it; the loss counts the same tokens).",
+            "sample, attention stays within it; the loss counts the same tokens). With a larger "
+            "--batch-length, each micro-batch is that many tokens in rows of N.",
             min=1,
         ),
     )

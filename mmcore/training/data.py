@@ -419,6 +419,13 @@ class StepBatchSampler(torch.utils.data.Sampler[list[int]]):
     def _global_batches(self, epoch: int) -> list[Any]:
         raise NotImplementedError
 
+    def _setup(self, groups: Sequence[str], world_size: int, rank: int, seed: int, *, empty: str) -> None:
+        """Keep the groups and the split; ``empty``: the error when epoch 0 holds no step."""
+        self.groups = list(groups)
+        self.world_size, self.rank, self.seed = world_size, rank, seed
+        if not self._global_batches(0):
+            raise ConfigError(empty)
+
     def _epoch_start(self, epoch: int) -> tuple[random.Random, dict[str, list[int]]]:
         """The epoch's random generator (seeded by ``seed`` and ``epoch`` alone) and each group's sample
         indices, in sample order."""
@@ -457,15 +464,13 @@ class GroupedBatchSampler(StepBatchSampler):
     ):
         if batch_size < 1:
             raise ConfigError(f"batch size must be >= 1, got {batch_size}")
-        self.groups = list(groups) if group_by_modality else ["all"] * len(groups)
         self.lengths = list(lengths) if lengths is not None else None
-        self.batch_size, self.world_size, self.rank = batch_size, world_size, rank
-        self.seed, self.mega_batches = seed, mega_batches
-        if not self._global_batches(0):
-            raise ConfigError(
-                f"no modality group holds a full global batch of {batch_size * world_size} samples "
-                f"(batch size {batch_size} x {world_size} processes); lower the batch size"
-            )
+        self.batch_size, self.mega_batches = batch_size, mega_batches
+        self._setup(
+            groups if group_by_modality else ["all"] * len(groups), world_size, rank, seed,
+            empty=f"no modality group holds a full global batch of {batch_size * world_size} samples "
+            f"(batch size {batch_size} x {world_size} processes); lower the batch size",
+        )  # fmt: skip
 
     def _global_batches(self, epoch: int) -> list[list[int]]:
         rng, by_group = self._epoch_start(epoch)

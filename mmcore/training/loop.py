@@ -370,7 +370,8 @@ def _plan_run(model, dataset, collator, config: TrainConfig, info: DistInfo, aut
     if config.batch_length is not None:
         if hasattr(dataset, "use_token_lengths"):  # JSONL conversations: a budget in tokens, not characters
             dataset.use_token_lengths(collator)
-        sampler = TokenBudgetBatchSampler.for_dataset(dataset, config.batch_length, **sharding)
+        rows = config.pack_to if config.pack_to is not None and config.pack_to < config.batch_length else None
+        sampler = TokenBudgetBatchSampler.for_dataset(dataset, config.batch_length, row_tokens=rows, **sharding)
     else:
         sampler = GroupedBatchSampler.for_dataset(dataset, config.batch_size, **sharding)
     if config.pack_to is not None:
