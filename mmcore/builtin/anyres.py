@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -62,6 +62,23 @@ def newline_parameter(hidden_size: int) -> nn.Parameter:
     """A learned ``image_newline`` vector of ``hidden_size`` (the language model's width), initialised
     as LLaVA-NeXT does: N(0, 1 / hidden_size). `AnyResPack`'s and `mmcore.builtin.video.VideoPool`'s."""
     return nn.Parameter(torch.randn(hidden_size) / math.sqrt(hidden_size))
+
+
+def check_tokens_per_side(where: str, tokens: int, side: int, unit: str) -> None:
+    """`EncoderInputError` unless the tower gave ``side * side`` tokens per ``unit`` (tile, frame): its
+    patch grid with no CLS token. `AnyResPack`'s and `mmcore.builtin.video.VideoPool`'s check."""
+    if tokens != side * side:
+        raise EncoderInputError(
+            f"{where}: expected {side}x{side}={side * side} tokens per {unit} (image_size / patch_size), got "
+            f"{tokens}; drop the CLS token first (select_feature_layer drop_prefix_tokens=1)"
+        )
+
+
+def check_tower_rows(where: str, given: str, made: int, units: str, rows: int) -> None:
+    """`EncoderInputError` unless the ``made`` tiles or frames (``units``) that ``given`` (the inputs
+    that count them) say are the ``rows`` the tower gave features for."""
+    if made != rows:
+        raise EncoderInputError(f"{where}: {given} make {made} {units} but the tower gave features for {rows}")
 
 
 def _sizes(inputs: dict, where: str) -> list[tuple[int, int]]:
@@ -163,7 +180,34 @@ class ModuleCallback(Callback, nn.Module):
         return Callback.__repr__(self)
 
 
-class AnyResPack(ModuleCallback):
+class AnyResGrid:
+    """The tiling `AnyResPack` and its `AnyResTokenCount` share: the grid resolutions, the tile
+    (the tower's input) and patch size, the ``image_newline`` switch and OneVision's ``max_patches``."""
+
+    #: what `params` records, in this order (then ``max_patches`` when set)
+    param_names: ClassVar[tuple[str, ...]] = ("grid_pinpoints", "image_size", "patch_size", "newline")
+
+    def __init__(
+        self,
+        grid_pinpoints: Sequence[Sequence[int]],
+        image_size: int,
+        patch_size: int,
+        newline: bool = True,
+        max_patches: int | None = None,
+    ):
+        self.grid_pinpoints = _pinpoints(grid_pinpoints)
+        self.image_size = _positive("image_size", image_size)
+        self.patch_size = _positive("patch_size", patch_size)
+        # image_size // patch_size tokens per side, as the tower's strided patch embedding (SigLIP at 384 px
+        # with patch 14: 27), so the size need not be a multiple of the patch
+        self.newline = bool(newline)
+        self.max_patches = None if max_patches is None else _positive("max_patches", max_patches)
+
+    def params(self) -> dict[str, Any]:
+        return {**{name: getattr(self, name) for name in self.param_names}, **_max_patches(self.max_patches)}
+
+
+class AnyResPack(AnyResGrid, ModuleCallback):
     """Per image: base-tile tokens, then the tile grid unpadded to the image's aspect ratio with a
     learnable ``image_newline`` closing each row (LLaVA-NeXT's ``spatial_unpad``). Input ``output[0]``:
     ``(sum of tiles, tokens_per_tile, hidden_size)``; result ``[0]``: one ``(tokens_i, hidden_size)``
@@ -181,6 +225,7 @@ class AnyResPack(ModuleCallback):
 
     name = "anyres_pack"
     slot = "postprocess_projector"
+    param_names = ("grid_pinpoints", "image_size", "patch_size", "hidden_size", "newline")
 
     def __init__(
         self,
@@ -192,25 +237,9 @@ class AnyResPack(ModuleCallback):
         max_patches: int | None = None,
     ):
         nn.Module.__init__(self)
-        self.grid_pinpoints = _pinpoints(grid_pinpoints)
-        self.image_size = _positive("image_size", image_size)
-        self.patch_size = _positive("patch_size", patch_size)
+        AnyResGrid.__init__(self, grid_pinpoints, image_size, patch_size, newline, max_patches)
         self.hidden_size = _positive("hidden_size", hidden_size)
-        # image_size // patch_size tokens per side, as the tower's strided patch embedding (SigLIP at 384 px
-        # with patch 14: 27), so the size need not be a multiple of the patch
-        self.newline = bool(newline)
-        self.max_patches = None if max_patches is None else _positive("max_patches", max_patches)
         self.image_newline = newline_parameter(self.hidden_size) if self.newline else None
-
-    def params(self) -> dict[str, Any]:
-        return {
-            "grid_pinpoints": self.grid_pinpoints,
-            "image_size": self.image_size,
-            "patch_size": self.patch_size,
-            "hidden_size": self.hidden_size,
-            "newline": self.newline,
-            **_max_patches(self.max_patches),
-        }
 
     def token_count(self) -> AnyResTokenCount:
         """The processor's count for this pack (`AnyResTokenCount` with the same grid and options)."""
@@ -225,17 +254,9 @@ class AnyResPack(ModuleCallback):
         features = output[0]  # (sum of tiles, tokens_per_tile, hidden)
         sizes = _sizes(inputs, "anyres_pack")
         tiles = _tiles(inputs, sizes, self.grid_pinpoints, self.image_size)
-        if sum(tiles) != features.shape[0]:
-            raise EncoderInputError(
-                f"anyres_pack: image_sizes {sizes} make {sum(tiles)} tiles but the tower gave features for "
-                f"{features.shape[0]}"
-            )
+        check_tower_rows("anyres_pack", f"image_sizes {sizes}", sum(tiles), "tiles", features.shape[0])
         side = self.image_size // self.patch_size
-        if features.shape[1] != side * side:
-            raise EncoderInputError(
-                f"anyres_pack: expected {side}x{side}={side * side} tokens per tile (image_size / patch_size), got "
-                f"{features.shape[1]}; drop the CLS token first (select_feature_layer drop_prefix_tokens=1)"
-            )
+        check_tokens_per_side("anyres_pack", features.shape[1], side, "tile")
         packed = []
         for image, size in zip(torch.split(features, tiles, dim=0), sizes):
             base = image[0]  # (side*side, hidden)
@@ -257,33 +278,10 @@ class AnyResPack(ModuleCallback):
         return BaseModelOutput(last_hidden_state=packed)
 
 
-class AnyResTokenCount:
+class AnyResTokenCount(AnyResGrid):
     """The processor's token count per image for `AnyResFlatten` + `AnyResPack`: exactly the rows the
     pack yields (``num_feature_calculation_funcs={"vision": AnyResTokenCount(...)}``). Reads
     ``image_sizes`` from the image processor's output."""
-
-    def __init__(
-        self,
-        grid_pinpoints: Sequence[Sequence[int]],
-        image_size: int,
-        patch_size: int,
-        newline: bool = True,
-        max_patches: int | None = None,
-    ):
-        self.grid_pinpoints = _pinpoints(grid_pinpoints)
-        self.image_size = _positive("image_size", image_size)
-        self.patch_size = _positive("patch_size", patch_size)
-        self.newline = bool(newline)
-        self.max_patches = None if max_patches is None else _positive("max_patches", max_patches)
-
-    def params(self) -> dict[str, Any]:
-        return {
-            "grid_pinpoints": self.grid_pinpoints,
-            "image_size": self.image_size,
-            "patch_size": self.patch_size,
-            "newline": self.newline,
-            **_max_patches(self.max_patches),
-        }
 
     def count(self, size: tuple[int, int]) -> int:
         from transformers.models.llava_next.modeling_llava_next import (

@@ -26,13 +26,13 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutput
 
-from mmcore.builtin.anyres import ModuleCallback, newline_parameter
+from mmcore.builtin.anyres import ModuleCallback, check_tokens_per_side, check_tower_rows, newline_parameter
 from mmcore.builtin.callbacks import Callback
 from mmcore.errors import ConfigError, DataFormatError, EncoderInputError
 
@@ -96,7 +96,25 @@ def pooled_side(side: int, stride: int) -> int:
     return math.ceil(side / stride)
 
 
-class VideoPool(ModuleCallback):
+class FramePooling:
+    """What `VideoPool` and its `VideoTokenCount` share: the tower's frame and patch size, the pooling
+    stride and the newline switch."""
+
+    #: what `params` records, in this order
+    param_names: ClassVar[tuple[str, ...]] = ("image_size", "patch_size", "stride", "newline")
+
+    def __init__(self, image_size: int, patch_size: int, stride: int = 2, newline: bool = False):
+        self.image_size = _positive("image_size", image_size)
+        self.patch_size = _positive("patch_size", patch_size)
+        self.stride = _positive("stride", stride)
+        # image_size // patch_size tokens per side, as the tower's strided patch embedding (27 for 384 / 14)
+        self.newline = bool(newline)
+
+    def params(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.param_names}
+
+
+class VideoPool(FramePooling, ModuleCallback):
     """Per video: each frame's token grid pooled by ``stride``, the frames concatenated, and a learnable
     ``newline`` appended (LLaVA-OneVision's ``apply_pooling`` and video newline). Input ``output[0]``:
     ``(sum of frames, side * side, hidden)``; result ``[0]``: one ``(tokens_i, hidden)`` tensor per video.
@@ -112,6 +130,7 @@ class VideoPool(ModuleCallback):
 
     name = "video_pool"
     slot = "postprocess_projector"
+    param_names = ("image_size", "patch_size", "stride", "mode", "newline", "hidden_size")
 
     def __init__(
         self,
@@ -123,28 +142,14 @@ class VideoPool(ModuleCallback):
         hidden_size: int | None = None,
     ):
         nn.Module.__init__(self)
-        self.image_size = _positive("image_size", image_size)
-        self.patch_size = _positive("patch_size", patch_size)
-        self.stride = _positive("stride", stride)
-        # image_size // patch_size tokens per side, as the tower's strided patch embedding (27 for 384 / 14)
+        FramePooling.__init__(self, image_size, patch_size, stride, newline)
         if mode not in POOL_MODES:
             raise ConfigError(f"video_pool: mode must be one of {POOL_MODES}, got {mode!r}")
         self.mode = mode
-        self.newline = bool(newline)
         if self.newline and hidden_size is None:
             raise ConfigError("video_pool: newline=True needs hidden_size (the language model's width)")
         self.hidden_size = None if hidden_size is None else _positive("hidden_size", hidden_size)
         self.image_newline = newline_parameter(self.hidden_size) if self.newline else None
-
-    def params(self) -> dict[str, Any]:
-        return {
-            "image_size": self.image_size,
-            "patch_size": self.patch_size,
-            "stride": self.stride,
-            "mode": self.mode,
-            "newline": self.newline,
-            "hidden_size": self.hidden_size,
-        }
 
     @property
     def side(self) -> int:
@@ -161,11 +166,7 @@ class VideoPool(ModuleCallback):
         """``(frames, side * side, hidden)`` -> ``(frames, pooled * pooled, hidden)``."""
         side = self.side
         frames, tokens, hidden = features.shape
-        if tokens != side * side:
-            raise EncoderInputError(
-                f"video_pool: expected {side}x{side}={side * side} tokens per frame (image_size / patch_size), got "
-                f"{tokens}; drop the CLS token first (select_feature_layer drop_prefix_tokens=1)"
-            )
+        check_tokens_per_side("video_pool", tokens, side, "frame")
         grid = features.view(frames, side, side, hidden).permute(0, 3, 1, 2).contiguous()
         target = pooled_side(side, self.stride)
         if self.mode == "bilinear":
@@ -178,11 +179,7 @@ class VideoPool(ModuleCallback):
         features = output[0]  # (sum of frames, side*side, hidden)
         counts = inputs.get("num_frames")
         counts = [features.shape[0]] if counts is None else [int(n) for n in torch.as_tensor(counts).tolist()]
-        if sum(counts) != features.shape[0]:
-            raise EncoderInputError(
-                f"video_pool: num_frames {counts} make {sum(counts)} frames but the tower gave features for "
-                f"{features.shape[0]}"
-            )
+        check_tower_rows("video_pool", f"num_frames {counts}", sum(counts), "frames", features.shape[0])
         pooled = self.pool(features)
         videos = []
         for video in torch.split(pooled, counts, dim=0):
@@ -193,24 +190,10 @@ class VideoPool(ModuleCallback):
         return BaseModelOutput(last_hidden_state=videos)
 
 
-class VideoTokenCount:
+class VideoTokenCount(FramePooling):
     """The processor's token count per video for `VideoFrames` + `VideoPool`: frames times the pooled
     frame's tokens, plus one for the newline. Frames per video: the processed ``num_frames``, else the
     frame axis of ``pixel_values`` / ``pixel_values_videos`` (``(videos, frames, 3, H, W)``)."""
-
-    def __init__(self, image_size: int, patch_size: int, stride: int = 2, newline: bool = False):
-        self.image_size = _positive("image_size", image_size)
-        self.patch_size = _positive("patch_size", patch_size)
-        self.stride = _positive("stride", stride)
-        self.newline = bool(newline)
-
-    def params(self) -> dict[str, Any]:
-        return {
-            "image_size": self.image_size,
-            "patch_size": self.patch_size,
-            "stride": self.stride,
-            "newline": self.newline,
-        }
 
     def count(self, frames: int) -> int:
         return frames * pooled_side(self.image_size // self.patch_size, self.stride) ** 2 + int(self.newline)
