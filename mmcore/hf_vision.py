@@ -63,6 +63,7 @@ from transformers.image_processing_utils import BaseImageProcessor
 from mmcore.callbacks import DropPrefixTokens, SelectFeatureLayer
 from mmcore.errors import ConfigError, EncoderInputError
 from mmcore.factory import EncoderFactory
+from mmcore.items import each_item
 
 #: Bump when the recipe layout changes (saved models store it in their config.json).
 RECIPE_VERSION = 1
@@ -381,11 +382,7 @@ class ImageItemProcessor:
         return f"ImageItemProcessor({self.name!r}, {type(self.image_processor).__name__})"
 
     def __call__(self, items: Any) -> dict[str, torch.Tensor]:
-        if isinstance(items, (Image.Image, np.ndarray)):
-            items = [items]
-        images = [self._to_image(item, i) for i, item in enumerate(items)]
-        if not images:
-            raise EncoderInputError(f"{self.name} processor: got no images")
+        images = each_item(items, (Image.Image, np.ndarray), self._to_image, f"{self.name} processor", "images")
         return {"pixel_values": self.image_processor(images=images, return_tensors="pt")["pixel_values"]}
 
     def _to_image(self, item: Any, index: int) -> Image.Image:

@@ -35,6 +35,7 @@ from transformers.modeling_outputs import BaseModelOutput
 from mmcore.builtin.anyres import ModuleCallback, check_tokens_per_side, check_tower_rows, newline_parameter
 from mmcore.builtin.callbacks import Callback
 from mmcore.errors import ConfigError, DataFormatError, EncoderInputError
+from mmcore.items import each_item
 
 POOL_MODES = ("bilinear", "average")
 #: frame images `load_video` reads from a directory, in name order
@@ -263,11 +264,7 @@ class VideoItemProcessor:
     def __call__(self, items: Any) -> dict[str, torch.Tensor]:
         import numpy as np
 
-        if isinstance(items, (np.ndarray, torch.Tensor)):
-            items = [items]
-        videos = [self.frames(video, i) for i, video in enumerate(items)]
-        if not videos:
-            raise EncoderInputError(f"{self.name} processor: got no videos")
+        videos = each_item(items, (np.ndarray, torch.Tensor), self.frames, f"{self.name} processor", "videos")
         pixels = [
             self.image_processor(images=frames, return_tensors="pt")["pixel_values"] for frames in videos
         ]
