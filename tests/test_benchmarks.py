@@ -84,6 +84,10 @@ def test_packing_benchmark_packs_without_padding_and_covers_the_samples(tmp_path
     assert packed["padding_pct"] == 0.0 and packed["samples"] == padded["samples"] == 16
     assert packed["real_tokens"] == padded["real_tokens"] and padded["padding_pct"] > 0
     assert grouped["samples"] <= 16  # groups smaller than a batch are dropped
+    # several packed rows per batch: every sample once, one pass per update (not one per row)
+    rows_d = rows["(d) packed, multi-row"]
+    assert rows_d["samples"] == 16 and rows_d["real_tokens"] == padded["real_tokens"]
+    assert rows_d["batches"] == rows_d["updates"] < packed["batches"]
     for row in rows.values():  # timed: present and numeric, never asserted
         assert isinstance(row["samples_per_s_vs_a"], float)
 

@@ -361,9 +361,11 @@ def _plan_run(model, dataset, collator, config: TrainConfig, info: DistInfo, aut
     """The optimizer, the sampler, the number of steps and the LR schedule over them."""
     import transformers
 
-    optimizer = torch.optim.AdamW(
-        param_groups(model, config.lr, config.projector_lr, config.weight_decay), lr=config.lr
-    )
+    groups = param_groups(model, config.lr, config.projector_lr, config.weight_decay)
+    # fused (one kernel per step, not a pass per state tensor), as transformers.Trainer's default
+    # adamw_torch_fused, where torch has the kernel: floating-point parameters on CPU or CUDA
+    fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for g in groups for p in g["params"])
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, fused=fused or None)
     sharding = dict(
         world_size=info.world_size, rank=info.rank, seed=config.seed, group_by_modality=config.group_by_modality
     )
