@@ -288,6 +288,7 @@ def test_pack_to_needs_a_collator_that_packs(tmp_path):
 def test_train_command_has_the_packing_and_budget_options():
     flags = {o.name: o.flags for o in cli_options()}
     assert flags["pack_to"] == ("--pack-to",) and flags["batch_length"] == ("--batch-length",)
+    assert flags["group_by_modality"] == ("--group-by-modality/--no-group-by-modality",)
 
 
 # -- the token-budget sampler --------------------------------------------------------------------------------
@@ -429,11 +430,12 @@ def test_train_command_packs_and_batches_by_length(tmp_path, demo_start):
     result = CliRunner().invoke(build_app(), [
         "train", str(start), "--data", str(data), "--stage", "finetune", "-o", str(tmp_path / "run"),
         "--batch-length", "100", "--pack-to", "128", "--steps", "2", "--log-every", "1", "--no-progress",
-        "--device", "cpu",
+        "--device", "cpu", "--no-group-by-modality",
     ])  # fmt: skip
     assert result.exit_code == 0, result.output
     said = " ".join(result.output.split())  # the console wraps long lines
     assert "packed into rows of up to 128 tokens" in said and "batches of up to 100 length" in said
+    assert "modalities mixed in a batch" in said
     assert "step 2/2 loss" in said
 
 

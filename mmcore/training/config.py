@@ -134,7 +134,14 @@ class TrainConfig:
             "placeholders, start/end tokens); every other row stays bit-identical.",
         ),
     )
-    group_by_modality: bool = True
+    group_by_modality: bool = field(
+        default=True,
+        metadata=option(
+            "--group-by-modality/--no-group-by-modality",
+            help="Batches of one modality group each (images only, text only, ...). --no-group-by-modality "
+            "mixes them: packed rows pad less; under FSDP2 the ranks then agree on the encoders at each step.",
+        ),
+    )
     pack_to: int | None = field(
         default=None,
         metadata=option(

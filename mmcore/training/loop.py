@@ -279,6 +279,7 @@ def _train(model, dataset, collator, config, processor, info, console, say) -> T
         f"training {run.total} steps: {per_step}{info.world_size} process(es) x {config.grad_accum} "
         f"accumulation), {run.per_epoch} steps per epoch, on {info.device}"
         + (f"; samples packed into rows of up to {config.pack_to} tokens" if config.pack_to else "")
+        + ("" if config.group_by_modality else "; modalities mixed in a batch")
     )
     _run_steps(run, console, say)
     if run.result.skipped:
