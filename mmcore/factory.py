@@ -39,14 +39,24 @@ class EncoderFactory:
     Class attributes:
         presets: preset name -> one-line description. Presets build with random weights and no
             download (``tiny`` for tests; the real architectures, for meta-device dry runs).
+        preset_table: preset name -> ``{"summary": one line, ...}``, the plugin's whole preset table
+            (its other keys are the factory's own: a config, the checkpoint it copies); when set,
+            ``presets`` is its summaries (unless the subclass sets ``presets`` itself).
         options: option name -> default value, accepted by `make_recipe` (e.g. ``feature_layer``).
     """
 
     presets: ClassVar[Mapping[str, str]] = {}
+    preset_table: ClassVar[Mapping[str, Mapping[str, Any]]] = {}
     options: ClassVar[Mapping[str, Any]] = {}
     #: the key of a training record (JSONL) whose file paths are this encoder's items, e.g. ``"image"``;
     #: None: the encoder cannot be trained from files (see `load_item`)
     data_key: ClassVar[str | None] = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        table = cls.__dict__.get("preset_table")
+        if table is not None and "presets" not in cls.__dict__:  # what the subclass sets itself wins
+            cls.presets = {name: entry["summary"] for name, entry in table.items()}
 
     def __init__(self, spec: EncoderSpec | None = None):
         self.spec = spec

@@ -86,8 +86,8 @@ class TransformersVisionFactory(EncoderFactory):
         family: the display name in messages (``"CLIP"``); lower-cased, it prefixes processor errors.
         preset_table: name -> ``{"summary": one line, "config": config_class keyword arguments}``
             (other keys, such as the ``"checkpoint"`` an architecture copies, are ignored); it sets
-            ``presets`` (name -> summary) and ``preset_configs`` (name -> config). A subclass may set
-            those two directly instead.
+            ``presets`` (name -> summary, as in every `EncoderFactory`) and ``preset_configs`` (name ->
+            config). A subclass may set those two directly instead.
         options: name -> default; must include ``feature_layer``. Every option whose default is a
             bool only accepts True or False.
         default_processing: how the default processor preprocesses, for the warning when a
@@ -105,19 +105,15 @@ class TransformersVisionFactory(EncoderFactory):
     model_type: ClassVar[str]
     whole_model_type: ClassVar[str | None] = None
     family: ClassVar[str]
-    preset_table: ClassVar[Mapping[str, Mapping[str, Any]]] = {}
     preset_configs: ClassVar[Mapping[str, Mapping[str, Any]]] = {}
     options: ClassVar[Mapping[str, Any]] = {"feature_layer": -1}
     default_processing: ClassVar[str | None] = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
+        super().__init_subclass__(**kwargs)  # presets, from the table
         table = cls.__dict__.get("preset_table")
-        if table is not None:  # what the subclass sets itself wins over what the table gives
-            if "presets" not in cls.__dict__:
-                cls.presets = {name: entry["summary"] for name, entry in table.items()}
-            if "preset_configs" not in cls.__dict__:
-                cls.preset_configs = {name: entry["config"] for name, entry in table.items()}
+        if table is not None and "preset_configs" not in cls.__dict__:  # what the subclass sets wins
+            cls.preset_configs = {name: entry["config"] for name, entry in table.items()}
 
     # -- hooks -------------------------------------------------------------------------------------
     def default_processor(self, image_size: int) -> BaseImageProcessor:

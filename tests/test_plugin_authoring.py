@@ -220,3 +220,26 @@ def test_a_factory_whose_data_key_mmcore_knows_reads_its_files_with_mmcores_load
     assert image.mode == "RGB" and image.size == (5, 4)
     with registered_plugin(_plugin(GoodVision)), pytest.raises(NotImplementedError, match="reads no training files"):
         get_factory("toy").load_item(tmp_path / "grey.png")
+
+
+def test_a_preset_table_gives_the_presets_and_the_class_own_presets_win():
+    from mmcore.hf_vision import TransformersVisionFactory
+
+    table = {"tiny": {"summary": "2 layers", "config": {"hidden_size": 32}, "checkpoint": None},
+             "base": {"summary": "12 layers", "config": {"hidden_size": 768}, "checkpoint": "org/base"}}  # fmt: skip
+
+    class FromTable(EncoderFactory):
+        preset_table = table
+
+    class Explicit(EncoderFactory):
+        preset_table = table
+        presets = {"tiny": "mine"}
+
+    class Vision(TransformersVisionFactory):
+        preset_table = table
+
+    assert FromTable.presets == {"tiny": "2 layers", "base": "12 layers"}
+    assert Explicit.presets == {"tiny": "mine"}  # set by the class itself: kept
+    assert Vision.presets == FromTable.presets
+    assert Vision.preset_configs == {"tiny": {"hidden_size": 32}, "base": {"hidden_size": 768}}
+    assert EncoderFactory.presets == {}  # the base is untouched

@@ -157,7 +157,7 @@ class Eva02Factory(EncoderFactory):
     ``final_norm``, ``data_config`` (timm's, for the processor), and facts read off the architecture:
     ``patch_size``, ``num_prefix_tokens``, ``width``, ``depth``, ``dynamic_img_pad``."""
 
-    presets = {name: entry["summary"] for name, entry in PRESETS.items()}
+    preset_table = PRESETS
     options = {
         "model_name": None,  # timm architecture: needed with a weights file; with preset "tiny", a tiny one
         "feature_layer": -2,  # block whose output is used (OmniLMM: the penultimate)

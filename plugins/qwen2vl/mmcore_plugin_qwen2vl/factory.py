@@ -57,7 +57,7 @@ class Qwen2VLFactory(EncoderFactory):
     width_field: ClassVar[str] = "embed_dim"  # the tower's width (the merger's input)
     projector_type: ClassVar[str] = "qwen2vl:qwen2_vl_merger"
     video_processor_class: ClassVar[type] = Qwen2VLVideoProcessor
-    presets = {name: entry["summary"] for name, entry in PRESETS["qwen2_vl"].items()}
+    preset_table = PRESETS["qwen2_vl"]
     options = {"video": False, "min_pixels": None, "max_pixels": None}
     data_key = "image"  # a training record's "image" paths (``"video"`` ones with the video option)
 
@@ -271,7 +271,7 @@ class Qwen25VLFactory(Qwen2VLFactory):
     width_field = "hidden_size"
     projector_type = "qwen2vl:qwen2_5_vl_merger"
     video_processor_class = Qwen25VLVideoProcessor
-    presets = {name: entry["summary"] for name, entry in PRESETS["qwen2_5_vl"].items()}
+    preset_table = PRESETS["qwen2_5_vl"]
 
 
 def _jsonable(value: Any) -> Any:

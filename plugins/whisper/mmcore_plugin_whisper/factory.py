@@ -223,7 +223,7 @@ class WhisperFactory(EncoderFactory):
     ``max_source_positions`` already cut to the window), ``max_seconds`` (the window) and
     ``trim_padding`` (each clip's own positions; absent in recipes saved before it: off)."""
 
-    presets = {name: entry["summary"] for name, entry in PRESETS.items()}
+    preset_table = PRESETS
     options = {
         "max_seconds": None,  # window in seconds (multiple of 0.02); None: the model's own (30 s)
         "trim_padding": True,  # each clip keeps the positions its own samples cover (Qwen2-Audio)
