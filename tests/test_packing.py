@@ -326,6 +326,10 @@ def test_token_budget_batches_of_several_rows_pad_little():
     assert list(sampler) == batches  # seeded
     with pytest.raises(ConfigError, match="tokens of a packed row must be between 1 and the batch's budget 2048"):
         TokenBudgetBatchSampler(lengths, 2048, row_tokens=4096)
+    # two ranks: each step's batches of rows split across them, none shared
+    ranks = [TokenBudgetBatchSampler(lengths, 2048, row_tokens=512, world_size=2, rank=r, seed=1) for r in (0, 1)]
+    first, second = (list(r) for r in ranks)
+    assert len(first) == len(second) > 0 and not {i for b in first for i in b} & {i for b in second for i in b}
 
 
 def test_token_budget_groups_by_modality_and_splits_steps_across_ranks():
