@@ -1,5 +1,6 @@
 """What every benchmark writes with ``--json PATH``: ``{"meta": {...}, "rows": [...]}``, the meta naming
-the date, machine, torch version, thread count and the arguments of the run."""
+the date, machine, torch version, thread count and the arguments of the run; and the GPUs' peak
+bf16 FLOP/s that model FLOPs utilisation (MFU) is measured against."""
 
 from __future__ import annotations
 
@@ -27,3 +28,12 @@ def write_json(path: str | None, rows: list[dict], args: Any, **extra: Any) -> N
     }
     with open(path, "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=2)
+
+
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense, per GPU
+
+
+def peak_bf16_flops(device: str) -> tuple[str, float | None]:
+    """The CUDA device's name and its dense bf16 peak (None for a GPU not in `PEAK_BF16_FLOPS`)."""
+    name = torch.cuda.get_device_name(torch.device(device))
+    return name, next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)

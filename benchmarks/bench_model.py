@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable
 
 import torch
-from _report import write_json
+from _report import peak_bf16_flops, write_json
 from rich.console import Console
 from rich.table import Table
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
@@ -51,7 +51,6 @@ SIZES = {
 }  # fmt: skip
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
           "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # fmt: skip
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense, per GPU
 
 
 def build(size: str, device: str, dtype: torch.dtype) -> tuple[LlavaForConditionalGeneration, torch.nn.Module, int]:
@@ -256,8 +255,7 @@ def bench_mfu(llava, twin, batch, args) -> list[dict]:
     # weight grads, LoRA's are negligible); vision tower forward only. Attention-score FLOPs are
     # left out (small at these lengths).
     flops = 4 * n_llm * tokens + 2 * n_vision * image_tokens
-    name = torch.cuda.get_device_name()
-    peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+    name, peak = peak_bf16_flops(args.device)
     rows = []
     for stage in ("align", "lora"):
         if stage == "align":

@@ -20,6 +20,12 @@ The optimizer is AdamW, fused (as `mmcore train` and `transformers.Trainer`'s de
 ``adamw_torch_fused`` step). ``--packed-groups none`` lets (c) and (d) mix modalities in a batch (one
 process needs no modality grouping); the default groups them by modality, as ``mmcore train`` does.
 
+``--device cuda --dtype bf16`` runs it on a GPU (bf16 autocast over fp32 weights), and then also
+reports MFU: model FLOPs (6 per parameter and real token for the language model, 6 per parameter
+and position for the encoders; attention scores left out; padding is not counted as work) per
+second over the GPU's dense bf16 peak. ``--hidden/--layers/--heads`` size the language model and
+``--attn`` picks its attention (``flash_attention_2`` takes the packed rows' ``cu_seq_lens``).
+
 Reported per strategy: samples/s and real tokens/s (tokens that are not padding), the padding
 overhead (padding as % of all tokens the model ran), and each rate over (a)'s, measured in the same
 process; the strategies alternate ``--repeats`` times and each one's fastest epoch counts (load from
@@ -54,7 +60,7 @@ import statistics
 import time
 
 import torch
-from _report import write_json
+from _report import peak_bf16_flops, write_json
 from rich.console import Console
 from rich.table import Table
 
@@ -63,7 +69,7 @@ IMAGE_TOKENS, AUDIO_TOKENS = 64, 50
 MIX = (("text", 0.30), ("image", 0.60), ("multi-image", 0.05), ("audio", 0.05))
 
 
-def build(seed: int = 0, hidden: int = 512, layers: int = 4):
+def build(seed: int = 0, hidden: int = 512, layers: int = 4, heads: int = 8, attn: str = "sdpa"):
     """The model and its processor (plain stacking processors and fixed token counts)."""
     from mmcore import ModalEncoderModule, MultimodalModel, MultimodalProcessor
     from mmcore.callbacks import SelectFeatureLayer
@@ -75,9 +81,10 @@ def build(seed: int = 0, hidden: int = 512, layers: int = 4):
     audio = tiny_whisper_encoder(d_model=64, num_mel_bins=8, max_source_positions=AUDIO_TOKENS, seed=seed)
     llm = tiny_llm(
         "llama", vocab_size=len(tokenizer), hidden_size=hidden, seed=seed, num_hidden_layers=layers,
-        intermediate_size=3 * hidden, num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=4096,
+        intermediate_size=3 * hidden, num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
+        max_position_embeddings=8192,
     )  # fmt: skip
-    llm.config._attn_implementation = "sdpa"
+    llm.config._attn_implementation = attn
     model = MultimodalModel(
         encoders={
             "vision": ModalEncoderModule(vision, postprocess_module_callback=SelectFeatureLayer(-2, drop_prefix_tokens=1)),
@@ -132,6 +139,24 @@ def make_mix(n: int, seed: int = 0) -> list[dict]:
         sample["kind"] = kind
         samples.append(sample)
     return samples
+
+
+def model_flops(model, samples):
+    """``flops(real_tokens, sample_indices)``: training FLOPs (forward and backward, 6 per parameter and
+    token; attention scores left out) of the language model over ``real_tokens`` and of each encoder
+    over the positions of the samples' items (CLIP: 64 patches + CLS per image; Whisper: 50 per clip)."""
+    llm = model.language_model
+    n_llm = sum(p.numel() for p in llm.parameters()) - llm.get_input_embeddings().weight.numel()
+    if llm.get_output_embeddings().weight is llm.get_input_embeddings().weight:  # tied: the head is a matmul
+        n_llm += llm.get_output_embeddings().weight.numel()
+    n_enc = {m: sum(p.numel() for p in model.encoders[m].parameters()) for m in ("vision", "audio")}
+    positions = {"vision": IMAGE_TOKENS + 1, "audio": AUDIO_TOKENS}
+
+    def flops(real_tokens: int, indices: list[int]) -> float:
+        items = {m: sum(len(samples[i].get(m, [])) for i in indices) for m in n_enc}
+        return 6.0 * (n_llm * real_tokens + sum(n_enc[m] * positions[m] * items[m] for m in n_enc))
+
+    return flops
 
 
 class MixDataset(torch.utils.data.Dataset):
@@ -190,6 +215,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     )  # fmt: skip
     parser.add_argument("--hidden", type=int, default=512, help="the language model's width")
     parser.add_argument("--layers", type=int, default=4, help="the language model's layers")
+    parser.add_argument("--heads", type=int, default=8, help="its attention heads (half as many KV heads)")
+    parser.add_argument("--attn", default="sdpa", help="its attention: sdpa, eager, flash_attention_2, ...")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="bf16: autocast, fp32 weights")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=2, help="steps of each strategy before timing")
     parser.add_argument("--seed", type=int, default=0)
@@ -199,7 +228,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    model, processor = build(args.seed, args.hidden, args.layers)
+    model, processor = build(args.seed, args.hidden, args.layers, args.heads, args.attn)
+    model.to(args.device)
+    cuda = torch.device(args.device).type == "cuda"
+    autocast = torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
     samples = make_mix(args.samples, args.seed)
     from mmcore.training import MultimodalCollator
 
@@ -208,7 +240,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     dataset = MixDataset(samples, lengths)
     # packed rows per update: about (a)'s real tokens per batch
     rows = max(1, round(sum(lengths) / -(-len(samples) // args.batch) / args.pack_to))
-    batches = strategies(dataset, processor, args, rows)
+    batches = {
+        name: (plan, [{k: v.to(args.device) if isinstance(v, torch.Tensor) else v for k, v in b.items()} for b in group])
+        for name, (plan, group) in strategies(dataset, processor, args, rows).items()
+    }
     pad = processor.tokenizer.pad_token_id
     model.train()
     # fused, as mmcore train and transformers.Trainer (adamw_torch_fused) step
@@ -223,9 +258,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
             micro = group[start : start + k]
             n = sum((b["labels"][:, 1:] != -100).sum() for b in micro)
             for batch in micro:
-                model(**{**batch, "use_cache": False}, num_items_in_batch=n).loss.backward()
+                with autocast:
+                    loss = model(**{**batch, "use_cache": False}, num_items_in_batch=n).loss
+                loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
 
     for name, (_, group) in batches.items():
         epoch(group[: args.warmup * accum[name]], accum[name])
@@ -236,6 +275,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             epoch(group, accum[name])
             times[name].append(time.perf_counter() - start)
 
+    flops = model_flops(model, samples)
+    name_peak = peak_bf16_flops(args.device) if cuda else (None, None)
     rows = []
     for name, (plan, group) in batches.items():
         total = sum(b["input_ids"].numel() for b in group)
@@ -246,6 +287,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
         rows.append({"strategy": name, "batches": len(group), "updates": -(-len(group) // accum[name]), "samples": count, "real_tokens": real, "tokens": total,
                      "padding_pct": 100.0 * (total - real) / total, "seconds": seconds, "times": times[name],
                      "samples_per_s": count / seconds, "real_tokens_per_s": real / seconds})  # fmt: skip
+        # model FLOPs of the real tokens and items only: padding is not useful work
+        rows[-1]["model_flops"] = flops(real, [i for batch in plan for i in batch])
+        rows[-1]["model_tflops_per_s"] = rows[-1]["model_flops"] / seconds / 1e12
+        if name_peak[1]:
+            rows[-1]["mfu"] = rows[-1]["model_flops"] / seconds / name_peak[1]
+            rows[-1]["gpu"] = name_peak[0]
     base = rows[0]
     for row in rows:
         row["samples_per_s_vs_a"] = row["samples_per_s"] / base["samples_per_s"]
@@ -263,6 +310,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         table.add_row(r["strategy"], str(r["batches"]), str(r["updates"]), f"{r['samples_per_s']:.2f}", f"{r['real_tokens_per_s']:.0f}",
                       f"{r['padding_pct']:.1f} %", f"{r['samples_per_s_vs_a']:.2f}x", f"{r['real_tokens_per_s_vs_a']:.2f}x")  # fmt: skip
     Console().print(table)
+    said = ", ".join(f"{r['strategy'][:3]} {r['model_tflops_per_s']:.3g}" for r in rows)
+    Console().print(f"model TFLOP/s (real tokens and items only): {said}")
+    if name_peak[1]:
+        Console().print("MFU (" + name_peak[0] + "): " + ", ".join(f"{r['strategy'][:3]} {r['mfu']:.1%}" for r in rows))
     write_json(args.json, rows, args, mix=kinds, lengths=lengths)
     return rows
 

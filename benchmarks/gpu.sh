@@ -10,7 +10,9 @@
 #   2. `mmcore test-run` of a tiny CLIP + Whisper + Llama on CUDA in bf16;
 #   3. bench_merge at the full size (hidden 4096), bf16: CUDA's own sync count for each pass;
 #   4. bench_model at full size (CLIP ViT-L/14-336 + Llama-3-8B architecture, random weights, bf16,
-#      SDPA): step vs HF Llava, CUDA peak memory, decode, concurrent encoder streams, align MFU.
+#      SDPA): step vs HF Llava, CUDA peak memory, decode, concurrent encoder streams, align MFU;
+#   5. bench_packing on the LLaVA-instruct-like mix with a 1.2B-parameter language model (24 x 2048),
+#      bf16 autocast, SDPA: padded, length-grouped and packed batches, samples/s and MFU each.
 # Results land in OUTDIR as JSON and logs (at most 8 files).
 set -euo pipefail
 out=${1:?usage: benchmarks/gpu.sh OUTDIR}
@@ -27,7 +29,10 @@ mmcore assemble --encoder vision=clip:preset=tiny --encoder audio=whisper:preset
 mmcore test-run "$model" --device cuda --dtype bf16 --batch-size 8 --steps 5 --generate 32 --json \
     > "$out/test-run-cuda.json" || echo "test-run failed: see $out/test-run-cuda.json"
 python benchmarks/bench_merge.py --device cuda --hidden 4096 --dtype bf16 --json "$out/merge-gpu.json" \
-    > "$out/merge-gpu.log" 2>&1
+    > "$out/bench-gpu.log" 2>&1
+python benchmarks/bench_packing.py --device cuda --dtype bf16 --hidden 2048 --layers 24 --heads 16 \
+    --samples 384 --batch 16 --pack-to 2048 --packed-groups none --repeats 3 --json "$out/packing-gpu.json" \
+    >> "$out/bench-gpu.log" 2>&1 || echo "bench_packing failed: see $out/bench-gpu.log"
 python benchmarks/bench_model.py --device cuda --size full --dtype bf16 --json "$out/model-gpu.json" \
     > "$out/model-gpu.log" 2>&1
 tail -n 30 "$out/model-gpu.log"

@@ -88,6 +88,9 @@ def test_packing_benchmark_packs_without_padding_and_covers_the_samples(tmp_path
     rows_d = rows["(d) packed, multi-row"]
     assert rows_d["samples"] == 16 and rows_d["real_tokens"] == padded["real_tokens"]
     assert rows_d["batches"] == rows_d["updates"] < packed["batches"]
+    # the model FLOPs count the real tokens and items only: the same work however it is batched
+    assert padded["model_flops"] == packed["model_flops"] == rows_d["model_flops"] > 0
+    assert "mfu" not in padded  # a GPU's figure
     for row in rows.values():  # timed: present and numeric, never asserted
         assert isinstance(row["samples_per_s_vs_a"], float)
 
