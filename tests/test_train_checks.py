@@ -244,9 +244,7 @@ def test_train_help_lists_every_config_option_with_its_help():
     result = CliRunner().invoke(build_app(), ["train", "--help"], env={"COLUMNS": "400"})
     assert result.exit_code == 0
     options = cli_options()
-    assert {o.name for o in options} == {f.name for f in dataclasses.fields(Config)} - {
-        "group_by_modality", "save_final"
-    }
+    assert {o.name for o in options} == {f.name for f in dataclasses.fields(Config)} - {"save_final"}
     for opt in options:
         assert opt.help and opt.help in result.stdout, opt.name
         for flag in opt.flags:
