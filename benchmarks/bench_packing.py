@@ -239,19 +239,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
     lengths = [alone([{k: v for k, v in s.items() if k != "kind"}])["input_ids"].shape[1] for s in samples]
     dataset = MixDataset(samples, lengths)
     # packed rows per update: about (a)'s real tokens per batch
-    rows = max(1, round(sum(lengths) / -(-len(samples) // args.batch) / args.pack_to))
+    rows_per_update = max(1, round(sum(lengths) / -(-len(samples) // args.batch) / args.pack_to))
     batches = {
         name: (plan, [{k: v.to(args.device) if isinstance(v, torch.Tensor) else v for k, v in b.items()} for b in group])
-        for name, (plan, group) in strategies(dataset, processor, args, rows).items()
+        for name, (plan, group) in strategies(dataset, processor, args, rows_per_update).items()
     }
     pad = processor.tokenizer.pad_token_id
     model.train()
     # fused, as mmcore train and transformers.Trainer (adamw_torch_fused) step
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=True)
 
-    # (c): micro-batches of one row, an update every ``rows`` of them; (d): one batch of ``rows`` rows
+    # (c): micro-batches of one row, an update every rows_per_update of them; (d): one batch of that many rows
     accum = {name: 1 for name in batches}
-    accum["(c) packed"] = rows
+    accum["(c) packed"] = rows_per_update
 
     def epoch(group, k):
         for start in range(0, len(group), k):

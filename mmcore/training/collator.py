@@ -137,12 +137,9 @@ class MultimodalCollator:
         in_order = plan_rows(lengths, self.pack_to, keep_order=True)
         order = [i for row in rows for i in row]
         moved = None
-        if len(rows) <= len(in_order):
+        if len(rows) <= len(in_order):  # first-fit decreasing, if the items can follow their samples
             moved = reorder_items(inputs, {m: [k for i in order for k in item_indices[i][m]] for m in inputs})
-        if moved is None:
-            rows = in_order
-        else:
-            inputs = moved
+        rows, inputs = (in_order, inputs) if moved is None else (rows, moved)
         samples = list(zip(all_ids, all_labels))
         pad = self.processor.tokenizer.pad_token_id
         batch = pack(samples, rows, pad_token_id=pad, pad_to_multiple_of=self.pad_to_multiple_of)
