@@ -260,6 +260,23 @@ def test_text_only_batch_in_training_touches_every_trainable_encoder(tiny):
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.language_model.parameters())
 
 
+def test_a_part_two_encoders_share_counts_once():
+    from mmcore.training import apply_stage
+
+    tower = tiny_clip_vision()
+    image = ModalEncoderModule(tower)
+    model = MultimodalModel(
+        encoders={"image": image, "video": ModalEncoderModule(tower)}, language_model=tiny_llm(vocab_size=128)
+    )
+    model.encoders["video"].projector = image.projector  # one tower, one projector (OneVision's video encoder)
+    counts = model.trainable_parameters()
+    assert counts["video.module"] == counts["video.projector"] == (0, 0)
+    assert counts["image.module"][1] == sum(p.numel() for p in tower.parameters())
+    report = apply_stage(model, "align")
+    assert report.total == sum(p.numel() for p in model.parameters())  # the model's, not more
+    assert report.trainable == sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
 def test_set_trainable_changes_requires_grad_only(tiny):
     model, _ = tiny
     report = model.set_trainable({"*": False, "vision.projector": True, "audio": True})

@@ -54,11 +54,9 @@ def count_report(model: Any, *, placeholder_tokens: int = 0) -> dict[str, Any]:
     parts: list[dict[str, Any]] = []
     projectors = 0
     encoders = 0
-    seen: set[int] = set()  # a part two encoders share is counted once
+    counts = model.trainable_parameters()  # a part two encoders share counts once
     for name, encoder in model.encoders.items():
-        module = 0 if id(encoder.module) in seen else _numel(encoder.module)
-        projector = 0 if id(encoder.projector) in seen else _numel(encoder.projector)
-        seen.update((id(encoder.module), id(encoder.projector)))
+        module, projector = counts[f"{name}.module"][1], counts[f"{name}.projector"][1]
         encoders += module
         projectors += projector
         parts.append({"part": f"{name}.module", "params": module})

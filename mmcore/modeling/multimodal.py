@@ -768,10 +768,13 @@ class MultimodalModel(PreTrainedModel, GenerationMixin):
         return self.trainable_parameters()
 
     def trainable_parameters(self) -> dict[str, tuple[int, int]]:
-        """Part -> (trainable parameters, total parameters)."""
-        report = {}
+        """Part -> (trainable parameters, total parameters). Each parameter counts once, in the first
+        part that holds it: a tower or projector two encoders share (an image and a video encoder)
+        counts under the first, (0, 0) under the other, so the sums are the model's."""
+        report, seen = {}, set()
         for key, module in self.parts().items():
-            params = list(module.parameters())
+            params = [p for p in module.parameters() if id(p) not in seen]
+            seen.update(id(p) for p in params)
             report[key] = (sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params))
         return report
 
