@@ -147,3 +147,16 @@ options = {{ video = true }}
     assert prefill and all(p.dim() == 3 and p.shape[0] == 4 for p in prefill)
     # the vision tokens' 3-D positions differ from the text ones: the grids reached the callback
     assert any((p[1:] != p[:1]).any() for p in prefill)
+
+
+def test_an_image_only_model_exports_with_its_mrope_ids_checked(cli, tmp_path):
+    from mmcore import MultimodalModel
+    from mmcore.errors import ConfigError
+
+    result = cli("assemble", "--llm", "tiny-qwen2-vl", "-e", "image=qwen2_vl:preset=tiny", "-o", tmp_path / "model")
+    assert result.exit_code == 0, result.output
+    model = MultimodalModel.from_pretrained(tmp_path / "model")
+    assert type(model.to_hf()).__name__ == "Qwen2VLForConditionalGeneration"
+    model.preprocess_llm_callback.image_token_id += 1  # the callback's image id is not the model's
+    with pytest.raises(ConfigError, match="mrope's token ids"):
+        model.to_hf()

@@ -166,7 +166,7 @@ def to_hf(mllm: MultimodalModel, family: Family = QWEN2_VL) -> Any:
     ids = mllm.config.modality_token_ids
     image_id = ids[_name(mllm, image)]
     video_id = ids[_name(mllm, video)] if video is not None else callback.video_token_id
-    if (callback.image_token_id, callback.video_token_id) != (image_id, video_id) and video is not None:
+    if (callback.image_token_id, callback.video_token_id) != (image_id, video_id):
         raise ConfigError(
             f"mrope's token ids {callback.image_token_id, callback.video_token_id} are not the model's {image_id, video_id}"
         )
