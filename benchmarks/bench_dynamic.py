@@ -64,7 +64,7 @@ def _timed(fns: dict, repeats: int, warmup: int = 1) -> dict[str, list[float]]:
 
 def audio(args) -> list[dict]:
     import mmcore
-    from mmcore import ModalEncoderModule, MultimodalModel, MultimodalProcessor  # noqa: F401
+    from mmcore import MultimodalModel, MultimodalProcessor
     from mmcore.modeling.tokens import add_modality_tokens
     from mmcore.testing import tiny_tokenizer
     from mmcore.training.stages import apply_stage

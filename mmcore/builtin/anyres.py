@@ -52,9 +52,10 @@ def _pinpoints(grid_pinpoints: Any) -> list[list[int]]:
     return [[int(h), int(w)] for h, w in grid_pinpoints]
 
 
-def _positive(name: str, value: Any) -> int:
+def positive(name: str, value: Any, where: str = "anyres") -> int:
+    """``value`` when it is a positive int, else `ConfigError` from ``where`` (the callbacks' check)."""
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ConfigError(f"anyres: {name} must be a positive int, got {value!r}")
+        raise ConfigError(f"{where}: {name} must be a positive int, got {value!r}")
     return value
 
 
@@ -143,7 +144,7 @@ class AnyResFlatten(Callback):
 
     def __init__(self, grid_pinpoints: Sequence[Sequence[int]], image_size: int):
         self.grid_pinpoints = _pinpoints(grid_pinpoints)
-        self.image_size = _positive("image_size", image_size)
+        self.image_size = positive("image_size", image_size)
 
     def params(self) -> dict[str, Any]:
         return {"grid_pinpoints": self.grid_pinpoints, "image_size": self.image_size}
@@ -196,12 +197,12 @@ class AnyResGrid:
         max_patches: int | None = None,
     ):
         self.grid_pinpoints = _pinpoints(grid_pinpoints)
-        self.image_size = _positive("image_size", image_size)
-        self.patch_size = _positive("patch_size", patch_size)
+        self.image_size = positive("image_size", image_size)
+        self.patch_size = positive("patch_size", patch_size)
         # image_size // patch_size tokens per side, as the tower's strided patch embedding (SigLIP at 384 px
         # with patch 14: 27), so the size need not be a multiple of the patch
         self.newline = bool(newline)
-        self.max_patches = None if max_patches is None else _positive("max_patches", max_patches)
+        self.max_patches = None if max_patches is None else positive("max_patches", max_patches)
 
     def params(self) -> dict[str, Any]:
         return {**{name: getattr(self, name) for name in self.param_names}, **_max_patches(self.max_patches)}
@@ -238,7 +239,7 @@ class AnyResPack(AnyResGrid, ModuleCallback):
     ):
         nn.Module.__init__(self)
         AnyResGrid.__init__(self, grid_pinpoints, image_size, patch_size, newline, max_patches)
-        self.hidden_size = _positive("hidden_size", hidden_size)
+        self.hidden_size = positive("hidden_size", hidden_size)
         self.image_newline = newline_parameter(self.hidden_size) if self.newline else None
 
     def token_count(self) -> AnyResTokenCount:

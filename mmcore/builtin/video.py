@@ -23,6 +23,7 @@ a ``.npy`` array or a directory of frame images, which is what ``mmcore train`` 
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,7 +33,13 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutput
 
-from mmcore.builtin.anyres import ModuleCallback, check_tokens_per_side, check_tower_rows, newline_parameter
+from mmcore.builtin.anyres import (
+    ModuleCallback,
+    check_tokens_per_side,
+    check_tower_rows,
+    newline_parameter,
+    positive,
+)
 from mmcore.builtin.callbacks import Callback
 from mmcore.errors import ConfigError, DataFormatError, EncoderInputError
 from mmcore.items import each_item
@@ -42,10 +49,7 @@ POOL_MODES = ("bilinear", "average")
 FRAME_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 
-def _positive(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ConfigError(f"video: {name} must be a positive int, got {value!r}")
-    return value
+_positive = functools.partial(positive, where="video")
 
 
 def _frames(inputs: dict, videos: int, max_frames: int, where: str) -> list[int]:
