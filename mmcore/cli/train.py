@@ -113,12 +113,12 @@ def _train(
     if stage not in STAGES:
         raise ConfigError(f"--stage {stage!r}: expected one of {', '.join(STAGES)}")
     check_target(target, "ASSEMBLY|MODEL_DIR")
-    from mmcore.training.data import registered_loaders
+    from mmcore.training.data import default_media_keys, registered_loaders
 
     loaders = registered_loaders()  # image, audio and every installed plugin's data key
-    media_keys = _media_keys(media, loaders)  # the defaults and --media; the model's encoders decide below
+    explicit = _explicit_media_keys(media, loaders)  # --media, checked; the model's encoders decide the rest below
     _check_output(output, resume=resume, overwrite=overwrite, dry=check_data)
-    _check_data(data, media_keys, loaders)
+    _check_data(data, {**default_media_keys(loaders), **explicit}, loaders)
     if check_data:
         typer.echo(f"{data}: ok")
         return
@@ -144,7 +144,7 @@ def _train(
     from mmcore.training.data import media_keys_for
 
     # each key to the encoder that reads its items (a Qwen2-VL "image" / "video" pair), --media first
-    media_keys = {**media_keys_for(model, loaders), **_explicit_media_keys(media, loaders)}
+    media_keys = {**media_keys_for(model, loaders), **explicit}
     dataset = ConversationDataset(data, media_keys=media_keys, loaders=loaders)
     dataset.check_modalities(processor.modalities)
     collator = MultimodalCollator(processor, train_on=train_on)
@@ -220,15 +220,6 @@ def _check_data(data: Path, media_keys: dict[str, str] | None, loaders: dict[str
         for problem in problems:
             typer.echo(problem, err=True)
         raise DataError(f"{len(problems)} problem(s) in {data} (listed above); nothing was trained", problems)
-
-
-def _media_keys(values: Optional[list[str]], loaders: dict[str, Any]) -> dict[str, str] | None:  # noqa: UP045
-    """The default keys with --media applied (None: no --media)."""
-    if not values:
-        return None
-    from mmcore.training.data import default_media_keys
-
-    return {**default_media_keys(loaders), **_explicit_media_keys(values, loaders)}
 
 
 def _explicit_media_keys(values: Optional[list[str]], loaders: dict[str, Any]) -> dict[str, str]:  # noqa: UP045
