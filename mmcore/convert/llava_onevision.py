@@ -242,25 +242,18 @@ def hf_processor(hf_model: LlavaOnevisionForConditionalGeneration, tokenizer: An
 def hf_processor_for(
     hf_model: LlavaOnevisionForConditionalGeneration, processor: Any
 ) -> LlavaOnevisionProcessor:
-    """`hf_processor` from an mmcore `MultimodalProcessor` (its image and, when present, video processor)."""
-    image_name, video_name = _modalities_of_processor(processor)
+    """`hf_processor` from an mmcore `MultimodalProcessor`: the image and (when present) video
+    processors of the modalities whose placeholders are the config's image and video tokens."""
+    config = hf_model.config
+    by_id = {token_id: m for m, token_id in processor.token_ids.items()}
+    image, video = by_id.get(config.image_token_index), by_id.get(config.video_token_index)
+    if image is None:
+        raise NoTransformersCounterpartError(
+            f"the processor has no placeholder for the image token id {config.image_token_index}; OneVision needs one"
+        )
     return hf_processor(
         hf_model,
         processor.tokenizer,
-        processor.encoder_processors[image_name],
-        processor.encoder_processors.get(video_name) if video_name else None,
+        processor.encoder_processors[image],
+        processor.encoder_processors.get(video) if video else None,
     )
-
-
-def _modalities_of_processor(processor: Any) -> tuple[str, str | None]:
-    from mmcore.builtin.anyres import AnyResTokenCount
-    from mmcore.builtin.video import VideoTokenCount
-
-    counters = processor._counters
-    image = next((m for m, c in counters.items() if isinstance(c, AnyResTokenCount)), None)
-    video = next((m for m, c in counters.items() if isinstance(c, VideoTokenCount)), None)
-    if image is None:
-        raise NoTransformersCounterpartError(
-            "the processor counts no anyres image modality; OneVision needs one"
-        )
-    return image, video
