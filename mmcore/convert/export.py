@@ -25,11 +25,7 @@ def export_hf(mllm: Any, processor: Any, output: str | os.PathLike) -> dict[str,
 
     family = family_for(mllm)
     hf_model = family.to_hf(mllm)
-    if hasattr(family, "hf_processor_for"):  # reads the processor itself (OneVision, Qwen2-VL, ...)
-        hf_processor = family.hf_processor_for(hf_model, processor)
-    else:  # LLaVA, LLaVA-NeXT: the one encoder's image processor
-        (modality,) = mllm.encoders
-        hf_processor = family.hf_processor(hf_model, processor.tokenizer, _image_processor(processor, modality))
+    hf_processor = family.hf_processor_for(hf_model, processor)
     with staged_directory(output) as staging:
         hf_model.save_pretrained(staging)
         hf_processor.save_pretrained(staging)
@@ -54,18 +50,3 @@ def export_model(model_dir: str | os.PathLike, output: str | os.PathLike, *, tru
             f"{model_dir}: exporting needs the model's processor (tokenizer and image processor) saved with it: {exc}"
         ) from exc
     return export_hf(mllm.eval(), processor, output)
-
-
-def _image_processor(processor: Any, modality: str) -> Any:
-    """The transformers image processor behind the processor of ``modality`` (a plugin's processor
-    wraps one as ``.image_processor``)."""
-    from transformers.image_processing_utils import BaseImageProcessor
-
-    item_processor = processor.encoder_processors[modality]
-    image_processor = getattr(item_processor, "image_processor", item_processor)
-    if not isinstance(image_processor, BaseImageProcessor):
-        raise SerializationError(
-            f"encoder {modality!r}: its processor ({type(item_processor).__name__}) is not a transformers image "
-            "processor, which the exported directory needs"
-        )
-    return image_processor

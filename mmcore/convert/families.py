@@ -2,7 +2,8 @@
 
 A family is a transformers ``model_type`` (``config.json``) with a module in this package that
 names its transformers class (``ARCHITECTURE``) and implements ``from_hf(hf_model, ...)``,
-``to_hf(mllm)`` and ``processor_from_hf(...)``. `MISSING` names
+``to_hf(mllm)``, ``claims(mllm)`` (export: is this model the family's; LLaVA, the fallback, has none), ``processor_from_hf(...)``
+and ``hf_processor_for(hf_model, processor)`` (export: transformers' processor from mmcore's). `MISSING` names
 the families transformers has that mmcore cannot express yet, with the reason; the error for an
 unknown source lists both. This module imports no torch.
 """

@@ -39,7 +39,7 @@ from transformers import (
 
 from mmcore.callbacks import DropPrefixTokens, SelectFeatureLayer
 from mmcore.convert.families import NoTransformersCounterpartError, UnknownFamilyError
-from mmcore.errors import ConfigError, TokenIdError
+from mmcore.errors import ConfigError, SerializationError, TokenIdError
 from mmcore.factory import encoder_from_recipe, get_factory
 from mmcore.modeling.encoder import ModalEncoderModule
 from mmcore.modeling.multimodal import MultimodalModel
@@ -451,4 +451,27 @@ def check_no_meta(module: nn.Module, what: str) -> None:
         raise ConfigError(f"{what}: parts {left[:5]} were not replaced by the source's modules")
 
 
-hf_processor = llava_processor  # the family interface's name (mmcore.convert.export)
+hf_processor = llava_processor
+
+
+def image_processor_of(processor: Any, modality: str) -> Any:
+    """The transformers image processor behind the processor of ``modality`` (a plugin's processor
+    wraps one as ``.image_processor``)."""
+    from transformers.image_processing_utils import BaseImageProcessor
+
+    item_processor = processor.encoder_processors[modality]
+    image_processor = getattr(item_processor, "image_processor", item_processor)
+    if not isinstance(image_processor, BaseImageProcessor):
+        raise SerializationError(
+            f"encoder {modality!r}: its processor ({type(item_processor).__name__}) is not a transformers image "
+            "processor, which the exported directory needs"
+        )
+    return image_processor
+
+
+def hf_processor_for(hf_model: Any, processor: Any, build: Any = llava_processor) -> Any:
+    """The family interface (`mmcore.convert.export`): transformers' processor for an exported model,
+    from the mmcore processor's tokenizer and its one encoder's image processor (``build``: the
+    family's ``hf_processor``; LLaVA-NeXT passes its own)."""
+    (modality,) = processor.encoder_processors
+    return build(hf_model, processor.tokenizer, image_processor_of(processor, modality))

@@ -161,3 +161,8 @@ def hf_processor(hf_model: LlavaNextForConditionalGeneration, tokenizer: Any, im
             "LlavaNextImageProcessor (tiles and image_sizes)"
         )
     return LlavaNextProcessor(**llava.processor_fields(hf_model, tokenizer, image_processor))
+
+
+def hf_processor_for(hf_model: LlavaNextForConditionalGeneration, processor: Any) -> LlavaNextProcessor:
+    """`hf_processor` from an mmcore `MultimodalProcessor` (its one encoder's image processor)."""
+    return llava.hf_processor_for(hf_model, processor, hf_processor)
