@@ -160,19 +160,11 @@ class MultimodalCollator:
         """One sample -> ``(ids, labels)`` with one placeholder per item; labels hold the placeholder ids
         at placeholders (for expansion) and -100 wherever the loss must not look."""
         tokenizer = self.processor.tokenizer
-        if "messages" in sample:
-            messages = [self.processor.flatten_message(m, index) for m in sample["messages"]]
-            text = tokenizer.apply_chat_template(messages, tokenize=False)
-            spans = (
-                self._assistant_spans(messages, text, index)
-                if self.train_on == "assistant"
-                else [(0, len(text))]
-            )
-            add_special = False
-        elif "text" in sample:
-            text, spans, add_special = str(sample["text"]), [(0, len(str(sample["text"])))], True
+        text, add_special, messages = self._render(sample, index)
+        if messages is not None and self.train_on == "assistant":
+            spans = self._assistant_spans(messages, text, index)
         else:
-            raise ConfigError(f"sample {index}: expected a 'messages' or a 'text' key, got {sorted(sample)}")
+            spans = [(0, len(text))]
         encoded = tokenizer(text, add_special_tokens=add_special, return_offsets_mapping=True)
         placeholders = set(self.processor.token_ids.values())
         ids, labels = list(encoded["input_ids"]), []
@@ -190,6 +182,22 @@ class MultimodalCollator:
                 f"sample {index}: no token is left to learn from (all are prompt or placeholders)"
             )
         return ids, labels
+
+    def input_ids(self, sample: Mapping[str, Any], index: int = 0) -> list[int]:
+        """The ids `tokenize` makes for ``sample`` (one placeholder per item), without its labels: one
+        render of the chat template, for lengths (`ConversationDataset.use_token_lengths`)."""
+        text, add_special, _ = self._render(sample, index)
+        return list(self.processor.tokenizer(text, add_special_tokens=add_special)["input_ids"])
+
+    def _render(self, sample: Mapping[str, Any], index: int) -> tuple[str, bool, list[dict[str, Any]] | None]:
+        """The sample's text, whether the tokenizer adds its special tokens to it, and its flattened
+        messages (None for a plain ``text`` sample)."""
+        if "messages" in sample:
+            messages = [self.processor.flatten_message(m, index) for m in sample["messages"]]
+            return self.processor.tokenizer.apply_chat_template(messages, tokenize=False), False, messages
+        if "text" in sample:
+            return str(sample["text"]), True, None
+        raise ConfigError(f"sample {index}: expected a 'messages' or a 'text' key, got {sorted(sample)}")
 
     def _assistant_spans(
         self, messages: list[dict[str, Any]], text: str, index: int

@@ -337,7 +337,7 @@ class ConversationDataset(torch.utils.data.Dataset):
         lengths = []
         for index in range(len(self)):
             messages, paths = self._messages(index)
-            ids, _ = collator.tokenize({"messages": messages}, index)
+            ids = collator.input_ids({"messages": messages}, index)
             counts: dict[str, list[int]] = {}
             for key, modality in self.media_keys.items():
                 if paths[key]:  # a modality the sample has no items of is not the processor's business
