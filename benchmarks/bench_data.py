@@ -28,13 +28,12 @@ import json
 import os
 import random
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from _report import write_json
+from _report import interleaved, write_json
 from rich.console import Console
 from rich.table import Table
 
@@ -139,12 +138,7 @@ def run(size: str, data: Path, args) -> list[dict]:
         fns[("data alone", workers)] = lambda w=workers: [None for _ in _loader(dataset, collator, args.batch, w)]
     for workers in args.workers:
         fns[("end to end", workers)] = lambda w=workers: [step(b) for b in _loader(dataset, collator, args.batch, w)]
-    best = dict.fromkeys(fns, float("inf"))
-    for _ in range(args.repeats):  # rounds of every row in turn: a busy spell hits all rows alike
-        for key, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            best[key] = min(best[key], time.perf_counter() - start)
+    best = {key: min(t) for key, t in interleaved(fns, warmup=0, repeats=args.repeats).items()}
     rows = [{"model": size, "what": what, "workers": workers, "seconds": best[(what, workers)],
              "samples_per_s": n / best[(what, workers)]} for what, workers in fns]  # fmt: skip
     alone = rows[0]["samples_per_s"]

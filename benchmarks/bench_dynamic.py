@@ -28,11 +28,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import numpy as np
 import torch
-from _report import write_json
+from _report import interleaved, write_json
 from rich.console import Console
 from rich.table import Table
 
@@ -46,20 +45,6 @@ def _llm(vocab: int, hidden: int, layers: int):
     )  # fmt: skip
     llm.config._attn_implementation = "sdpa"
     return llm
-
-
-def _timed(fns: dict, repeats: int, warmup: int = 1) -> dict[str, list[float]]:
-    """Each callable ``warmup`` times, then all of them in turn ``repeats`` times (alternating)."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return times
 
 
 def audio(args) -> list[dict]:
@@ -97,7 +82,7 @@ def audio(args) -> list[dict]:
         steps[name] = step
         rows.append({"what": f"audio: {name}", "llm_tokens": int(batch["input_ids"].numel()),
                      "audio_tokens": int((batch["input_ids"] == tokenizer.convert_tokens_to_ids(token)).sum())})  # fmt: skip
-    times = _timed(steps, args.repeats)
+    times = interleaved(steps, repeats=args.repeats)
     for row, name in zip(rows, steps):
         row["seconds"] = statistics.median(times[name])
         row["times"] = times[name]
@@ -122,9 +107,9 @@ def _forward_and_step_times(hf: torch.nn.Module, mllm: torch.nn.Module, batch: d
         model(**batch, labels=labels, use_cache=False).loss.backward()
         model.zero_grad(set_to_none=True)
 
-    times = _timed({"hf forward": lambda: forward(hf), "mmcore forward": lambda: forward(mllm)}, repeats)
+    times = interleaved({"hf forward": lambda: forward(hf), "mmcore forward": lambda: forward(mllm)}, repeats=repeats)
     hf.train(), mllm.train()
-    times |= _timed({"hf step": lambda: step(hf), "mmcore step": lambda: step(mllm)}, repeats)
+    times |= interleaved({"hf step": lambda: step(hf), "mmcore step": lambda: step(mllm)}, repeats=repeats)
     return times
 
 

@@ -27,11 +27,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from collections.abc import Callable
 
 import torch
-from _report import peak_bf16_flops, write_json
+from _report import interleaved, peak_bf16_flops, write_json
 from rich.console import Console
 from rich.table import Table
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
@@ -99,25 +98,6 @@ def set_stage(llava, stage: str) -> None:
             p.requires_grad_(True)
 
 
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def interleaved(fns: dict[str, Callable[[], None]], device: str, warmup: int, repeats: int) -> dict[str, list[float]]:
-    """Time each function ``repeats`` times, alternating between them so drift hits all alike."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            sync(device)
-            start = time.perf_counter()
-            fn()
-            sync(device)
-            times[name].append(time.perf_counter() - start)
-    return times
 
 
 def step_fn(model, batch) -> Callable[[], None]:

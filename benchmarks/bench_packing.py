@@ -57,10 +57,9 @@ from __future__ import annotations
 import argparse
 import random
 import statistics
-import time
 
 import torch
-from _report import peak_bf16_flops, write_json
+from _report import interleaved, peak_bf16_flops, write_json
 from rich.console import Console
 from rich.table import Table
 
@@ -263,17 +262,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        if cuda:
-            torch.cuda.synchronize()
 
     for name, (_, group) in batches.items():
         epoch(group[: args.warmup * accum[name]], accum[name])
-    times: dict[str, list[float]] = {name: [] for name in batches}
-    for _ in range(args.repeats):
-        for name, (_, group) in batches.items():
-            start = time.perf_counter()
-            epoch(group, accum[name])
-            times[name].append(time.perf_counter() - start)
+    epochs = {name: lambda name=name, group=group: epoch(group, accum[name]) for name, (_, group) in batches.items()}
+    times = interleaved(epochs, args.device, warmup=0, repeats=args.repeats)
 
     flops = model_flops(model, samples)
     name_peak = peak_bf16_flops(args.device) if cuda else (None, None)
