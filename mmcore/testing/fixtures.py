@@ -109,10 +109,13 @@ def tiny_whisper_encoder(d_model: int = 16, num_mel_bins: int = 8, max_source_po
     return WhisperEncoder._from_config(config)
 
 
-def tiny_assembled_model(encoders: Any, **model_options: Any) -> tuple[Any, Any]:
+def tiny_assembled_model(
+    encoders: Any, *, family: str = "llama", seed: int = 0, wrap: bool = False, **model_options: Any
+) -> tuple[Any, Any]:
     """``encoders`` (modality -> `ModalEncoderModule`, e.g. from `mmcore.build_encoder`) around a
-    tiny Llama sized to `tiny_tokenizer`, with the modality tokens added to both; ``model_options``
-    go to `MultimodalModel` (e.g. ``init_projector_type="resampler"``). Returns ``(model, tokenizer)``.
+    tiny LLM of ``family`` sized to `tiny_tokenizer`, with the modality tokens added to both (start and
+    end tokens too with ``wrap``); ``model_options`` go to `MultimodalModel` (e.g.
+    ``init_projector_type="resampler"``). Returns ``(model, tokenizer)``.
 
     >>> model, tokenizer = tiny_assembled_model({"vision": mmcore.build_encoder("clip", preset="tiny")})  # doctest: +SKIP
     """
@@ -120,8 +123,9 @@ def tiny_assembled_model(encoders: Any, **model_options: Any) -> tuple[Any, Any]
     from mmcore.modeling.tokens import add_modality_tokens
 
     tokenizer = tiny_tokenizer()
-    model = MultimodalModel(encoders=dict(encoders), language_model=tiny_llm(vocab_size=len(tokenizer)), **model_options)
-    add_modality_tokens(tokenizer, model)
+    llm = tiny_llm(family, vocab_size=len(tokenizer), seed=seed)
+    model = MultimodalModel(encoders=dict(encoders), language_model=llm, **model_options)
+    add_modality_tokens(tokenizer, model, wrap=wrap)
     return model, tokenizer
 
 
@@ -132,19 +136,11 @@ def tiny_multimodal_model(family: str = "llama", projector: str = "mlp2x_gelu", 
     """
     from mmcore.callbacks import SelectFeatureLayer
     from mmcore.modeling.encoder import ModalEncoderModule
-    from mmcore.modeling.multimodal import MultimodalModel
-    from mmcore.modeling.tokens import add_modality_tokens
 
-    tokenizer = tiny_tokenizer()
-    model = MultimodalModel(
-        encoders={
-            "vision": ModalEncoderModule(
-                tiny_clip_vision(seed=seed), postprocess_module_callback=SelectFeatureLayer(-2, drop_prefix_tokens=1)
-            ),
-            "audio": ModalEncoderModule(tiny_whisper_encoder(seed=seed)),
-        },
-        language_model=tiny_llm(family, vocab_size=len(tokenizer), seed=seed),
-        init_projector_type=projector,
-    )
-    add_modality_tokens(tokenizer, model, wrap=wrap)
-    return model, tokenizer
+    encoders = {
+        "vision": ModalEncoderModule(
+            tiny_clip_vision(seed=seed), postprocess_module_callback=SelectFeatureLayer(-2, drop_prefix_tokens=1)
+        ),
+        "audio": ModalEncoderModule(tiny_whisper_encoder(seed=seed)),
+    }
+    return tiny_assembled_model(encoders, family=family, seed=seed, wrap=wrap, init_projector_type=projector)
