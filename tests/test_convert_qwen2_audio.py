@@ -143,3 +143,14 @@ def test_export_loads_with_no_mmcore_and_gives_equal_logits(converted, tmp_path)
     with torch.no_grad():
         reference = mllm(**processor(PROMPTS, audio=clips(), padding_side="left")).logits
     torch.testing.assert_close(loaded["logits"], reference, rtol=0, atol=1e-5)
+
+
+def test_the_converter_needs_the_checkpoints_tokenizer(converted):
+    from mmcore.convert import qwen2_audio
+    from mmcore.errors import TokenIdError
+    from mmcore.testing import tiny_tokenizer
+
+    _, mllm, processor, _ = converted
+    (call,) = processor.encoder_processors.values()
+    with pytest.raises(TokenIdError, match=r"tokenizer's <\|AUDIO\|> is id None, but the model's"):
+        qwen2_audio.processor_from_hf(mllm, tiny_tokenizer(), feature_extractor=call.processor)

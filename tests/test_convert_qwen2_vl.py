@@ -108,6 +108,15 @@ def test_processor_makes_the_hf_processors_batch(source):
 
 
 @torch.no_grad()
+def test_the_processor_needs_the_checkpoints_tokenizer(source):
+    from mmcore.convert import qwen2_vl
+    from mmcore.errors import TokenIdError
+    from mmcore.testing import tiny_tokenizer
+
+    with pytest.raises(TokenIdError, match="is not a token of this tokenizer"):
+        qwen2_vl.processor_from_hf(source["mllm"], tiny_tokenizer())
+
+
 def test_saved_conversion_rebuilds_model_and_processor_bit_exact(source, tmp_path):
     mllm, processor = save_and_load(source["mllm"], source["processor"], tmp_path)
     assert mllm.encoders["image"].module is mllm.encoders["video"].module  # saved once, shared again

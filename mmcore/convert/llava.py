@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import tempfile
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import torch
@@ -183,13 +184,20 @@ def processor_from_hf(
 
 
 def check_placeholder_tokens(
-    mllm: MultimodalModel, tokenizer: Any, chat_template: str | None, names: Any = None
+    mllm: MultimodalModel, tokenizer: Any, chat_template: str | None, tokens: Mapping[str, str | None] | None = None
 ) -> None:
-    """`TokenIdError` unless the tokenizer's ``<name>`` is the model's placeholder token for each encoder
-    of ``names`` (default: all of ``mllm``'s); puts the chat template onto the tokenizer when it has none."""
+    """`TokenIdError` unless each of ``tokens`` (modality -> its placeholder token in the tokenizer;
+    default ``<name>`` for every encoder of ``mllm``) is the tokenizer's token of the model's placeholder
+    id for that modality; puts the chat template onto the tokenizer when it has none. Every family's
+    conversion into mmcore checks its checkpoint's tokenizer with it."""
     vocab = tokenizer.get_vocab()
-    for name in mllm.encoders if names is None else names:
-        token, token_id = f"<{name}>", mllm.config.modality_token_ids[name]
+    for name, token in ({name: f"<{name}>" for name in mllm.encoders} if tokens is None else tokens).items():
+        token_id = mllm.config.modality_token_ids[name]
+        if token is None:
+            raise TokenIdError(
+                f"the model's {name} token id {token_id} is not a token of this tokenizer; expected the "
+                "checkpoint's own tokenizer"
+            )
         if vocab.get(token) != token_id:
             raise TokenIdError(
                 f"the tokenizer's {token} is id {vocab.get(token)}, but the model's {name} token is id {token_id}; "

@@ -114,7 +114,7 @@ def processor_from_hf(
         )
     image_name, video_name = _modalities(mllm)
     names = [image_name] + ([video_name] if video_processor is not None else [])
-    llava.check_placeholder_tokens(mllm, tokenizer, chat_template, names)
+    llava.check_placeholder_tokens(mllm, tokenizer, chat_template, {name: f"<{name}>" for name in names})
     processors = {image_name: image_processor}
     counts = {image_name: mllm.encoders[image_name].postprocess_projector_callback.token_count()}
     if video_processor is not None:

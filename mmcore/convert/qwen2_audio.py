@@ -67,7 +67,6 @@ def processor_from_hf(
     makes."""
     from transformers import WhisperFeatureExtractor
 
-    from mmcore.errors import TokenIdError
     from mmcore.processing import MultimodalProcessor, ProcessorCall
 
     if not isinstance(feature_extractor, WhisperFeatureExtractor):
@@ -76,14 +75,7 @@ def processor_from_hf(
             f"{type(feature_extractor).__name__}"
         )
     ((name, _),) = mllm.encoders.items()
-    token_id = mllm.config.modality_token_ids[name]
-    if tokenizer.convert_tokens_to_ids(AUDIO_TOKEN) != token_id:
-        raise TokenIdError(
-            f"the tokenizer's {AUDIO_TOKEN} is id {tokenizer.convert_tokens_to_ids(AUDIO_TOKEN)}, but the model's "
-            f"{name} token is id {token_id}; expected the checkpoint's own tokenizer"
-        )
-    if chat_template and not getattr(tokenizer, "chat_template", None):
-        tokenizer.chat_template = chat_template
+    llava.check_placeholder_tokens(mllm, tokenizer, chat_template, {name: AUDIO_TOKEN})
     call = ProcessorCall(
         feature_extractor,
         {"sampling_rate": feature_extractor.sampling_rate, "padding": "max_length", "return_attention_mask": True},

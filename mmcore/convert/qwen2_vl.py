@@ -33,7 +33,7 @@ from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 from mmcore.builtin.mrope import MRope, Qwen2VLTextForCausalLM
 from mmcore.convert import llava
 from mmcore.convert.families import NoTransformersCounterpartError
-from mmcore.errors import ConfigError, TokenIdError
+from mmcore.errors import ConfigError
 from mmcore.factory import encoder_from_recipe, get_factory
 from mmcore.modeling.encoder import ModalEncoderModule
 from mmcore.modeling.multimodal import MultimodalModel
@@ -114,17 +114,8 @@ def processor_from_hf(
     ``Qwen2VLProcessor`` makes; the chat template goes onto the tokenizer when it has none."""
     from mmcore.processing import MultimodalProcessor
 
-    tokens = {}
-    for modality, token_id in mllm.config.modality_token_ids.items():
-        token = tokenizer.convert_ids_to_tokens(token_id)
-        if token is None or tokenizer.get_vocab().get(token) != token_id:
-            raise TokenIdError(
-                f"the model's {modality} token id {token_id} is not a token of this tokenizer; expected the "
-                "checkpoint's own tokenizer"
-            )
-        tokens[modality] = token
-    if chat_template and not getattr(tokenizer, "chat_template", None):
-        tokenizer.chat_template = chat_template
+    tokens = {m: tokenizer.convert_ids_to_tokens(token_id) for m, token_id in mllm.config.modality_token_ids.items()}
+    llava.check_placeholder_tokens(mllm, tokenizer, chat_template, tokens)
     return MultimodalProcessor.from_model(mllm, tokenizer, predefined_tokens=tokens)
 
 
