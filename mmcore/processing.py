@@ -677,7 +677,7 @@ class MultimodalProcessor:
                 }
                 if m in self._processor_from_plugin:
                     record["processor"] = {"kind": PLUGIN, "encoder": self._encoders[m].source.get("encoder")}
-                elif hasattr(inner := _unwrapped(processor), "save_pretrained") and (
+                elif hasattr(inner := unwrap_processor(processor), "save_pretrained") and (
                     _transformers_class_path(inner) is not None
                 ):
                     subfolder = (
@@ -925,7 +925,7 @@ def _qualname(obj: Any) -> str:
     return f"{getattr(target, '__module__', '?')}.{getattr(target, '__qualname__', type(obj).__name__)}"
 
 
-def _unwrapped(processor: Any) -> Any:
+def unwrap_processor(processor: Any) -> Any:
     """The transformers processor a `ProcessorCall` calls; any other processor itself."""
     return processor.processor if isinstance(processor, ProcessorCall) else processor
 

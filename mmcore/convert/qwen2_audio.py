@@ -128,10 +128,10 @@ def hf_processor_for(hf_model: Qwen2AudioForConditionalGeneration, processor: An
     extractor (a `ProcessorCall` of a ``WhisperFeatureExtractor``), tokenizer and chat template."""
     from transformers import Qwen2AudioProcessor, WhisperFeatureExtractor
 
-    from mmcore.processing import ProcessorCall
+    from mmcore.processing import unwrap_processor
 
     (call,) = processor.encoder_processors.values()
-    extractor = call.processor if isinstance(call, ProcessorCall) else call
+    extractor = unwrap_processor(call)
     if not isinstance(extractor, WhisperFeatureExtractor):
         raise NoTransformersCounterpartError(
             f"the processor's audio processor is {type(call).__name__}; Qwen2-Audio's is a WhisperFeatureExtractor"
