@@ -650,13 +650,7 @@ class MultimodalModel(PreTrainedModel, GenerationMixin):
     def _declare_shared_parameters(self) -> None:
         """Parameters that encoders share (one module under two names) are declared to transformers as
         tied, so the checkpoint holds them once and the load neither misses nor re-initialises them."""
-        first: dict[int, str] = {}
-        ties: dict[str, str] = {}
-        for name, param in self.encoders.named_parameters(prefix="encoders", remove_duplicate=False):
-            if id(param) in first:
-                ties[name] = first[id(param)]
-            else:
-                first[id(param)] = name
+        ties = _aliases(self.encoders.named_parameters(prefix="encoders", remove_duplicate=False))
         if not ties:
             return
         import re
@@ -905,18 +899,24 @@ class MultimodalModel(PreTrainedModel, GenerationMixin):
 def _shared_modules(encoders: nn.ModuleDict) -> dict[str, str]:
     """Alias path -> first path of every module (the outermost one: its children follow) or parameter
     that two encoders hold under different names."""
-    shared: dict[str, str] = {}
-    for named in (encoders.named_modules(prefix="encoders", remove_duplicate=False),
-                  encoders.named_parameters(prefix="encoders", remove_duplicate=False)):  # fmt: skip
-        first: dict[int, str] = {}
-        for name, part in named:
-            if any(name.startswith(alias + ".") for alias in shared):
-                continue
-            if id(part) in first:
-                shared[name] = first[id(part)]
-            else:
-                first[id(part)] = name
-    return shared
+    modules = _aliases(encoders.named_modules(prefix="encoders", remove_duplicate=False))
+    return {**modules, **_aliases(encoders.named_parameters(prefix="encoders", remove_duplicate=False), modules)}
+
+
+def _aliases(named: Any, skip: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Alias name -> first name of every object that ``named`` (``(name, object)`` pairs, parents before
+    children) holds under more than one name. Names under an alias already found, or under one of
+    ``skip``, are left out: a shared module's children are shared with it."""
+    first: dict[int, str] = {}
+    aliases: dict[str, str] = {}
+    for name, part in named:
+        if any(name.startswith(alias + ".") for alias in (*(skip or ()), *aliases)):
+            continue
+        if id(part) in first:
+            aliases[name] = first[id(part)]
+        else:
+            first[id(part)] = name
+    return aliases
 
 
 def _union(masks) -> torch.Tensor | None:
