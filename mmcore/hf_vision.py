@@ -276,12 +276,10 @@ class TransformersVisionFactory(EncoderFactory):
                 "postprocess_module": SelectFeatureLayer(layer=opts["feature_layer"], drop_prefix_tokens=drop)
             }
         if self.is_video(recipe):
-            from mmcore.builtin.video import VideoFrames, VideoPool
+            from mmcore.builtin.video import VideoFrames
 
-            config = self._config(recipe)
-            height, _ = self._processed_size(recipe, config)
             callbacks["preprocess"] = VideoFrames()
-            callbacks["postprocess_projector"] = VideoPool(height, config.patch_size, opts["video_stride"])
+            callbacks["postprocess_projector"] = self._video_pool(recipe)
         return callbacks
 
     def additional_args(self, recipe: Mapping[str, Any]) -> Sequence[str]:
@@ -301,7 +299,7 @@ class TransformersVisionFactory(EncoderFactory):
         """One token per patch of each item's ``pixel_values``, plus the prefix tokens not dropped; for
         video, each frame's pooled grid times the video's frames."""
         if self.is_video(recipe):
-            return self._video_count(recipe)(None, inputs)
+            return self._video_pool(recipe).token_count()(None, inputs)
         pixel_values = inputs.get("pixel_values")
         if pixel_values is None or len(pixel_values.shape) != 4:
             got = "nothing" if pixel_values is None else f"shape {tuple(pixel_values.shape)}"
@@ -314,12 +312,13 @@ class TransformersVisionFactory(EncoderFactory):
         per_item = (height // config.patch_size) * (width // config.patch_size) + prefix
         return [per_item] * pixel_values.shape[0]
 
-    def _video_count(self, recipe: Mapping[str, Any]) -> Any:
-        from mmcore.builtin.video import VideoTokenCount
+    def _video_pool(self, recipe: Mapping[str, Any]) -> Any:
+        """The `VideoPool` of a ``video=True`` recipe: the processed frame's grid, pooled by ``video_stride``."""
+        from mmcore.builtin.video import VideoPool
 
         config = self._config(recipe)
         height, _ = self._processed_size(recipe, config)
-        return VideoTokenCount(height, config.patch_size, self._options(recipe)["video_stride"])
+        return VideoPool(height, config.patch_size, self._options(recipe)["video_stride"])
 
     def dummy_inputs(self, recipe: Mapping[str, Any], batch_size: int = 1) -> dict[str, Any]:
         config = self._config(recipe)

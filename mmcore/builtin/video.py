@@ -118,6 +118,15 @@ class FramePooling:
     def params(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self.param_names}
 
+    @property
+    def side(self) -> int:
+        """Tokens per side of a frame's patch grid."""
+        return self.image_size // self.patch_size
+
+    def tokens_per_frame(self) -> int:
+        """Tokens of a frame once pooled."""
+        return pooled_side(self.side, self.stride) ** 2
+
 
 class VideoPool(FramePooling, ModuleCallback):
     """Per video: each frame's token grid pooled by ``stride``, the frames concatenated, and a learnable
@@ -155,13 +164,6 @@ class VideoPool(FramePooling, ModuleCallback):
             raise ConfigError("video_pool: newline=True needs hidden_size (the language model's width)")
         self.hidden_size = None if hidden_size is None else _positive("hidden_size", hidden_size)
         self.image_newline = newline_parameter(self.hidden_size) if self.newline else None
-
-    @property
-    def side(self) -> int:
-        return self.image_size // self.patch_size
-
-    def tokens_per_frame(self) -> int:
-        return pooled_side(self.side, self.stride) ** 2
 
     def token_count(self) -> VideoTokenCount:
         """The processor's count for this pool."""
@@ -201,7 +203,7 @@ class VideoTokenCount(FramePooling):
     frame axis of ``pixel_values`` / ``pixel_values_videos`` (``(videos, frames, 3, H, W)``)."""
 
     def count(self, frames: int) -> int:
-        return frames * pooled_side(self.image_size // self.patch_size, self.stride) ** 2 + int(self.newline)
+        return frames * self.tokens_per_frame() + int(self.newline)
 
     def __call__(self, items: Sequence[Any], processed: dict) -> list[int]:
         pixels = processed.get("pixel_values_videos", processed.get("pixel_values"))
